@@ -1,0 +1,220 @@
+"""The configuration schema: every field, its default, and start-up validation.
+
+Experiment files in `configs/` start from `base_config()` and override fields. The returned
+ConfigDict is locked, so a misspelled field in a config file or a `--config.x.y=v` override is
+refused instead of silently ignored. `validate` checks values once, at start-up, and raises a
+`ConfigError` naming the field and what is allowed; `moejax.main` turns that into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from moejax import dispatch, losses, routing
+from moejax.data.config import SOURCES, default_data_config
+from moejax.layers import ffn, moe
+from moejax.models import decoder
+
+
+class ConfigError(ValueError):
+  """A config value that is not allowed; str() is one line naming the field."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (a small MoE decoder on the synthetic Markov mixture)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 0  # 0: the dataset's vocabulary size.
+  c.model.num_layers = 4
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
+  c.model.positions = "rope"  # 'rope' | 'learned'
+  c.model.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu'
+  c.model.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
+  c.model.tie_embeddings = False
+  c.model.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
+  c.model.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.router = "top_k"
+  c.moe.num_experts = 8
+  c.moe.top_k = 2  # 1 = Switch, 2 = GShard.
+  c.moe.d_expert = 0  # 0: model.d_ff.
+  c.moe.capacity_factor = 1.25  # Training; capacity = ceil(S·K·cf / E) per group.
+  c.moe.eval_capacity_factor = 2.0
+  c.moe.group_size = 0  # Tokens per routing group; 0 = one sequence per group.
+  c.moe.combine_weights = "raw"  # 'raw' (Switch/vmoe) | 'renormalized' (GShard/Mixtral)
+  c.moe.priority = "token_major"  # 'token_major' (causal) | 'choice_major' (vmoe; leaks for K>1)
+  c.moe.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
+  c.moe.dispatcher = "sort"  # 'sort' (gather/scatter) | 'einsum' (GShard one-hot reference)
+  c.moe.load_balance_density = "top1"  # 'top1' (Switch) | 'topk' (any of the K choices)
+  c.moe.load_balance_loss_weight = 1e-2  # α, summed over MoE layers.
+  c.moe.z_loss_weight = 1e-3  # ST-MoE router z-loss coefficient, summed over MoE layers.
+
+  c.data = default_data_config()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3  # Peak, after linear warm-up.
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"  # 'cosine' (decay to end_lr_fraction·peak at the last step) | 'constant'
+  c.optim.end_lr_fraction = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # Global, in sequences.
+  c.train.seq_len = 128
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.eval_every = 250  # 0: evaluate only at the end.
+  c.train.checkpoint_every = 250
+  c.train.keep_checkpoints = 3
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the data axis; -1: all devices.
+
+  c.lock()
+  return c
+
+
+def _check(ok: bool, field: str, message: str):
+  if not ok:
+    raise ConfigError(field, message)
+
+
+def _one_of(cfg, field: str, allowed):
+  value = _get(cfg, field)
+  _check(value in allowed, field, f"{value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _get(cfg, field: str):
+  node = cfg
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def _check_keys(cfg, reference, prefix: str = ""):
+  """Every field of cfg must exist in the schema (catches hand-built ConfigDicts too)."""
+  for key in cfg.keys():
+    name = prefix + key
+    _check(key in reference, name, f"unknown config field; allowed here: {', '.join(sorted(reference.keys()))}")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      _check(isinstance(cfg[key], (ml_collections.ConfigDict, dict)), name, "must be a group of fields")
+      _check_keys(cfg[key], reference[key], name + ".")
+  for key in reference.keys():
+    _check(key in cfg, prefix + key, "missing config field (start config files from moejax.config.base_config())")
+
+
+def _positive(cfg, *fields, allow_zero: bool = False):
+  for field in fields:
+    value = _get(cfg, field)
+    ok = value >= 0 if allow_zero else value > 0
+    _check(ok, field, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError for the first inconsistent or malformed field."""
+  _check_keys(cfg, base_config())
+  m, e, t, o = cfg.model, cfg.moe, cfg.train, cfg.optim
+  _positive(cfg, "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff", "model.init_scale")
+  _positive(cfg, "model.vocab_size", "model.moe_every", allow_zero=True)
+  _check(m.d_model % m.num_heads == 0, "model.num_heads",
+         f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads})")
+  _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
+         f"'rope' needs an even head dim, got d_model/num_heads = {m.d_model // m.num_heads}")
+  _one_of(cfg, "model.positions", decoder.POSITIONS)
+  _one_of(cfg, "model.activation", ffn.ACTIVATIONS)
+  _one_of(cfg, "model.dtype", decoder.DTYPES)
+
+  _one_of(cfg, "moe.router", moe.ROUTERS)
+  _check(e.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {e.num_experts}")
+  _check(1 <= e.top_k <= e.num_experts, "moe.top_k",
+         f"must be between 1 and moe.num_experts ({e.num_experts}), got {e.top_k}")
+  _positive(cfg, "moe.capacity_factor", "moe.eval_capacity_factor")
+  _positive(cfg, "moe.d_expert", "moe.group_size", "moe.load_balance_loss_weight", "moe.z_loss_weight",
+            allow_zero=True)
+  _one_of(cfg, "moe.combine_weights", routing.COMBINE_WEIGHTS)
+  _one_of(cfg, "moe.priority", routing.PRIORITIES)
+  _one_of(cfg, "moe.dispatcher", dispatch.DISPATCHERS)
+  _one_of(cfg, "moe.load_balance_density", losses.LOAD_BALANCE_DENSITIES)
+  if m.moe_every > 0 and e.priority == "choice_major" and e.top_k > 1:
+    _check(e.allow_noncausal, "moe.priority",
+           "'choice_major' with top_k > 1 lets a decoder token see later tokens through capacity; "
+           "use 'token_major' or set moe.allow_noncausal=True")
+
+  _positive(cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
+            "train.keep_checkpoints")
+  _positive(cfg, "train.eval_every", allow_zero=True)
+  _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+  group = e.group_size or t.seq_len
+  _check(group % t.seq_len == 0 or t.seq_len % group == 0, "moe.group_size",
+         f"must divide train.seq_len ({t.seq_len}) or be a multiple of it, got {e.group_size}")
+
+  _check(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+  _positive(cfg, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm", "optim.eps",
+            allow_zero=True)
+  _one_of(cfg, "optim.schedule", ("cosine", "constant"))
+  for field in ("optim.b1", "optim.b2", "optim.end_lr_fraction"):
+    value = _get(cfg, field)
+    _check(0 <= value <= 1 if field.endswith("fraction") else 0 <= value < 1, field,
+           f"must be in [0, 1{']' if field.endswith('fraction') else ')'}, got {value}")
+
+  _validate_data(cfg)
+
+  data_devices = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
+  _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {cfg.mesh.data}")
+  _check(data_devices <= num_devices, "mesh.data", f"asks for {data_devices} devices but only {num_devices} exist")
+  _check(t.batch_size % data_devices == 0, "train.batch_size",
+         f"{t.batch_size} must be divisible by the {data_devices} devices of the data axis")
+  num_groups = t.batch_size * t.seq_len // group
+  _check(num_groups % data_devices == 0 and (t.batch_size * t.seq_len) % group == 0, "moe.group_size",
+         f"the batch's {t.batch_size * t.seq_len} tokens must split into groups of {group} "
+         f"whose count is divisible by the {data_devices} data devices")
+
+
+def _validate_data(cfg: ml_collections.ConfigDict) -> None:
+  d = cfg.data
+  _one_of(cfg, "data.source", SOURCES)
+  _positive(cfg, "data.num_eval_batches")
+  if d.source == "markov_mixture":
+    _positive(cfg, "data.markov.vocab_size", "data.markov.num_sources", "data.markov.branching",
+              "data.markov.num_train", "data.markov.num_validation")
+    _check(d.markov.branching <= d.markov.vocab_size, "data.markov.branching",
+           f"must be <= data.markov.vocab_size ({d.markov.vocab_size}), got {d.markov.branching}")
+    _check(d.markov.num_train >= cfg.train.batch_size, "data.markov.num_train",
+           f"must hold at least one batch (train.batch_size = {cfg.train.batch_size}), got {d.markov.num_train}")
+    _check(d.markov.num_validation >= cfg.train.batch_size, "data.markov.num_validation",
+           f"must hold at least one batch (train.batch_size = {cfg.train.batch_size}), got {d.markov.num_validation}")
+  elif d.source == "text_bytes":
+    _positive(cfg, "data.text.max_bytes")
+  else:
+    _check(bool(d.tfds.name), "data.tfds.name", "must name a prepared TFDS dataset (e.g. 'lm1b')")
+    _positive(cfg, "data.tfds.max_bytes", allow_zero=True)
+
+
+def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
+  """The model's static config; vocab_size is used when model.vocab_size is 0."""
+  m, e = cfg.model, cfg.moe
+  moe_cfg = moe.MoEConfig(
+      num_experts=e.num_experts, top_k=e.top_k, d_expert=e.d_expert or m.d_ff,
+      capacity_factor=e.capacity_factor, eval_capacity_factor=e.eval_capacity_factor,
+      group_size=e.group_size, router=e.router, combine_weights=e.combine_weights,
+      priority=e.priority, dispatcher=e.dispatcher, load_balance_density=e.load_balance_density,
+      activation=m.activation, init_scale=m.init_scale)
+  return decoder.DecoderConfig(
+      vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+      num_heads=m.num_heads, d_ff=m.d_ff, max_len=cfg.train.seq_len, positions=m.positions,
+      activation=m.activation, moe_every=m.moe_every, tie_embeddings=m.tie_embeddings,
+      init_scale=m.init_scale, dtype=m.dtype, moe=moe_cfg)

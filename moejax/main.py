@@ -1,0 +1,125 @@
+"""Command line: `python -m moejax.main --config configs/<x>.py[:arg] --workdir <dir>`.
+
+Overrides: `--config.moe.top_k=1 --config.train.num_steps=500`. Re-running the same command
+resumes from the newest checkpoint in the workdir. Bad input (config, overrides, workdir) is
+refused before anything is written: one line on stderr naming the field, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+EXIT_BAD_INPUT = 2
+# Fields that may change when a run is resumed in the same workdir (they do not change what the
+# checkpoint holds); any other difference from the workdir's config.json is refused.
+RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "data.data_dir")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; any problem (missing file, unknown field, bad value) is one line, exit 2."""
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # config_flags surfaces errors of the config file itself here too.
+    _fail(_one_line(e))
+  if len(rest) > 1:
+    _fail(f"unexpected arguments {rest[1:]}; use --config and --workdir")
+  if _CONFIG.value is None:
+    _fail("--config is required (e.g. --config configs/quickstart.py)")
+  if not _WORKDIR.value:
+    _fail("--workdir is required (e.g. --workdir workdirs/quickstart)")
+  return rest
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  cause = error.__cause__ or error.__context__
+  detail = text[-1] if text else type(error).__name__
+  if cause is not None and str(cause).strip():
+    detail = f"{detail} ({str(cause).strip().splitlines()[-1]})"
+  return detail
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _check_workdir(workdir: str, resolved: dict) -> None:
+  """Refuses a workdir that is a file, or that holds a run of a different config."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f"--workdir {workdir!r} exists and is not a directory")
+  saved_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(saved_path):
+    return
+  with open(saved_path) as f:
+    saved = _flatten(json.load(f))
+  new = _flatten(json.loads(json.dumps(resolved)))
+  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+  if differ:
+    shown = ", ".join(f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ[:4])
+    _fail(f"--workdir {workdir!r} holds a run with a different config ({shown}); "
+          f"use a new workdir, or change only {', '.join(RESUMABLE_CHANGES)}")
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  import jax  # Local: flags are parsed (and refused) before JAX starts.
+
+  from moejax import config as config_lib
+  from moejax.data import pipeline
+
+  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    config_lib.validate(cfg, jax.device_count())
+  except config_lib.ConfigError as e:
+    _fail(f"config {e}")
+  resolved = cfg.to_dict()
+  _check_workdir(workdir, resolved)
+  try:
+    data = pipeline.make_lm_data(cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
+                                 seed=cfg.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  except (ValueError, FileNotFoundError) as e:
+    _fail(_one_line(e))
+  if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
+    _fail(f"config model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
+          f"vocabulary ({data.vocab_size}); use 0 to take the dataset's")
+
+  from moejax import train
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
+    if data.info.get("manifest"):
+      with open(os.path.join(workdir, "data_manifest.json"), "w") as f:
+        json.dump(data.info["manifest"], f, indent=1)
+  return train.train_and_evaluate(cfg, workdir, data)
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()
