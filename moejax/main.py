@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -32,6 +33,9 @@ def _fail(message: str) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; any problem (missing file, unknown field, bad value) is one line, exit 2."""
+  config_path = _config_path(argv)
+  if config_path is not None and not os.path.isfile(config_path):
+    _fail(f"--config: no such config file {config_path!r}")
   try:
     rest = flags.FLAGS(argv)
   except Exception as e:  # config_flags surfaces errors of the config file itself here too.
@@ -45,13 +49,47 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The file part of --config FILE[:arg], if given."""
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    return value.split(":", 1)[0]
+  return None
+
+
+def _first_line(error: BaseException) -> str:
+  if isinstance(error, KeyError) and error.args:
+    text = str(error.args[0])
+  else:
+    text = str(error)
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
 def _one_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  cause = error.__cause__ or error.__context__
-  detail = text[-1] if text else type(error).__name__
-  if cause is not None and str(cause).strip():
-    detail = f"{detail} ({str(cause).strip().splitlines()[-1]})"
-  return detail
+  """One line from a flag-parsing error: the flag (when named) and the root cause."""
+  chain = [error]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  root, outer = chain[-1], _first_line(chain[0])
+  text = _first_line(root)
+  full = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
+  locked = re.search(r'Key "(\w+)" does not exist', full)
+  if locked:
+    hint = re.search(r'Did you mean "(\w+)"', full)
+    text = f"unknown config field {locked.group(1)!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+  elif isinstance(root, KeyError):
+    text = f"unknown config field {text.strip(chr(39))!r}"
+  if outer.startswith("flag --"):
+    return f"{outer.split(': ')[0]}: {text}"
+  if isinstance(root, SyntaxError) or root is not error:
+    return f"--config: {text}"
+  return text
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -33,6 +33,9 @@ from moejax.metric_writer import MetricWriter, Progress, format_duration
 from moejax.models.decoder import DecoderLM
 
 EXIT_OK, EXIT_NONFINITE = 0, 1
+# Fault injection for tests/test_train.py: SIGKILL this process right after step N (after its
+# checkpoint save is issued, so a kill at a checkpoint step lands mid-write). Unset in real runs.
+_SIGKILL_AT_STEP_ENV = "MOEJAX_TEST_SIGKILL_AT_STEP"
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -145,7 +148,8 @@ class _StopSignal:
 
 
 def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                       cleanup_tmp_directories=True)  # Half-written saves of a killed run.
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
@@ -222,6 +226,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
         eval_loss = run_eval(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stop.received:
         manager.save(step, args=ocp.args.StandardSave(trainer.state))
+      if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
       if stop.received:
         print(f"{stop.received} received: saved a checkpoint at step {step}; "
               f"re-run the same command to resume.", flush=True)
