@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
@@ -121,6 +121,9 @@ def _check_workdir(workdir: str, resolved: dict) -> None:
 
 def main(argv: list[str]) -> int:
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO/WARNING lines (orbax, TFDS) drown the progress lines; --verbosity=0 shows them.
+    logging.set_verbosity(logging.ERROR)
   import jax  # Local: flags are parsed (and refused) before JAX starts.
 
   from moejax import config as config_lib

@@ -213,6 +213,9 @@ def prepare(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
     and batched reads, and yields dicts of numpy values (e.g. 'tokens').
   """
   if not builder.is_prepared():
+    print(f'preparing {builder.name}/{builder.builder_config.name} in {builder.data_dir} '
+          '(once; later runs reuse it)', flush=True)
+    tfds.disable_progress_bar()  # Progress bars would drown the trainer's console lines.
     try:
       builder.download_and_prepare(file_format='array_record')
     except OSError:

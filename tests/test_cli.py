@@ -1,0 +1,116 @@
+"""Bad input is refused at start-up: one line naming the field, exit code 2, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cli_util import REPO, run_cli
+from moejax import config as config_lib
+
+# (override, the field the message must name): checked in-process against `validate`.
+BAD_VALUES = [
+    ({"moe.top_k": 9}, "moe.top_k"),
+    ({"moe.top_k": 0}, "moe.top_k"),
+    ({"moe.capacity_factor": 0.0}, "moe.capacity_factor"),
+    ({"moe.capacity_factor": -1.0}, "moe.capacity_factor"),
+    ({"moe.eval_capacity_factor": 0.0}, "moe.eval_capacity_factor"),
+    ({"moe.num_experts": 0}, "moe.num_experts"),
+    ({"model.num_heads": 3}, "model.num_heads"),
+    ({"model.d_model": 96, "model.num_heads": 32}, "model.positions"),  # Head dim 3 is odd: no RoPE.
+    ({"moe.router": "expert_choice_typo"}, "moe.router"),
+    ({"moe.dispatcher": "magic"}, "moe.dispatcher"),
+    ({"moe.priority": "choice_major"}, "moe.priority"),  # Leaks in a decoder when K > 1.
+    ({"data.source": "imagenet"}, "data.source"),
+    ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
+    ({"optim.b2": 1.0}, "optim.b2"),
+    ({"train.batch_size": 30}, "train.batch_size"),  # 8 devices on the data axis.
+    ({"train.seq_len": 1}, "train.seq_len"),
+    ({"moe.group_size": 48}, "moe.group_size"),
+    ({"mesh.data": 16}, "mesh.data"),
+    ({"data.markov.branching": 100}, "data.markov.branching"),
+    ({"model.positions": "alibi"}, "model.positions"),
+    ({"model.dtype": "float16"}, "model.dtype"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_VALUES, ids=[f for _, f in BAD_VALUES])
+def test_validate_names_the_field(overrides, field):
+  cfg = config_lib.base_config()
+  cfg.train.batch_size = 32
+  for key, value in overrides.items():
+    group, name = key.rsplit(".", 1)
+    node = cfg
+    for part in group.split("."):
+      node = node[part]
+    node[name] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(cfg, num_devices=8)
+  assert error.value.field == field
+  assert "\n" not in str(error.value)
+
+
+def test_base_config_and_allowed_settings_validate():
+  cfg = config_lib.base_config()
+  config_lib.validate(cfg, num_devices=8)
+  with cfg.unlocked():
+    cfg.moe.priority, cfg.moe.allow_noncausal = "choice_major", True
+  config_lib.validate(cfg, num_devices=8)
+
+
+def test_hand_built_config_with_unknown_field_is_refused():
+  cfg = config_lib.base_config().to_dict()
+  cfg["model"]["num_layer"] = 3
+  import ml_collections
+  with pytest.raises(config_lib.ConfigError, match="model.num_layer: unknown config field"):
+    config_lib.validate(ml_collections.ConfigDict(cfg), num_devices=1)
+
+
+CLI_CASES = [
+    (["--config", "configs/does_not_exist.py"], "no such config file"),
+    (["--config", "configs/quickstart.py", "--config.moe.top_k=9"], "moe.top_k"),
+    (["--config", "configs/quickstart.py", "--config.moe.no_such_field=1"], "unknown config field 'no_such_field'"),
+    (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=abc"], "--config.moe.capacity_factor"),
+    (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
+    (["--config", "configs/quickstart.py", "--config.model.num_heads=3"], "model.num_heads"),
+    (["--config", "configs/quickstart.py", "--config.data.source=mnist"], "data.source"),
+    (["--config", "configs/quickstart.py", "--config.optim.learning_rate=-1"], "optim.learning_rate"),
+    (["--config", "configs/quickstart.py", "--config.mesh.data=4"], "mesh.data"),
+    (["--config", "configs/quickstart.py", "--config.data.source=tfds", "--config.data.tfds.name=lm1b"],
+     "data.tfds.name"),
+    (["--config", "configs/quickstart.py", "stray_argument"], "unexpected arguments"),
+]
+
+
+@pytest.mark.parametrize("args,expected", CLI_CASES, ids=[e for _, e in CLI_CASES])
+def test_cli_refuses_bad_input(tmp_path, args, expected):
+  workdir = tmp_path / "workdir"
+  result = subprocess.run(
+      [sys.executable, "-m", "moejax.main", *args, "--workdir", str(workdir),
+       f"--config.data.data_dir={tmp_path / 'empty_tfds'}"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  error_lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+  assert "Traceback" not in result.stderr + result.stdout
+  assert not workdir.exists()
+
+
+def test_cli_batch_not_divisible_by_devices(tmp_path):
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = run_cli(tmp_path / "w", "--config.train.batch_size=12", data_dir=tmp_path / "d", env=env)
+  assert result.returncode == 2
+  assert "error: config train.batch_size: 12 must be divisible by the 8 devices" in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_refuses_a_workdir_of_another_config(tmp_path):
+  workdir = tmp_path / "w"
+  first = run_cli(workdir, "--config.train.num_steps=2", data_dir=tmp_path / "d")
+  assert first.returncode == 0, first.stderr[-2000:]
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  other = run_cli(workdir, "--config.train.num_steps=2", "--config.moe.num_experts=2", data_dir=tmp_path / "d")
+  assert other.returncode == 2
+  assert "holds a run with a different config (moe.num_experts=4->2)" in other.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
