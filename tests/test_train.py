@@ -106,3 +106,15 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, data_dir):
   assert _checkpoint_steps(workdir) and max(_checkpoint_steps(workdir)) < bad_step
   assert f"Newest good checkpoint: step {max(_checkpoint_steps(workdir))}" in line
   assert not (workdir / "summary.json").exists()
+
+
+def test_text_bytes_run_records_its_corpus(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  result = run_cli(workdir, "--config.train.num_steps=3", "--config.data.source=text_bytes",
+                   "--config.data.text.max_bytes=200000", data_dir=data_dir, config="configs/text_bytes.py")
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = json.loads((workdir / "data_manifest.json").read_text())
+  assert manifest["digest"] and manifest["files"]
+  assert all(len(f["sha256"]) == 64 and f["path"].endswith(".py") for f in manifest["files"])
+  assert sum(f["bytes"] for f in manifest["files"]) <= 200000
+  assert "Bayes floor" not in result.stdout  # Real text has no known floor.
