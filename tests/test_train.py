@@ -118,3 +118,42 @@ def test_text_bytes_run_records_its_corpus(tmp_path, data_dir):
   assert all(len(f["sha256"]) == 64 and f["path"].endswith(".py") for f in manifest["files"])
   assert sum(f["bytes"] for f in manifest["files"]) <= 200000
   assert "Bayes floor" not in result.stdout  # Real text has no known floor.
+
+
+def _tensorboard_scalars(logdir):
+  """{tag: [(step, value)]} read from TFRecord-framed event files (length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  result = run_cli(workdir, "--config.train.num_steps=4", "--config.train.eval_every=2", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  scalars = _tensorboard_scalars(workdir / "tensorboard")
+  logged = read_metrics(workdir)
+  assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in logged.values()],
+                             rtol=1e-6)
+  assert {"train/load_balance_loss", "train/z_loss", "train/moe_layer0/fraction_dropped_choice2",
+          "eval/cross_entropy", "eval/gap_to_bayes_floor"} <= set(scalars)
+
+
+def test_models_and_config_import_without_tfds_or_grain():
+  import subprocess
+  import sys
+  code = ("import sys, moejax.config, moejax.train, moejax.models.decoder, moejax.accounting; "
+          "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'tensorflow') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
