@@ -9,7 +9,6 @@ the run before anything is saved from the bad step, so the newest checkpoint sta
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -38,8 +37,12 @@ EXIT_OK, EXIT_NONFINITE = 0, 1
 _SIGKILL_AT_STEP_ENV = "MOEJAX_TEST_SIGKILL_AT_STEP"
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay (or constant), after global-norm clipping."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
+  """AdamW with linear warm-up then cosine decay (or constant), after global-norm clipping.
+
+  Returns:
+    (the optax transformation, the learning-rate schedule step -> rate).
+  """
   peak = optim.learning_rate
   if optim.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(

@@ -1,7 +1,6 @@
 """Decoder LM: causality through the MoE router, MoE placement, and shape-only accounting."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
