@@ -77,3 +77,79 @@ def test_token_major_is_causal():
 def test_capacity(s, e, k, cf, expected):
   # ceil(16·2·1.25/8) = 5; ceil(8/4) = 2; ceil(16) capped at S = 4; ceil(3/8) = 1.
   assert routing.compute_capacity(s, e, k, cf) == expected
+
+
+def test_worked_example_batch_prioritized():
+  # REFERENCES.md: BPR orders tokens by top-1 probability (t2 .6, t1 .5, t0 .4), choice-major.
+  decision = routing.top_k_route(PROBS, top_k=2, capacity=2, priority="bpr")
+  combine = np.asarray(decision.combine_array()[0])
+  expected = np.zeros((3, 3, 2))
+  expected[0, 0, 1] = 0.4  # t0 queues last for e0: slot 1. Its 2nd choice e2 is full (dropped).
+  expected[1, 0, 0] = 0.5  # t1 goes before t0: e0 slot 0,
+  expected[1, 2, 1] = 0.4  # and its 2nd choice e2 gets slot 1 behind t2.
+  expected[2, 2, 0] = 0.6  # t2 first in line for e2; its 2nd choice e0 is full (dropped).
+  np.testing.assert_allclose(combine, expected, atol=1e-7)
+
+
+def test_gshard_random_second_expert():
+  probs = jnp.array([[[0.6, 0.3, 0.1], [0.1, 0.3, 0.6]]])
+  # Both tokens: renormalized top-2 = (2/3, 1/3), so 2·g2 = 2/3.
+  keep = routing.top_k_route(probs, top_k=2, capacity=2, combine_weights="renormalized",
+                             second_expert_threshold=jnp.array([[0.5, 0.5]]))
+  np.testing.assert_array_equal(keep.kept[0], [[True, True], [True, True]])
+  skip = routing.top_k_route(probs, top_k=2, capacity=1, combine_weights="renormalized",
+                             second_expert_threshold=jnp.array([[0.9, 0.5]]))
+  # t0 skips its 2nd expert (e1), so t1's 2nd choice e1 still finds slot 0 free at capacity 1.
+  np.testing.assert_array_equal(skip.kept[0], [[True, False], [True, True]])
+  np.testing.assert_allclose(skip.combine_weight[0], [[2 / 3, 0.0], [2 / 3, 1 / 3]], rtol=1e-6)
+
+
+def test_expert_choice_worked_example():
+  decision = routing.expert_choice_route(PROBS, capacity=2)
+  combine = np.asarray(decision.combine_array()[0])
+  expected = np.zeros((3, 3, 2))
+  expected[1, 0, 0], expected[0, 0, 1] = 0.5, 0.4  # e0 takes its best tokens: t1 (.5), t0 (.4).
+  expected[2, 1, 0], expected[1, 1, 1] = 0.2, 0.1  # e1: t2 (.2), t1 (.1).
+  expected[2, 2, 0], expected[1, 2, 1] = 0.6, 0.4  # e2: t2 (.6), t1 (.4).
+  np.testing.assert_allclose(combine, expected, atol=1e-7)
+  np.testing.assert_array_equal(decision.kept[0].sum(-1), [1, 3, 2])  # Experts per token.
+  # Perfect balance: every expert fills exactly C slots.
+  np.testing.assert_array_equal(decision.dispatch_mask()[0].sum(axis=(0, 2)), [2, 2, 2])
+  capped = routing.expert_choice_route(PROBS, capacity=2, max_experts_per_token=1)
+  # With a cap of one expert, t1 keeps only e0 (.5) and t2 only e2 (.6).
+  np.testing.assert_allclose(capped.combine_weight[0, :, 0], [0.4, 0.5, 0.6], atol=1e-7)
+  assert capped.expert_index.shape == (1, 3, 1)
+
+
+def test_hash_experts_fixed_and_even():
+  ids = jnp.arange(10000)
+  experts = np.asarray(routing.hash_experts(ids, 8))
+  np.testing.assert_array_equal(experts, np.asarray(routing.hash_experts(ids, 8)))
+  counts = np.bincount(experts, minlength=8)
+  assert counts.min() > 1250 * 0.9 and counts.max() < 1250 * 1.1
+  assert not np.array_equal(experts, np.asarray(routing.hash_experts(ids, 8, seed=1)))
+
+
+def test_group_limited_routing():
+  # 8 experts in 4 groups of 2. Group scores (sum of the best two): g0 .9, g1 1.0, g2 .96, g3 .2.
+  scores = jnp.array([[[0.9, 0.0, 0.5, 0.5, 0.48, 0.48, 0.1, 0.1]]])
+  limited = routing.group_limited_scores(scores, num_groups=4, top_groups=2)
+  # g1 and g2 win, so expert 0 is excluded although it has the single best score.
+  np.testing.assert_array_equal(np.isfinite(limited[0, 0]), [0, 0, 1, 1, 1, 1, 0, 0])
+  decision = routing.top_k_route(scores, top_k=2, capacity=1, selection_scores=limited)
+  np.testing.assert_array_equal(decision.expert_index[0, 0], [2, 3])
+
+
+def test_soft_moe_weights_against_numpy():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 4)))
+  phi = np.asarray(jax.random.normal(jax.random.key(1), (4, 6)))  # E=3 experts × p=2 slots.
+  for normalize, scale in ((False, 1.0), (True, 3.0)):
+    d = routing.soft_moe_route(jnp.asarray(x), jnp.asarray(phi), num_experts=3, scale=scale, normalize=normalize)
+    xn = x / np.linalg.norm(x, axis=-1, keepdims=True) if normalize else x
+    pn = scale * phi / np.linalg.norm(phi, axis=0, keepdims=True) if normalize else phi
+    logits = np.einsum("gsd,dn->gsn", xn, pn)
+    dispatch = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # Over tokens.
+    combine = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)  # Over slots.
+    # float32 with a 1e-6 guard in the norm vs float64: agree to ~1e-5 relative.
+    np.testing.assert_allclose(d.dispatch_mask(), dispatch.reshape(2, 5, 3, 2), rtol=1e-4)
+    np.testing.assert_allclose(d.combine_array(), combine.reshape(2, 5, 3, 2), rtol=1e-4)
