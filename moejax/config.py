@@ -9,9 +9,11 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from moejax import dispatch, losses, routing
+from moejax import dispatch, losses, routers, routing
 from moejax.data.config import SOURCES, default_data_config
 from moejax.layers import ffn, moe
 from moejax.models import decoder
@@ -44,20 +46,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
 
   c.moe = ml_collections.ConfigDict()
+  # 'top_k' | 'expert_choice' | 'soft_moe' | 'hash' | 'dense' | 'deepseek' (see moejax/routers.py).
   c.moe.router = "top_k"
   c.moe.num_experts = 8
-  c.moe.top_k = 2  # 1 = Switch, 2 = GShard.
-  c.moe.d_expert = 0  # 0: model.d_ff.
-  c.moe.capacity_factor = 1.25  # Training; capacity = ceil(S·K·cf / E) per group.
+  c.moe.top_k = 2  # 1 = Switch, 2 = GShard; also DeepSeek's K.
+  c.moe.d_expert = 0  # 0: model.d_ff. Fine-grained experts: many experts, small d_expert, larger K.
+  c.moe.num_shared_experts = 0  # Always-on experts of hidden size d_expert (DeepSeekMoE).
+  c.moe.capacity_factor = 1.25  # Training; top-k capacity = ceil(S·K·cf / E), expert choice ceil(S·cf / E).
   c.moe.eval_capacity_factor = 2.0
   c.moe.group_size = 0  # Tokens per routing group; 0 = one sequence per group.
-  c.moe.combine_weights = "raw"  # 'raw' (Switch/vmoe) | 'renormalized' (GShard/Mixtral)
-  c.moe.priority = "token_major"  # 'token_major' (causal) | 'choice_major' (vmoe; leaks for K>1)
+  c.moe.combine_weights = "raw"  # 'raw' (Switch/vmoe) | 'renormalized' (GShard/Mixtral/DeepSeek-V3)
+  c.moe.priority = "token_major"  # 'token_major' (causal) | 'choice_major' (vmoe) | 'bpr' (V-MoE)
   c.moe.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
-  c.moe.dispatcher = "sort"  # 'sort' (gather/scatter) | 'einsum' (GShard one-hot reference)
+  c.moe.dispatcher = "sort"  # 'sort' (gather/scatter) | 'einsum' (GShard one-hot) | 'dropless'
+  c.moe.router_noise = "none"  # Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch)
+  c.moe.jitter_eps = 0.01  # Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.
+  c.moe.second_expert_policy = "all"  # 'all' | 'random' (GShard: 2nd expert only if 2·g2 > u)
+  c.moe.max_experts_per_token = 0  # Expert choice: cap on experts per token; 0 = none.
+  c.moe.slots_per_expert = 1  # Soft MoE slots p per expert.
+  c.moe.soft_normalize = True  # Soft MoE: L2-normalize tokens and slot parameters, learned scale.
+  c.moe.hash_seed = 0
+  c.moe.score_function = "softmax"  # DeepSeek: 'softmax' (V2) | 'sigmoid' (V3)
+  c.moe.bias_update_rate = 1e-3  # DeepSeek-V3 aux-loss-free balancing γ; 0 = off.
+  c.moe.num_expert_groups = 1  # DeepSeek group-limited routing: experts in groups ...
+  c.moe.top_expert_groups = 1  # ... of which each token may use the best ones.
   c.moe.load_balance_density = "top1"  # 'top1' (Switch) | 'topk' (any of the K choices)
+  c.moe.load_balance_scope = "group"  # 'group' | 'local_batch' (per device) | 'global_batch' (Qwen)
   c.moe.load_balance_loss_weight = 1e-2  # α, summed over MoE layers.
   c.moe.z_loss_weight = 1e-3  # ST-MoE router z-loss coefficient, summed over MoE layers.
+  c.moe.importance_loss_weight = 0.0  # Shazeer's CV²(importance).
+  c.moe.load_loss_weight = 0.0  # Shazeer's CV²(smooth load); needs router_noise='noisy_top_k'.
+  c.moe.dead_expert_steps = 100  # An expert with no tokens for this many steps counts as dead.
 
   c.data = default_data_config()
 
@@ -138,21 +157,44 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _one_of(cfg, "model.activation", ffn.ACTIVATIONS)
   _one_of(cfg, "model.dtype", decoder.DTYPES)
 
-  _one_of(cfg, "moe.router", moe.ROUTERS)
+  _one_of(cfg, "moe.router", routers.ROUTERS)
   _check(e.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {e.num_experts}")
   _check(1 <= e.top_k <= e.num_experts, "moe.top_k",
          f"must be between 1 and moe.num_experts ({e.num_experts}), got {e.top_k}")
-  _positive(cfg, "moe.capacity_factor", "moe.eval_capacity_factor")
+  _positive(cfg, "moe.capacity_factor", "moe.eval_capacity_factor", "moe.slots_per_expert",
+            "moe.dead_expert_steps")
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.load_balance_loss_weight", "moe.z_loss_weight",
-            allow_zero=True)
-  _one_of(cfg, "moe.combine_weights", routing.COMBINE_WEIGHTS)
-  _one_of(cfg, "moe.priority", routing.PRIORITIES)
-  _one_of(cfg, "moe.dispatcher", dispatch.DISPATCHERS)
-  _one_of(cfg, "moe.load_balance_density", losses.LOAD_BALANCE_DENSITIES)
-  if m.moe_every > 0 and e.priority == "choice_major" and e.top_k > 1:
-    _check(e.allow_noncausal, "moe.priority",
-           "'choice_major' with top_k > 1 lets a decoder token see later tokens through capacity; "
-           "use 'token_major' or set moe.allow_noncausal=True")
+            "moe.importance_loss_weight", "moe.load_loss_weight", "moe.num_shared_experts",
+            "moe.max_experts_per_token", "moe.bias_update_rate", "moe.jitter_eps", allow_zero=True)
+  for field, allowed in (("moe.combine_weights", routing.COMBINE_WEIGHTS), ("moe.priority", routing.PRIORITIES),
+                         ("moe.dispatcher", dispatch.DISPATCHERS), ("moe.router_noise", routers.ROUTER_NOISE),
+                         ("moe.second_expert_policy", ("all", "random")),
+                         ("moe.score_function", routers.SCORE_FUNCTIONS),
+                         ("moe.load_balance_density", losses.LOAD_BALANCE_DENSITIES),
+                         ("moe.load_balance_scope", losses.LOAD_BALANCE_SCOPES)):
+    _one_of(cfg, field, allowed)
+  _check(e.max_experts_per_token <= e.num_experts, "moe.max_experts_per_token",
+         f"must be <= moe.num_experts ({e.num_experts}), got {e.max_experts_per_token}")
+  _check(e.second_expert_policy == "all" or (e.router == "top_k" and e.top_k == 2), "moe.second_expert_policy",
+         "'random' is GShard's policy for router 'top_k' with top_k = 2")
+  _check(e.router_noise == "none" or e.router == "top_k", "moe.router_noise",
+         f"noise applies to router 'top_k' only, not {e.router!r}")
+  _check(e.load_loss_weight == 0 or e.router_noise == "noisy_top_k", "moe.load_loss_weight",
+         "Shazeer's load loss needs moe.router_noise='noisy_top_k'")
+  _check(e.dispatcher != "dropless" or e.router not in ("expert_choice", "soft_moe"), "moe.dispatcher",
+         f"'dropless' is for token-choice routers; {e.router!r} fixes its slots by construction")
+  if e.router == "deepseek":
+    _check(e.num_expert_groups >= 1 and e.num_experts % e.num_expert_groups == 0, "moe.num_expert_groups",
+           f"must divide moe.num_experts ({e.num_experts}), got {e.num_expert_groups}")
+    _check(1 <= e.top_expert_groups <= e.num_expert_groups, "moe.top_expert_groups",
+           f"must be between 1 and moe.num_expert_groups ({e.num_expert_groups}), got {e.top_expert_groups}")
+    _check(e.top_k <= e.top_expert_groups * (e.num_experts // e.num_expert_groups), "moe.top_k",
+           "exceeds the experts in the moe.top_expert_groups groups a token may use")
+  if m.moe_every > 0 and not routers.is_causal(e.router, e.top_k, e.priority, e.dispatcher):
+    field = "moe.router" if e.router in ("expert_choice", "soft_moe") else "moe.priority"
+    _check(e.allow_noncausal, field,
+           f"router {e.router!r} with priority {e.priority!r} lets a decoder token see later tokens "
+           "(see moejax/routers.py is_causal); set moe.allow_noncausal=True to train it anyway")
 
   _positive(cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
             "train.keep_checkpoints")
@@ -207,12 +249,9 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
 def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
   """The model's static config; vocab_size is used when model.vocab_size is 0."""
   m, e = cfg.model, cfg.moe
-  moe_cfg = moe.MoEConfig(
-      num_experts=e.num_experts, top_k=e.top_k, d_expert=e.d_expert or m.d_ff,
-      capacity_factor=e.capacity_factor, eval_capacity_factor=e.eval_capacity_factor,
-      group_size=e.group_size, router=e.router, combine_weights=e.combine_weights,
-      priority=e.priority, dispatcher=e.dispatcher, load_balance_density=e.load_balance_density,
-      activation=m.activation, init_scale=m.init_scale)
+  moe_fields = {f.name for f in dataclasses.fields(moe.MoEConfig)}
+  derived = dict(d_expert=e.d_expert or m.d_ff, activation=m.activation, init_scale=m.init_scale)
+  moe_cfg = moe.MoEConfig(**{k: v for k, v in e.items() if k in moe_fields and k not in derived}, **derived)
   return decoder.DecoderConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, d_ff=m.d_ff, max_len=cfg.train.seq_len, positions=m.positions,

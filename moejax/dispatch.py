@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from moejax.routing import RoutingDecision
 
-DISPATCHERS = ("einsum", "sort")
+DISPATCHERS = ("einsum", "sort", "dropless")
 
 
 class EinsumDispatcher:
@@ -31,10 +31,12 @@ class EinsumDispatcher:
 
 
 class SortDispatcher:
-  """Gather/scatter by slot index: O(G·S·K·d) memory and data movement, no one-hot matmuls.
+  """Gather/scatter by slot index: O(G·E·C·d) data movement, no one-hot matmuls.
 
   Each kept choice has a flat buffer position e·C + slot; dropped choices point at a spare
-  row E·C, which is discarded on dispatch and reads zeros on combine.
+  row E·C, which is discarded. Inverting that map gives each buffer row its token: dispatch
+  gathers rows, combine scatter-adds weighted rows back, so a token with many experts
+  (expert choice, dense) costs no extra memory.
   """
 
   def _flat_position(self, decision: RoutingDecision) -> jax.Array:
@@ -43,26 +45,33 @@ class SortDispatcher:
     position = jnp.where(decision.kept, decision.expert_index * c + decision.slot, e * c)
     return position.reshape(position.shape[0], -1)
 
+  def _rows(self, decision: RoutingDecision):
+    """Inverts the map: <int32>[G, E·C] token filling each buffer row (S if none) and its weight."""
+    g, s, k = decision.expert_index.shape
+    e, c = decision.num_experts, decision.capacity
+    position = self._flat_position(decision)  # [G, S·K]
+    token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k)).reshape(1, -1)
+    rows = jnp.arange(g)[:, None]
+    token_of_row = jnp.full((g, e * c + 1), s, jnp.int32).at[rows, position].set(token)
+    weight_of_row = jnp.zeros((g, e * c + 1), jnp.float32).at[rows, position].set(
+        decision.combine_weight.reshape(g, -1))
+    return token_of_row[:, : e * c], weight_of_row[:, : e * c]
+
   def dispatch(self, decision: RoutingDecision, x: jax.Array) -> jax.Array:
     g, s, d = x.shape
-    e, c, k = decision.num_experts, decision.capacity, decision.expert_index.shape[-1]
-    position = self._flat_position(decision)  # [G, S·K]
-    token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k)).reshape(-1)
-    # Invert the map: which token fills each buffer row (S = an all-zero padding token).
-    token_of_row = jnp.full((g, e * c + 1), s, dtype=jnp.int32)
-    token_of_row = token_of_row.at[jnp.arange(g)[:, None], position].set(token[None, :])
+    token_of_row, _ = self._rows(decision)
     x_padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # [G, S+1, d]
-    buffers = jnp.take_along_axis(x_padded, token_of_row[:, : e * c, None], axis=1)
-    return jnp.swapaxes(buffers.reshape(g, e, c, d), 0, 1)  # [E, G, C, d]
+    buffers = jnp.take_along_axis(x_padded, token_of_row[..., None], axis=1)  # [G, E·C, d]
+    return jnp.swapaxes(buffers.reshape(g, decision.num_experts, decision.capacity, d), 0, 1)
 
   def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
     e, g, c, d = y.shape
-    s, k = decision.expert_index.shape[1:]
-    rows = jnp.swapaxes(y, 0, 1).reshape(g, e * c, d)
-    rows = jnp.concatenate([rows, jnp.zeros((g, 1, d), y.dtype)], axis=1)  # [G, E·C+1, d]
-    picked = jnp.take_along_axis(rows, self._flat_position(decision)[..., None], axis=1)
-    picked = picked.reshape(g, s, k, d)
-    return jnp.einsum("gsk,gskd->gsd", decision.combine_weight.astype(y.dtype), picked)
+    s = decision.expert_index.shape[1]
+    token_of_row, weight_of_row = self._rows(decision)  # Unfilled rows: token S, weight 0.
+    weighted = jnp.swapaxes(y, 0, 1).reshape(g, e * c, d) * weight_of_row[..., None].astype(y.dtype)
+    # Scatter-add rows back to their tokens: O(E·C·d), however many choices a token has.
+    out = jnp.zeros((g, s + 1, d), y.dtype).at[jnp.arange(g)[:, None], token_of_row].add(weighted)
+    return out[:, :s]
 
 
 def get_dispatcher(name: str):
@@ -71,4 +80,6 @@ def get_dispatcher(name: str):
     return EinsumDispatcher()
   if name == "sort":
     return SortDispatcher()
+  if name == "dropless":
+    raise ValueError("'dropless' runs the experts itself (moejax.dropless); it has no dispatch/combine")
   raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {name!r}")

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 
 LOAD_BALANCE_DENSITIES = ("top1", "topk")
+LOAD_BALANCE_SCOPES = ("group", "local_batch", "global_batch")
 
 
-def load_balance_loss(probs: jax.Array, expert_index: jax.Array, density: str = "top1") -> jax.Array:
-  """Switch load-balance loss E·Σ_e f_e·P_e, computed per group then averaged over groups.
+def load_balance_terms(probs: jax.Array, expert_index: jax.Array, density: str = "top1"):
+  """Per-group (f, P) of the Switch loss: <float32>[G, E] each.
 
   Args:
     probs: <float32>[G, S, E] router probabilities.
@@ -20,9 +21,6 @@ def load_balance_loss(probs: jax.Array, expert_index: jax.Array, density: str = 
     density: 'top1': f_e = share of tokens whose first choice is e (Switch);
       'topk': f_e = share of the S·K choices that picked e (any-of-top-K, normalized so that
       Σ_e f_e = 1 and a perfectly balanced router scores 1 for every K).
-
-  Returns:
-    <float32>[] the loss, 1.0 for a perfectly balanced router. Multiply by the coefficient α.
   """
   num_experts = probs.shape[-1]
   if density == "top1":
@@ -32,9 +30,23 @@ def load_balance_loss(probs: jax.Array, expert_index: jax.Array, density: str = 
   else:
     raise ValueError(f"density must be one of {LOAD_BALANCE_DENSITIES}, got {density!r}")
   counts = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32).sum(axis=2)  # [G, S, E]
-  fraction = counts.mean(axis=1) / chosen.shape[-1]  # [G, E]
-  mean_prob = probs.astype(jnp.float32).mean(axis=1)  # [G, E]
-  return (num_experts * jnp.sum(fraction * mean_prob, axis=-1)).mean()
+  return counts.mean(axis=1) / chosen.shape[-1], probs.astype(jnp.float32).mean(axis=1)
+
+
+def switch_balance(fraction: jax.Array, mean_prob: jax.Array) -> jax.Array:
+  """E·Σ_e f_e·P_e over the last axis, averaged over any leading (group) axes."""
+  return (fraction.shape[-1] * jnp.sum(fraction * mean_prob, axis=-1)).mean()
+
+
+def load_balance_loss(probs: jax.Array, expert_index: jax.Array, density: str = "top1") -> jax.Array:
+  """Switch load-balance loss E·Σ_e f_e·P_e, computed per group then averaged over groups.
+
+  Args: as `load_balance_terms`.
+
+  Returns:
+    <float32>[] the loss, 1.0 for a perfectly balanced router. Multiply by the coefficient α.
+  """
+  return switch_balance(*load_balance_terms(probs, expert_index, density))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -48,10 +60,33 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 def importance_cv_squared(probs: jax.Array) -> jax.Array:
-  """Shazeer's importance loss CV²(Σ_tokens probs) (population variance), for monitoring.
+  """Shazeer's importance loss CV²(Σ_tokens probs) (population variance).
 
   Args:
-    probs: <float32>[T, E] router probabilities of T tokens.
+    probs: <float32>[..., E] router probabilities.
   """
-  importance = probs.astype(jnp.float32).sum(axis=0)
-  return jnp.var(importance) / jnp.square(jnp.mean(importance))
+  return cv_squared(probs.reshape(-1, probs.shape[-1]).sum(axis=0))
+
+
+def cv_squared(values: jax.Array) -> jax.Array:
+  """Squared coefficient of variation (population variance) of a vector."""
+  values = values.astype(jnp.float32)
+  return jnp.var(values) / jnp.maximum(jnp.square(jnp.mean(values)), 1e-12)
+
+
+def smooth_load(clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax.Array, top_k: int) -> jax.Array:
+  """Shazeer's differentiable load estimate of noisy top-k gating: <float32>[E].
+
+  load_e = Σ_tokens P(e stays in the top-k when its own noise is re-drawn)
+         = Σ_tokens Φ((clean_e − threshold_e) / std_e), where threshold_e is the k-th largest
+  noisy logit among the *other* experts.
+
+  Args:
+    clean_logits, noisy_logits, noise_std: <float32>[..., E].
+  """
+  top = jax.lax.top_k(noisy_logits, top_k + 1)[0]  # [..., K+1]
+  in_top = noisy_logits >= top[..., top_k - 1:top_k]
+  # For an expert inside the top k, the others' k-th largest is the (k+1)-th overall.
+  threshold = jnp.where(in_top, top[..., top_k:top_k + 1], top[..., top_k - 1:top_k])
+  prob = jax.scipy.stats.norm.cdf((clean_logits - threshold) / jnp.maximum(noise_std, 1e-9))
+  return prob.reshape(-1, prob.shape[-1]).sum(axis=0)

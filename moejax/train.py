@@ -58,32 +58,48 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   return adamw, schedule
 
 
-def lm_loss(model: DecoderLM, batch: dict[str, jax.Array], cfg: ml_collections.ConfigDict, train: bool):
-  """Cross-entropy plus the MoE auxiliary losses (each summed over MoE layers); returns (loss, metrics)."""
-  logits, moe_aux = model(batch["inputs"], train=train)
+def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted sum of the MoE auxiliary losses (each summed over MoE layers) and per-layer metrics."""
+  if not moe_aux:
+    return jnp.zeros(()), {}
+  weights = {"load_balance_loss": moe_cfg.load_balance_loss_weight, "z_loss": moe_cfg.z_loss_weight,
+             "importance_loss": moe_cfg.importance_loss_weight, "load_loss": moe_cfg.load_loss_weight}
+  metrics, total = {}, jnp.zeros(())
+  for name, weight in weights.items():
+    metrics[name] = sum(a[name] for a in moe_aux)
+    total = total + weight * metrics[name]
+  for i, aux in enumerate(moe_aux):
+    prefix = f"moe_layer{i}/"
+    for name, value in aux.items():
+      if name == "fraction_dropped":
+        for rank, dropped in enumerate(value):
+          metrics[prefix + f"fraction_dropped_choice{rank + 1}"] = dropped
+      elif name == "expert_load":
+        metrics[prefix + "max_over_mean_load"] = value.max() / value.mean()
+        metrics[prefix + "min_over_mean_load"] = value.min() / value.mean()
+      elif value.ndim == 0:
+        metrics[prefix + name] = value
+  return total, metrics
+
+
+def lm_loss(model: DecoderLM, batch: dict[str, jax.Array], cfg: ml_collections.ConfigDict, train: bool,
+            rng: jax.Array | None = None):
+  """Next-token cross-entropy plus the MoE auxiliary losses; returns (loss, metrics, moe_aux)."""
+  logits, moe_aux = model(batch["inputs"], train=train, rng=rng)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-  metrics = {"cross_entropy": ce}
-  loss = ce
-  if moe_aux:
-    load_balance = sum(a["load_balance_loss"] for a in moe_aux)
-    z_loss = sum(a["z_loss"] for a in moe_aux)
-    loss = loss + cfg.moe.load_balance_loss_weight * load_balance + cfg.moe.z_loss_weight * z_loss
-    metrics.update(load_balance_loss=load_balance, z_loss=z_loss)
-    for i, aux in enumerate(moe_aux):
-      prefix = f"moe_layer{i}/"
-      metrics[prefix + "load_balance_loss"] = aux["load_balance_loss"]
-      metrics[prefix + "z_loss"] = aux["z_loss"]
-      for rank, dropped in enumerate(aux["fraction_dropped"]):
-        metrics[prefix + f"fraction_dropped_choice{rank + 1}"] = dropped
-      load = aux["expert_load"]
-      metrics[prefix + "max_over_mean_load"] = load.max() / load.mean()
-      metrics[prefix + "min_over_mean_load"] = load.min() / load.mean()
-  metrics["loss"] = loss
-  return loss, metrics
+  aux_loss, metrics = moe_losses_and_metrics(moe_aux, cfg.moe)
+  metrics["cross_entropy"] = ce
+  metrics["loss"] = ce + aux_loss
+  return metrics["loss"], metrics, moe_aux
 
 
 class Trainer:
-  """Holds the jitted steps and the sharded state of one run."""
+  """Holds the jitted steps and the sharded state of one run.
+
+  state: 'step'; 'params' (nnx.Param); 'model_state' (other model variables, e.g. DeepSeek's
+  routing bias, updated by the forward pass, not by gradients); 'opt_state'; 'steps_without_tokens'
+  <int32>[MoE layers, E] for the dead-expert count.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int):
     self.cfg = cfg
@@ -91,28 +107,48 @@ class Trainer:
     self.mesh = make_mesh(num_data)
     self.model_cfg = config_lib.decoder_config(cfg, vocab_size)
     model = DecoderLM(self.model_cfg, mesh=self.mesh, rngs=nnx.Rngs(params=cfg.seed))
-    self.graphdef, params = nnx.split(model, nnx.Param)
+    self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    self.num_moe_layers = sum(self.model_cfg.is_moe_layer(i) for i in range(self.model_cfg.num_layers))
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+             "opt_state": self.tx.init(params),
+             "steps_without_tokens": jnp.zeros((self.num_moe_layers, cfg.moe.num_experts), jnp.int32)}
     self.state = jax.device_put(state, self.replicated)
+    self._noise_key = jax.random.key(cfg.seed + 1)  # Router noise of step s: fold_in(key, s).
     self._train_step = jax.jit(self._train_step_fn, donate_argnums=0)
     self._eval_step = jax.jit(self._eval_step_fn)
 
   def _train_step_fn(self, state, batch):
     def loss_fn(params):
-      return lm_loss(nnx.merge(self.graphdef, params), batch, self.cfg, train=True)
+      model = nnx.merge(self.graphdef, params, state["model_state"])
+      loss, metrics, moe_aux = lm_loss(model, batch, self.cfg, train=True,
+                                       rng=jax.random.fold_in(self._noise_key, state["step"]))
+      return loss, (metrics, moe_aux)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # Rule-based state (DeepSeek's routing bias) moves after the step, from that step's loads.
+    model = nnx.merge(self.graphdef, state["params"], state["model_state"])
+    for layer, aux in zip(model.moe_layers(), moe_aux):
+      layer.update_balance(aux)
+    model_state = nnx.state(model, nnx.Not(nnx.Param))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = self.schedule(state["step"])
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    idle = state["steps_without_tokens"]
+    if moe_aux:
+      load = jnp.stack([a["expert_load"] for a in moe_aux])  # [layers, E]
+      idle = jnp.where(load > 0, 0, idle + 1)
+      dead = (idle >= self.cfg.moe.dead_expert_steps).sum(axis=1)
+      for i in range(self.num_moe_layers):
+        metrics[f"moe_layer{i}/dead_experts"] = dead[i]
+    return {"step": state["step"] + 1, "params": params, "model_state": model_state, "opt_state": opt_state,
+            "steps_without_tokens": idle}, metrics
 
-  def _eval_step_fn(self, params, batch):
-    _, metrics = lm_loss(nnx.merge(self.graphdef, params), batch, self.cfg, train=False)
+  def _eval_step_fn(self, params, model_state, batch):
+    _, metrics, _ = lm_loss(nnx.merge(self.graphdef, params, model_state), batch, self.cfg, train=False)
     return metrics["cross_entropy"]
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -124,7 +160,8 @@ class Trainer:
     return metrics
 
   def evaluate(self, eval_batches) -> float:
-    losses = [self._eval_step(self.state["params"], self.shard_batch(b)) for b in eval_batches]
+    losses = [self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b))
+              for b in eval_batches]
     return float(np.mean(jax.device_get(losses)))
 
   @property

@@ -17,7 +17,7 @@ def _gelu(x):
 def _reference(layer: MoELayer, x: np.ndarray, capacity_factor: float) -> np.ndarray:
   """Per-token loop: softmax, top-k, token-major queues with capacity, raw weights, experts."""
   cfg = layer.cfg
-  w_router, wi, wo = (np.asarray(v[...], np.float64) for v in (layer.router_kernel, layer.wi, layer.wo))
+  w_router, wi, wo = (np.asarray(v[...], np.float64) for v in (layer.router.kernel, layer.wi, layer.wo))
   b, l, d = x.shape
   s = cfg.group_size or l
   groups = x.reshape(-1, s, d).astype(np.float64)

@@ -1,4 +1,4 @@
-"""Causal multi-head self-attention with rotary or no position encoding.
+"""Multi-head self-attention, causal (decoder) or not (ViT), with rotary or no position encoding.
 
 Legend: B batch, L sequence length, N heads, H head dim, d model dim.
 """
@@ -29,12 +29,14 @@ def rotary_embedding(x: jax.Array, base: float = 10000.0) -> jax.Array:
 
 
 class CausalSelfAttention(nnx.Module):
-  """[B, L, d] -> [B, L, d]; position i attends to positions <= i."""
+  """[B, L, d] -> [B, L, d]; position i attends to positions <= i, or to all L with causal=False."""
 
-  def __init__(self, d_model: int, num_heads: int, rotary: bool, init_scale: float, *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int, rotary: bool, init_scale: float, *,
+               causal: bool = True, rngs: nnx.Rngs):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
     self.rotary = rotary
+    self.causal = causal
     head_dim = d_model // num_heads
     # Initialised as one [d, 3·d] matrix so that fan-in is d, then split into (q|k|v, head, dim).
     wqkv = init(rngs.params(), (d_model, 3 * num_heads * head_dim))
@@ -47,5 +49,5 @@ class CausalSelfAttention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]  # [B, L, N, H] each
     if self.rotary:
       q, k = rotary_embedding(q), rotary_embedding(k)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, L, N, H]
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, L, N, H]
     return out.reshape(b, l, -1) @ self.wo[...].astype(x.dtype)

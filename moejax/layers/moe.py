@@ -22,11 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import dispatch as dispatch_lib
 from moejax import losses
-from moejax import routing
-from moejax.layers.ffn import fan_in_init, ffn_apply
-
-ROUTERS = ("top_k",)
-
+from moejax import routers, routing
+from moejax.layers.ffn import FeedForward, fan_in_init, ffn_apply
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
@@ -42,7 +39,20 @@ class MoEConfig:
   combine_weights: str = "raw"
   priority: str = "token_major"
   dispatcher: str = "sort"
+  router_noise: str = "none"
+  jitter_eps: float = 0.01
+  second_expert_policy: str = "all"
+  max_experts_per_token: int = 0
+  slots_per_expert: int = 1
+  soft_normalize: bool = True
+  hash_seed: int = 0
+  score_function: str = "softmax"
+  bias_update_rate: float = 1e-3
+  num_expert_groups: int = 1
+  top_expert_groups: int = 1
+  num_shared_experts: int = 0
   load_balance_density: str = "top1"
+  load_balance_scope: str = "group"
   activation: str = "gelu"
   init_scale: float = 1.0
 
@@ -56,15 +66,15 @@ def make_mesh(num_data: int = 1, num_expert: int = 1, devices=None) -> jax.shard
 
 
 class MoELayer(nnx.Module):
-  """Token-choice MoE FFN: [B, L, d] -> ([B, L, d], aux).
+  """MoE FFN: [B, L, d] -> ([B, L, d], aux), with any router of `moejax.routers`.
 
-  aux (all float32, averaged over the groups of the whole batch):
+  aux (float32, over the whole batch; see `_router_aux` for the full list):
     'load_balance_loss' []: Switch E·Σ f·P (1.0 when balanced), before the coefficient.
-    'z_loss' []: router z-loss, before the coefficient.
+    'z_loss' []: router z-loss; 'importance_loss', 'load_loss' []: Shazeer's CV² losses.
     'fraction_dropped' [K]: share of choices of each rank that found their expert full.
     'expert_load' [E]: share of the kept assignments each expert processed.
-  Dropped choices contribute 0: a token dropped from every choice leaves the layer as 0 and
-  passes through the residual connection around it.
+  Dropped choices contribute 0: a token dropped from every choice leaves the layer as 0 (plus
+  the shared experts, if any) and passes through the residual connection around it.
   """
 
   def __init__(self, d_model: int, cfg: MoEConfig, *, mesh: jax.sharding.Mesh | None = None,
@@ -72,52 +82,137 @@ class MoELayer(nnx.Module):
     self.cfg = cfg
     self.mesh = mesh
     e, f = cfg.num_experts, cfg.d_expert
-    self.router_kernel = nnx.Param(fan_in_init(cfg.init_scale)(rngs.params(), (d_model, e)))
+    self.router = routers.Router(d_model, cfg, rngs=rngs)
     expert_init = fan_in_init(cfg.init_scale, batch_axis=(0,))
     self.wi = nnx.Param(expert_init(rngs.params(), (e, d_model, f)))
     self.wg = nnx.Param(expert_init(rngs.params(), (e, d_model, f))) if cfg.activation == "swiglu" else None
     self.wo = nnx.Param(expert_init(rngs.params(), (e, f, d_model)))
+    # Shared experts (DeepSeekMoE): always on, so n of them are one FFN of hidden size n·f.
+    self.shared = (FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
+                   if cfg.num_shared_experts else None)
 
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               token_ids: jax.Array | None = None):
+    """x: [B, L, d]; rng: key for training noise (required when the router draws any);
+    token_ids: <int32>[B, L] for the hash router (else it hashes positions)."""
     b, l, d = x.shape
     group_size = self.cfg.group_size or l
     tokens = x.reshape(-1, group_size, d)  # [G, S, d]
-    capacity_factor = self.cfg.capacity_factor if train else self.cfg.eval_capacity_factor
-    capacity = routing.compute_capacity(group_size, self.cfg.num_experts, self.cfg.top_k, capacity_factor)
+    ids = None if token_ids is None else token_ids.reshape(-1, group_size)
+    capacity = self.router.capacity(group_size, train)
     mesh = self.mesh if self.mesh is not None else make_mesh(devices=jax.devices()[:1])
-    wg = self.wg[...] if self.wg is not None else jnp.zeros((), x.dtype)
+    router_def, router_state = nnx.split(self.router)
+    weights = (self.wi[...], self.wo[...], None if self.wg is None else self.wg[...])
+    if train and _needs_rng(self.cfg) and rng is None:
+      raise ValueError(f"router_noise={self.cfg.router_noise!r} / second_expert_policy="
+                       f"{self.cfg.second_expert_policy!r} need an rng during training")
+    rng = jax.random.key(0) if rng is None else rng
+
+    def per_device(tokens, ids, router_state, weights, rng):
+      # Each device draws its own noise.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+      router = nnx.merge(router_def, router_state)
+      return _moe_per_device(tokens, ids, router, weights, rng, cfg=self.cfg, capacity=capacity, train=train)
+
+    specs = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
     local = jax.shard_map(
-        lambda *args: _moe_per_device(*args, cfg=self.cfg, capacity=capacity),
-        mesh=mesh,
-        in_specs=(P("data"), P(), P(), P(), P()),
-        out_specs=(P("data"), P()),
-    )
-    y, aux = local(tokens, self.router_kernel[...], self.wi[...], wg, self.wo[...])
-    return y.reshape(b, l, d), aux
+        per_device, mesh=mesh,
+        in_specs=(P("data"), P("data"), specs(router_state, P()), specs(weights, P()), P()),
+        out_specs=(P("data"), P()))
+    y, aux = local(tokens, ids, router_state, weights, rng)
+    y = y.reshape(b, l, d)
+    if self.shared is not None:
+      y = y + self.shared(x)
+    return y, aux
+
+  def update_balance(self, aux: dict[str, jax.Array]) -> None:
+    """After a training step: DeepSeek-V3's aux-loss-free bias update from that step's `aux`.
+
+    b_e <- b_e + γ·sign(mean load − load_e): under-loaded experts become more likely to be
+    chosen. The bias only chooses experts; it never weights their outputs. No-op for routers
+    without a bias. Kept out of the forward pass so that the forward pass stays pure.
+    """
+    if self.router.bias is not None and self.cfg.bias_update_rate > 0:
+      counts = aux["selection_counts"]
+      self.router.bias[...] += self.cfg.bias_update_rate * jnp.sign(counts.mean() - counts)
 
 
-def _moe_per_device(tokens, router_kernel, wi, wg, wo, *, cfg: MoEConfig, capacity: int):
-  """One device's groups: route, dispatch, run the experts, combine; aux averaged over 'data'."""
-  logits = jnp.einsum("gsd,de->gse", tokens.astype(jnp.float32), router_kernel.astype(jnp.float32))
-  probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E], router kept in float32
-  decision = routing.top_k_route(
-      probs, top_k=cfg.top_k, capacity=capacity,
-      combine_weights=cfg.combine_weights, priority=cfg.priority)
-  dispatcher = dispatch_lib.get_dispatcher(cfg.dispatcher)
-  expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
-  expert_out = ffn_apply(expert_in, wi, wo, wg if cfg.activation == "swiglu" else None,
-                         cfg.activation, "egcd,edf->egcf", "egcf,efd->egcd")
-  output = dispatcher.combine(decision, expert_out).astype(tokens.dtype)  # [G, S, d]
+def _needs_rng(cfg: MoEConfig) -> bool:
+  return cfg.router_noise != "none" or cfg.second_expert_policy == "random"
 
-  kept = decision.kept.astype(jnp.float32)
-  kept_per_expert = jnp.einsum("gsk,gske->e", kept, jax.nn.one_hot(decision.expert_index, cfg.num_experts))
+
+def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capacity: int, train: bool):
+  """One device's groups: route, move tokens, run the experts, combine; aux reduced over 'data'."""
+  wi, wo, wg = weights
+  decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
+  if cfg.dispatcher == "dropless" and isinstance(decision, routing.RoutingDecision):
+    from moejax import dropless  # Local: the dropless path is optional.
+    g, s, d = tokens.shape
+    k = decision.expert_index.shape[-1]
+    output = dropless.dropless_expert_ffn(
+        tokens.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
+        decision.combine_weight.reshape(g * s, k), wi, wo, wg, cfg.activation).reshape(g, s, d)
+  else:
+    # Soft MoE mixes every token into every slot: only the dense einsum form applies.
+    name = "einsum" if isinstance(decision, routing.SoftRoutingDecision) else cfg.dispatcher
+    dispatcher = dispatch_lib.get_dispatcher(name)
+    expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
+    expert_out = ffn_apply(expert_in, wi, wo, wg, cfg.activation, "egcd,edf->egcf", "egcf,efd->egcd")
+    output = dispatcher.combine(decision, expert_out)  # [G, S, d]
+  return output.astype(tokens.dtype), _router_aux(decision, stats, cfg)
+
+
+def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:
+  """Losses and metrics of one device's routing, reduced over the 'data' axis.
+
+  Every device holds the same number of groups, so the mean of device means is the batch mean.
+  """
+  e = cfg.num_experts
+  zero = jnp.zeros((), jnp.float32)
+  aux, per_device = {}, {}
+  probs = stats["probs"]
+  token_choice = cfg.router in ("top_k", "deepseek")
+  if token_choice:
+    fraction, mean_prob = losses.load_balance_terms(probs, decision.expert_index, cfg.load_balance_density)
+    if cfg.load_balance_scope == "group":
+      per_device["load_balance_loss"] = losses.switch_balance(fraction, mean_prob)
+    elif cfg.load_balance_scope == "local_batch":
+      per_device["load_balance_loss"] = losses.switch_balance(fraction.mean(0), mean_prob.mean(0))
+    else:  # 'global_batch': f and P over every device's tokens first (Qwen).
+      aux["load_balance_loss"] = losses.switch_balance(
+          jax.lax.pmean(fraction.mean(0), "data"), jax.lax.pmean(mean_prob.mean(0), "data"))
+  else:
+    per_device["load_balance_loss"] = zero
+  per_device["z_loss"] = zero if stats["logits"] is None else losses.router_z_loss(stats["logits"])
+  # Shazeer's losses are CV² over the whole batch: sum the per-expert totals across devices first.
+  aux["importance_loss"] = zero if probs is None else losses.cv_squared(
+      jax.lax.psum(probs.reshape(-1, e).sum(axis=0), "data"))
+  if stats.get("noise_std") is not None:
+    load = losses.smooth_load(stats["clean_logits"], stats["logits"], stats["noise_std"], cfg.top_k)
+    aux["load_loss"] = losses.cv_squared(jax.lax.psum(load, "data"))
+  else:
+    aux["load_loss"] = zero
+
+  if isinstance(decision, routing.SoftRoutingDecision):
+    # 1 = each slot takes one token (sparse-like); 1/S = uniform mixing.
+    per_device["soft_dispatch_max_weight"] = decision.dispatch_weights.max(axis=1).mean()
+    per_device["soft_combine_max_weight"] = decision.combine_weights.reshape(
+        *decision.combine_weights.shape[:2], -1).max(axis=-1).mean()
+    kept_per_expert = decision.dispatch_weights.sum(axis=(0, 1, 3))
+  else:
+    kept = decision.kept.astype(jnp.float32)
+    if token_choice or cfg.router == "hash":  # ('dense' never drops.)
+      per_device["fraction_dropped"] = 1.0 - kept.mean(axis=(0, 1))
+    experts_per_token = kept.sum(axis=-1)
+    for n in (1, 2, 3):
+      per_device[f"tokens_with_ge{n}_experts"] = (experts_per_token >= n).mean()
+    kept_per_expert = jnp.einsum("gsk,gske->e", kept, jax.nn.one_hot(decision.expert_index, e))
+  if probs is not None:
+    p = probs.astype(jnp.float32)
+    per_device["router_entropy"] = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), axis=-1).mean()
+    per_device["top1_confidence"] = p.max(axis=-1).mean()
+  aux.update(jax.lax.pmean(per_device, "data"))
   kept_per_expert = jax.lax.psum(kept_per_expert, "data")
-  aux = {
-      "load_balance_loss": losses.load_balance_loss(probs, decision.expert_index, cfg.load_balance_density),
-      "z_loss": losses.router_z_loss(logits),
-      "fraction_dropped": 1.0 - kept.mean(axis=(0, 1)),
-  }
-  # Every device holds the same number of groups, so the mean of device means is the batch mean.
-  aux = jax.lax.pmean(aux, "data")
-  aux["expert_load"] = kept_per_expert / jnp.maximum(kept_per_expert.sum(), 1.0)
-  return output, aux
+  aux["expert_load"] = kept_per_expert / jnp.maximum(kept_per_expert.sum(), 1e-9)
+  aux["selection_counts"] = jax.lax.psum(stats["selection_counts"], "data")
+  return aux

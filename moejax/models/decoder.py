@@ -45,24 +45,30 @@ class DecoderConfig:
     return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
 
 
-class DecoderBlock(nnx.Module):
-  """Pre-norm attention + (dense or MoE) FFN block."""
+class TransformerBlock(nnx.Module):
+  """Pre-norm block [B, L, d] -> ([B, L, d], aux of its MoE layer or None).
 
-  def __init__(self, cfg: DecoderConfig, use_moe: bool, mesh, *, rngs: nnx.Rngs):
-    self.attention_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-    self.attention = CausalSelfAttention(cfg.d_model, cfg.num_heads, cfg.positions == "rope",
-                                         cfg.init_scale, rngs=rngs)
-    self.ffn_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-    if use_moe:
-      self.ffn = MoELayer(cfg.d_model, cfg.moe, mesh=mesh, rngs=rngs)
+  x + Attn(Norm(x)), then x + FFN(Norm(x)); the FFN is an MoE layer when `moe` is given, else
+  dense with hidden size d_ff. Shared with the ViT (`moejax.models.vit`), which is not causal.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, d_ff: int, activation: str, init_scale: float, *,
+               moe: MoEConfig | None, rotary: bool, causal: bool, mesh, rngs: nnx.Rngs):
+    self.attention_norm = nnx.RMSNorm(d_model, rngs=rngs)
+    self.attention = CausalSelfAttention(d_model, num_heads, rotary, init_scale, causal=causal, rngs=rngs)
+    self.ffn_norm = nnx.RMSNorm(d_model, rngs=rngs)
+    if moe is not None:
+      self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
     else:
-      self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, rngs=rngs)
+      self.ffn = FeedForward(d_model, d_ff, activation, init_scale, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool):
+  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               token_ids: jax.Array | None = None):
+    """rng: training noise of the router; token_ids: for the hash router."""
     x = x + self.attention(self.attention_norm(x))
     h = self.ffn_norm(x)
     if isinstance(self.ffn, MoELayer):
-      h, aux = self.ffn(h, train=train)
+      h, aux = self.ffn(h, train=train, rng=rng, token_ids=token_ids)
     else:
       h, aux = self.ffn(h), None
     return x + h, aux
@@ -77,22 +83,30 @@ class DecoderLM(nnx.Module):
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.position_embed = (nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.02),
                                      rngs=rngs) if cfg.positions == "learned" else None)
-    self.blocks = nnx.List([DecoderBlock(cfg, cfg.is_moe_layer(i), mesh, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([
+        TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.activation, cfg.init_scale,
+                         moe=cfg.moe if cfg.is_moe_layer(i) else None,
+                         rotary=cfg.positions == "rope", causal=True, mesh=mesh, rngs=rngs)
+        for i in range(cfg.num_layers)])
     self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
     self.unembed = None if cfg.tie_embeddings else nnx.Linear(
         cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
         kernel_init=nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"))
 
-  def __call__(self, tokens: jax.Array, *, train: bool = False):
+  def moe_layers(self) -> list[MoELayer]:
+    """The MoE layers in block order (the order of the aux list the forward pass returns)."""
+    return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+
+  def __call__(self, tokens: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+    """rng: key for the routers' training noise (noisy top-k, jitter, GShard's random 2nd expert)."""
     dtype = jnp.dtype(self.cfg.dtype)
     x = self.embed(tokens)
     if self.position_embed is not None:
       x = x + self.position_embed(jnp.arange(tokens.shape[1]))[None]
     x = x.astype(dtype)
     moe_aux = []
-    for block in self.blocks:
-      x, aux = block(x, train=train)
+    for i, block in enumerate(self.blocks):
+      x, aux = block(x, train=train, rng=None if rng is None else jax.random.fold_in(rng, i), token_ids=tokens)
       if aux is not None:
         moe_aux.append(aux)
     x = self.final_norm(x).astype(jnp.float32)

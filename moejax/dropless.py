@@ -1,0 +1,288 @@
+"""Dropless expert computation (MegaBlocks): every (token, choice) reaches its expert.
+
+Legend: T tokens, K choices per token, N = T·K assignments, E experts, n_e assignments of
+expert e, d model dim, f expert hidden dim, B block size (rows), NB number of blocks.
+
+No capacity: nothing is padded to a fixed per-expert buffer and nothing is dropped, and no
+expert computes on a token that did not choose it. The N assignments are stable-sorted by
+expert and each expert's run is padded up to a multiple of B rows, so every block of B rows
+belongs to one expert. NB = floor((N + min(E, N)·(B−1)) / B) bounds Σ_e ceil(n_e / B) for any
+routing, so all shapes are static (jit-friendly); blocks past the used ones are spare.
+
+Cost of impl='blocks' (the CPU path):
+  FLOPs   forward 2·R·d·f per weight matrix (2, or 3 for swiglu), backward twice that, where
+          R = Σ_e ceil(n_e / B)·B ≤ N + E·(B−1) rows: the ideal N rows plus at most B−1
+          padding rows per expert. Spare blocks are skipped (a loop with a dynamic trip
+          count), and the weights are read in place, not gathered per block.
+          Computing every expert on every token and masking would cost E·T rows instead.
+  memory  the padded rows O(NB·B·d) and the saved pre-activations O(NB·B·f) (×2 for swiglu);
+          float32 weight gradients O(E·d·f) in the backward pass.
+  Reverse-mode only (custom VJP over while loops): no jax.jvp / forward-over-reverse.
+impl='ragged_dot' runs `jax.lax.ragged_dot` on the sorted rows (no padding): the accelerator
+path. On XLA:CPU ragged_dot lowers to a dense dot masked per group, E× the ideal FLOPs.
+
+Timings: `python -m moejax.dropless` (forward+backward against a dense FFN of hidden size K·f
+on the same tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.ffn import ACTIVATIONS
+
+IMPLS = ("auto", "blocks", "ragged_dot")
+
+
+def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
+  """NB, the static bound on Σ_e ceil(n_e / B): each non-empty expert wastes < B rows."""
+  nonempty = min(num_experts, num_assignments)
+  return max(1, (num_assignments + nonempty * (block_size - 1)) // block_size)
+
+
+def dropless_flops(num_assignments: int, d: int, f: int, num_experts: int, block_size: int,
+                   activation: str) -> tuple[int, int]:
+  """(ideal, worst case) forward matmul FLOPs of 'blocks': 2·N·d·f vs 2·(N + E·(B−1))·d·f per matrix."""
+  matrices = 3 if activation == "swiglu" else 2
+  padded = num_assignments + min(num_experts, num_assignments) * (block_size - 1)
+  return 2 * num_assignments * d * f * matrices, 2 * padded * d * f * matrices
+
+
+def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Array,
+                        wi: jax.Array, wo: jax.Array, wg: jax.Array | None, activation: str, *,
+                        impl: str = "auto", block_size: int = 64) -> jax.Array:
+  """out[t] = Σ_k combine_weight[t, k] · FFN_{expert_index[t, k]}(tokens[t]), no token dropped.
+
+  Args:
+    tokens: <float>[T, d].
+    expert_index: <int32>[T, K] chosen expert of each choice, in [0, E). A token may pick the
+      same expert twice; each choice is computed.
+    combine_weight: <float32>[T, K]; a zero weight still routes (the expert computes the row)
+      but contributes 0.
+    wi: [E, d, f]; wo: [E, f, d]; wg: [E, d, f] for 'swiglu', else None. Cast to tokens.dtype,
+      as `ffn_apply` does.
+    activation: 'gelu' (tanh approximation, jax.nn.gelu's default), 'relu' or 'swiglu'
+      (silu(x·wi) ⊙ (x·wg)): exactly `moejax.layers.ffn.ffn_apply`.
+    impl: 'blocks' (sorted B-row blocks, one expert per block: the CPU path), 'ragged_dot'
+      (jax.lax.ragged_dot: the GPU/TPU path, E× the FLOPs on CPU) or 'auto' (ragged_dot when
+      jax.default_backend() is gpu or tpu, blocks otherwise).
+    block_size: B, rows per block for 'blocks'. Larger blocks run faster matmuls but pad up to
+      B−1 rows per expert: a B near N/E or below it suits.
+
+  Returns:
+    [T, d] in tokens.dtype. Differentiable (reverse mode) w.r.t. tokens, wi, wo, wg and
+    combine_weight; expert_index is an integer input with no gradient.
+  """
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+  if (activation == "swiglu") != (wg is not None):
+    raise ValueError("wg must be given exactly when activation is 'swiglu'")
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocks"
+  dtype = tokens.dtype
+  wi, wo = wi.astype(dtype), wo.astype(dtype)
+  wg = None if wg is None else wg.astype(dtype)
+  if impl == "blocks":
+    y = _blocks(tokens, expert_index, wi, wo, wg, activation, block_size)
+  else:
+    y = _ragged(tokens, expert_index, wi, wo, wg, activation)
+  # y: [T, K, d], each choice's expert output.
+  return jnp.einsum("tk,tkd->td", combine_weight.astype(dtype), y).astype(dtype)
+
+
+def _activate(h: jax.Array, gate: jax.Array | None, activation: str) -> jax.Array:
+  """The hidden nonlinearity of `moejax.layers.ffn.ffn_apply`."""
+  if activation == "swiglu":
+    return jax.nn.silu(h) * gate
+  if activation == "gelu":
+    return jax.nn.gelu(h)
+  return jax.nn.relu(h)
+
+
+def _sort_by_expert(expert_index: jax.Array, num_experts: int):
+  """(order, rank, group_sizes): stable expert order of the flat choices, its inverse, n_e."""
+  flat_expert = expert_index.reshape(-1)  # [N], choice t·K + k
+  n = flat_expert.shape[0]
+  order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)  # sorted position -> choice
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # choice -> position
+  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [E]
+  return order, rank, group_sizes
+
+
+def _block_layout(expert_index: jax.Array, num_experts: int, block_size: int):
+  """Where each choice sits in the padded, expert-sorted rows of B-row blocks.
+
+  Returns (with N = T·K choices, flat choice index t·K + k, R = NB·B rows):
+    row: <int32>[N] the row of each choice.
+    token_of_row: <int32>[R] the token each row reads; T (a zero row) for padding.
+    block_expert: <int32>[NB] the expert of each block (E−1 for spare blocks).
+    num_used: <int32>[] Σ_e ceil(n_e / B), the blocks before the spare ones.
+  """
+  t, k = expert_index.shape
+  n = t * k
+  nb = num_blocks(n, num_experts, block_size)
+  flat_expert = expert_index.reshape(-1)
+  _, rank, group_sizes = _sort_by_expert(expert_index, num_experts)
+  # Expert e's run starts at row padded_start[e] and spans ceil(n_e / B) whole blocks.
+  padded_sizes = (group_sizes + block_size - 1) // block_size * block_size
+  padded_start = jnp.cumsum(padded_sizes) - padded_sizes
+  sorted_start = jnp.cumsum(group_sizes) - group_sizes
+  row = padded_start[flat_expert] + rank - sorted_start[flat_expert]
+  token_of_row = jnp.full(nb * block_size, t, jnp.int32).at[row].set(
+      jnp.arange(n, dtype=jnp.int32) // k, unique_indices=True)
+  block_end = jnp.cumsum(padded_sizes) // block_size  # [E] one past each expert's last block
+  block_expert = jnp.searchsorted(block_end, jnp.arange(nb), side="right")
+  block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+  return row.astype(jnp.int32), token_of_row, block_expert, block_end[-1].astype(jnp.int32)
+
+
+def _blocks(tokens, expert_index, wi, wo, wg, activation, block_size):
+  """<[T, K, d]> each choice's expert output, computed in one-expert blocks of B rows."""
+  t, d = tokens.shape
+  k = expert_index.shape[1]
+  row, token_of_row, block_expert, num_used = _block_layout(expert_index, wi.shape[0], block_size)
+  # Padding rows read an appended zero row: FFN(0) = 0 (no biases), and the gradient that
+  # reaches it is discarded.
+  x = jnp.concatenate([tokens, jnp.zeros((1, d), tokens.dtype)])[token_of_row]
+  x = x.reshape(-1, block_size, d)  # [NB, B, d]
+  y = _block_ffn(x, block_expert, num_used, wi, wo, wg, activation)  # [NB, B, d]
+  return y.reshape(-1, d)[row].reshape(t, k, d)
+
+
+# The block loop has a custom VJP: differentiating a fori_loop (or a scan) through dynamic
+# weight indexing makes JAX carry or materialize per-block weight gradients; here each block
+# adds x_bᵀ·δ_b into a float32 [E, d, f] accumulator in place. Spare blocks are never visited.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _block_ffn(x, block_expert, num_used, wi, wo, wg, activation):
+  """<[NB, B, d]> block b of x through expert block_expert[b]'s FFN, for b < num_used; 0 after."""
+  return _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=False)[0]
+
+
+def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
+  """The forward loop; with save, also the pre-activations [NB, B, f] the backward pass needs."""
+  nb, bs, _ = x.shape
+  hidden = (nb, bs, wi.shape[-1]) if save else (0,)
+
+  def body(b, carry):
+    y, h_all, gate_all = carry
+    e = block_expert[b]
+    h = x[b] @ wi[e]  # [B, f]
+    gate = None if wg is None else x[b] @ wg[e]
+    y = y.at[b].set(_activate(h, gate, activation) @ wo[e])
+    if save:
+      h_all = h_all.at[b].set(h)
+      gate_all = None if wg is None else gate_all.at[b].set(gate)
+    return y, h_all, gate_all
+
+  init = (jnp.zeros_like(x), jnp.zeros(hidden, x.dtype), None if wg is None else jnp.zeros(hidden, x.dtype))
+  return jax.lax.fori_loop(0, num_used, body, init)
+
+
+def _block_ffn_fwd(x, block_expert, num_used, wi, wo, wg, activation):
+  y, h_all, gate_all = _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=True)
+  return y, (x, block_expert, num_used, wi, wo, wg, h_all, gate_all)
+
+
+def _block_ffn_bwd(activation, residuals, dy):
+  x, block_expert, num_used, wi, wo, wg, h_all, gate_all = residuals
+  f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+
+  def body(b, carry):
+    dx, dwi, dwo, dwg = carry
+    e = block_expert[b]
+    gate = None if wg is None else gate_all[b]
+    a, act_vjp = jax.vjp(lambda h, g: _activate(h, g, activation), h_all[b], gate)
+    dwo = dwo.at[e].add(f32(a.T, dy[b]))
+    dh, dgate = act_vjp(dy[b] @ wo[e].T)  # [B, f] each
+    dwi = dwi.at[e].add(f32(x[b].T, dh))
+    dxb = dh @ wi[e].T
+    if wg is not None:
+      dwg = dwg.at[e].add(f32(x[b].T, dgate))
+      dxb = dxb + dgate @ wg[e].T
+    return dx.at[b].set(dxb), dwi, dwo, dwg
+
+  zeros32 = lambda w: None if w is None else jnp.zeros(w.shape, jnp.float32)
+  init = (jnp.zeros_like(x), zeros32(wi), zeros32(wo), zeros32(wg))
+  dx, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, init)
+  cast = lambda grad, w: None if w is None else grad.astype(w.dtype)
+  return dx, None, None, cast(dwi, wi), cast(dwo, wo), cast(dwg, wg)
+
+
+_block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
+
+
+def _ragged(tokens, expert_index, wi, wo, wg, activation):
+  """<[T, K, d]> each choice's expert output via grouped matmuls over the expert-sorted rows."""
+  t, d = tokens.shape
+  k = expert_index.shape[1]
+  order, rank, group_sizes = _sort_by_expert(expert_index, wi.shape[0])
+  x = tokens[order // k]  # [N, d] in expert order
+  h = jax.lax.ragged_dot(x, wi, group_sizes)  # [N, f]
+  gate = None if wg is None else jax.lax.ragged_dot(x, wg, group_sizes)
+  y = jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)  # [N, d]
+  return y[rank].reshape(t, k, d)
+
+
+def _benchmark():
+  """Prints forward+backward wall times of dropless_expert_ffn and of a dense FFN of hidden K·f."""
+  import argparse
+  import time
+
+  import numpy as np
+
+  from moejax.layers.ffn import ffn_apply
+
+  parser = argparse.ArgumentParser(description=_benchmark.__doc__)
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--top_k", type=int, default=2)
+  parser.add_argument("--experts", default="8,64", help="comma-separated E values")
+  parser.add_argument("--d", type=int, default=256)
+  parser.add_argument("--f", type=int, default=1024)
+  parser.add_argument("--activation", default="gelu", choices=ACTIVATIONS)
+  parser.add_argument("--block_sizes", default="64,128", help="comma-separated B values for 'blocks'")
+  parser.add_argument("--ragged_dot", action="store_true", help="also time impl='ragged_dot'")
+  parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
+  args = parser.parse_args()
+  t, k, d, f, act = args.tokens, args.top_k, args.d, args.f, args.activation
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[-2]), jnp.float32)  # fan-in
+  tokens, cotangent = (jnp.asarray(rng.normal(size=(t, d)), jnp.float32) for _ in range(2))
+
+  def compiled(loss, params):
+    step = jax.jit(jax.grad(loss, argnums=tuple(range(len(params)))))
+    jax.block_until_ready(step(*params))
+    return lambda: jax.block_until_ready(step(*params))
+
+  dense_params = [tokens, normal(d, k * f), normal(k * f, d)] + ([normal(d, k * f)] if act == "swiglu" else [])
+  steps = {"dense FFN, hidden K·f": compiled(lambda x, wi, wo, *wg: jnp.sum(cotangent * ffn_apply(
+      x, wi, wo, wg[0] if wg else None, act, "td,df->tf", "tf,fd->td")), dense_params)}
+  for e in map(int, args.experts.split(",")):
+    expert_index = jnp.asarray(np.argsort(rng.random((t, e)), axis=1)[:, :k], jnp.int32)  # K distinct
+    params = [tokens, jnp.asarray(rng.random((t, k)), jnp.float32), normal(e, d, f), normal(e, f, d)]
+    params += [normal(e, d, f)] if act == "swiglu" else []
+    runs = [("blocks", int(b)) for b in args.block_sizes.split(",")] + [("ragged_dot", 64)] * args.ragged_dot
+    for impl, block_size in runs:
+      loss = lambda x, cw, wi, wo, *wg, ei=expert_index, impl=impl, block_size=block_size: jnp.sum(
+          cotangent * dropless_expert_ffn(x, ei, cw, wi, wo, wg[0] if wg else None, act, impl=impl,
+                                          block_size=block_size))
+      steps[f"E={e} {impl}" + (f" B={block_size}" if impl == "blocks" else "")] = compiled(loss, params)
+
+  # Rounds interleave the candidates, so that load from other processes hits them alike.
+  best = dict.fromkeys(steps, float("inf"))
+  for _ in range(args.repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      best[name] = min(best[name], time.perf_counter() - start)
+  dense = best["dense FFN, hidden K·f"]
+  print(f"{jax.devices()[0].device_kind} T={t} K={k} d={d} f={f} {act}: forward+backward, best of {args.repeats}")
+  for name, seconds in best.items():
+    print(f"  {name:22s} {seconds * 1e3:8.1f} ms  {seconds / dense:5.2f}× dense")
+
+if __name__ == "__main__":
+  _benchmark()
