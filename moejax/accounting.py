@@ -1,7 +1,7 @@
 """Parameter and FLOP accounting from a model's shapes (no weights are allocated).
 
-Active parameters per token count each MoE layer's experts K/E times: a token is processed by
-K of the E experts. Training FLOPs per token follow Kaplan et al. (2020): 6 per active matmul
+Active parameters per token count each MoE layer's experts (experts per token)/E times: a token
+is processed by K of the E experts under top-k routing (see `experts_per_token` for the others). Training FLOPs per token follow Kaplan et al. (2020): 6 per active matmul
 parameter (forward 2, backward 4) plus 6·n_layers·L·d for attention scores and values, with no
 saving from the causal mask. The input embedding lookup costs no FLOPs; a tied unembedding
 does. Capacity padding and dropped tokens are not counted: these are *active* FLOPs, the
@@ -15,7 +15,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from moejax.layers.moe import MoELayer
+from moejax import routing
+from moejax.layers.moe import MoEConfig
 from moejax.models.decoder import DecoderConfig, DecoderLM
 
 
@@ -35,16 +36,56 @@ def _num_params(module: nnx.Module, min_ndim: int = 0) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)) if x.ndim >= min_ndim)
 
 
-def decoder_cost(cfg: DecoderConfig) -> ModelCost:
-  """Counts parameters and FLOPs of a DecoderLM from `nnx.eval_shape` (abstract arrays only)."""
-  model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+def experts_per_token(cfg: MoEConfig, group_size: int) -> float:
+  """How many experts process one token on average (what makes expert parameters "active").
+
+  top-k / DeepSeek: K; hash: 1; dense-gated: E; expert choice: cf (E·C = S·cf slots shared by S
+  tokens); soft MoE: E·p slots of mixed tokens per S tokens.
+  """
+  if cfg.router in ("top_k", "deepseek"):
+    return cfg.top_k
+  if cfg.router == "hash":
+    return 1
+  if cfg.router == "dense":
+    return cfg.num_experts
+  if cfg.router == "expert_choice":
+    return cfg.num_experts * routing.compute_capacity(group_size, cfg.num_experts, 1, cfg.capacity_factor) / group_size
+  return cfg.num_experts * cfg.slots_per_expert / group_size
+
+
+def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: int, seq_len: int,
+               d_model: int, lookup_tables=lambda model: [], extra_matmul: int = 0) -> ModelCost:
+  """Counts parameters and FLOPs of the model `make_model()` builds, from `nnx.eval_shape`.
+
+  Args:
+    make_model: () -> a model exposing `moe_layers()`.
+    lookup_tables: model -> modules whose parameters are looked up, not multiplied (embeddings).
+    extra_matmul: matmul parameters used but not held (a tied unembedding).
+  """
+  model = nnx.eval_shape(make_model)
   total = _num_params(model)
-  expert = sum(_num_params(m, min_ndim=3) for _, m in nnx.iter_graph(model) if isinstance(m, MoELayer))
-  inactive = expert * (1.0 - cfg.moe.top_k / cfg.moe.num_experts)
-  # Matmul weights: every matrix but the embedding tables (a lookup); norm scales are vectors.
-  lookup = _num_params(model.embed) + (_num_params(model.position_embed) if model.position_embed else 0)
-  matmul_active = _num_params(model, min_ndim=2) - lookup - inactive
-  if cfg.tie_embeddings:
-    matmul_active += cfg.vocab_size * cfg.d_model  # The table is also the unembedding matmul.
-  attention = cfg.num_layers * cfg.max_len * cfg.d_model
+  expert = sum(_num_params(layer, min_ndim=3) for layer in model.moe_layers())
+  share = min(1.0, experts_per_token(moe_cfg, group_size) / moe_cfg.num_experts)
+  inactive = expert * (1.0 - share)
+  # Matmul weights: every matrix but the lookup tables; norm scales are vectors.
+  lookup = sum(_num_params(m) for m in lookup_tables(model) if m is not None)
+  matmul_active = _num_params(model, min_ndim=2) - lookup - inactive + extra_matmul
+  attention = num_layers * seq_len * d_model
   return ModelCost(int(total), int(round(total - inactive)), 6.0 * (matmul_active + attention))
+
+
+def decoder_cost(cfg: DecoderConfig) -> ModelCost:
+  """Parameters and FLOPs of a DecoderLM (abstract arrays only)."""
+  return model_cost(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
+                    group_size=cfg.moe.group_size or cfg.max_len, num_layers=cfg.num_layers,
+                    seq_len=cfg.max_len, d_model=cfg.d_model,
+                    lookup_tables=lambda m: [m.embed, m.position_embed],
+                    extra_matmul=cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+
+
+def vit_cost(cfg) -> ModelCost:
+  """Parameters and FLOPs per image token of a ViT (abstract arrays only)."""
+  from moejax.models.vit import ViT  # Local: accounting does not need the ViT otherwise.
+  return model_cost(lambda: ViT(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
+                    group_size=cfg.moe.group_size or cfg.num_tokens, num_layers=cfg.num_layers,
+                    seq_len=cfg.num_tokens, d_model=cfg.d_model)

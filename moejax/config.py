@@ -27,21 +27,35 @@ class ConfigError(ValueError):
     self.field = field
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """All fields with their defaults (a small MoE decoder on the synthetic Markov mixture)."""
+def base_config(task: str = "lm") -> ml_collections.ConfigDict:
+  """All fields with their defaults.
+
+  task 'lm': a small MoE decoder on the synthetic Markov mixture; task 'vit': a small MoE ViT
+  on scikit-learn's embedded digits. The two share the moe, optim, train and mesh groups.
+  """
+  if task not in ("lm", "vit"):
+    raise ConfigError("task", f"{task!r} is not allowed; choose one of 'lm', 'vit'")
   c = ml_collections.ConfigDict()
+  c.task = task
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 0  # 0: the dataset's vocabulary size.
+  if task == "lm":
+    c.model.vocab_size = 0  # 0: the dataset's vocabulary size.
+  else:
+    c.model.patch_size = 2  # Patches of p×p pixels (8×8 digits: 16 patches).
+    c.model.pooling = "gap"  # 'gap' (mean of the final tokens) | 'cls' (class token)
+    c.model.moe_last = 0  # MoE in the last N blocks instead of every P-th (Soft MoE paper).
   c.model.num_layers = 4
   c.model.d_model = 128
   c.model.num_heads = 4
   c.model.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
-  c.model.positions = "rope"  # 'rope' | 'learned'
+  if task == "lm":
+    c.model.positions = "rope"  # 'rope' | 'learned'
   c.model.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu'
   c.model.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
-  c.model.tie_embeddings = False
+  if task == "lm":
+    c.model.tie_embeddings = False
   c.model.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
   c.model.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
 
@@ -78,7 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.load_loss_weight = 0.0  # Shazeer's CV²(smooth load); needs router_noise='noisy_top_k'.
   c.moe.dead_expert_steps = 100  # An expert with no tokens for this many steps counts as dead.
 
-  c.data = default_data_config()
+  if task == "lm":
+    c.data = default_data_config()
+  else:
+    from moejax.data.images import default_image_data_config  # numpy + ml_collections only.
+    c.data = default_image_data_config()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3  # Peak, after linear warm-up.
@@ -92,8 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # Global, in sequences.
-  c.train.seq_len = 128
+  c.train.batch_size = 32  # Global, in sequences or images.
+  if task == "lm":
+    c.train.seq_len = 128
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.eval_every = 250  # 0: evaluate only at the end.
@@ -145,15 +164,27 @@ def _positive(cfg, *fields, allow_zero: bool = False):
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError for the first inconsistent or malformed field."""
-  _check_keys(cfg, base_config())
+  _check("task" in cfg and cfg.task in ("lm", "vit"), "task", "must be 'lm' or 'vit' (start config files "
+         "from moejax.config.base_config(task))")
+  _check_keys(cfg, base_config(cfg.task))
   m, e, t, o = cfg.model, cfg.moe, cfg.train, cfg.optim
+  lm = cfg.task == "lm"
   _positive(cfg, "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff", "model.init_scale")
-  _positive(cfg, "model.vocab_size", "model.moe_every", allow_zero=True)
+  _positive(cfg, "model.moe_every", allow_zero=True)
+  if lm:
+    _positive(cfg, "model.vocab_size", allow_zero=True)
+  else:
+    _positive(cfg, "model.patch_size")
+    _positive(cfg, "model.moe_last", allow_zero=True)
+    _check(m.moe_last <= m.num_layers, "model.moe_last", f"must be <= model.num_layers ({m.num_layers})")
+    _check(not (m.moe_last and m.moe_every), "model.moe_last", "set model.moe_every or model.moe_last, not both")
+    _one_of(cfg, "model.pooling", ("gap", "cls"))
   _check(m.d_model % m.num_heads == 0, "model.num_heads",
          f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads})")
-  _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
-         f"'rope' needs an even head dim, got d_model/num_heads = {m.d_model // m.num_heads}")
-  _one_of(cfg, "model.positions", decoder.POSITIONS)
+  if lm:
+    _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
+           f"'rope' needs an even head dim, got d_model/num_heads = {m.d_model // m.num_heads}")
+    _one_of(cfg, "model.positions", decoder.POSITIONS)
   _one_of(cfg, "model.activation", ffn.ACTIVATIONS)
   _one_of(cfg, "model.dtype", decoder.DTYPES)
 
@@ -190,7 +221,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
            f"must be between 1 and moe.num_expert_groups ({e.num_expert_groups}), got {e.top_expert_groups}")
     _check(e.top_k <= e.top_expert_groups * (e.num_experts // e.num_expert_groups), "moe.top_k",
            "exceeds the experts in the moe.top_expert_groups groups a token may use")
-  if m.moe_every > 0 and not routers.is_causal(e.router, e.top_k, e.priority, e.dispatcher):
+  if lm and m.moe_every > 0 and not routers.is_causal(e.router, e.top_k, e.priority, e.dispatcher):
     field = "moe.router" if e.router in ("expert_choice", "soft_moe") else "moe.priority"
     _check(e.allow_noncausal, field,
            f"router {e.router!r} with priority {e.priority!r} lets a decoder token see later tokens "
@@ -199,10 +230,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _positive(cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
             "train.keep_checkpoints")
   _positive(cfg, "train.eval_every", allow_zero=True)
-  _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
-  group = e.group_size or t.seq_len
-  _check(group % t.seq_len == 0 or t.seq_len % group == 0, "moe.group_size",
-         f"must divide train.seq_len ({t.seq_len}) or be a multiple of it, got {e.group_size}")
+  if lm:
+    _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    seq_len = t.seq_len
+  else:
+    seq_len = None  # Tokens per image are known once the data is: checked in vit_config.
+  group = e.group_size or seq_len
+  if seq_len:
+    _check(group % seq_len == 0 or seq_len % group == 0, "moe.group_size",
+           f"must divide train.seq_len ({seq_len}) or be a multiple of it, got {e.group_size}")
 
   _check(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
   _positive(cfg, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm", "optim.eps",
@@ -213,17 +249,23 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(0 <= value <= 1 if field.endswith("fraction") else 0 <= value < 1, field,
            f"must be in [0, 1{']' if field.endswith('fraction') else ')'}, got {value}")
 
-  _validate_data(cfg)
+  if lm:
+    _validate_data(cfg)
+  else:
+    _one_of(cfg, "data.source", ("digits", "tfds"))
+    _check(0 < cfg.data.digits.eval_fraction < 1, "data.digits.eval_fraction",
+           f"must be in (0, 1), got {cfg.data.digits.eval_fraction}")
 
   data_devices = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
   _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {cfg.mesh.data}")
   _check(data_devices <= num_devices, "mesh.data", f"asks for {data_devices} devices but only {num_devices} exist")
   _check(t.batch_size % data_devices == 0, "train.batch_size",
          f"{t.batch_size} must be divisible by the {data_devices} devices of the data axis")
-  num_groups = t.batch_size * t.seq_len // group
-  _check(num_groups % data_devices == 0 and (t.batch_size * t.seq_len) % group == 0, "moe.group_size",
-         f"the batch's {t.batch_size * t.seq_len} tokens must split into groups of {group} "
-         f"whose count is divisible by the {data_devices} data devices")
+  if seq_len:
+    num_groups = t.batch_size * seq_len // group
+    _check(num_groups % data_devices == 0 and (t.batch_size * seq_len) % group == 0, "moe.group_size",
+           f"the batch's {t.batch_size * seq_len} tokens must split into groups of {group} "
+           f"whose count is divisible by the {data_devices} data devices")
 
 
 def _validate_data(cfg: ml_collections.ConfigDict) -> None:
@@ -246,12 +288,35 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
     _positive(cfg, "data.tfds.max_bytes", allow_zero=True)
 
 
-def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
-  """The model's static config; vocab_size is used when model.vocab_size is 0."""
+def moe_config(cfg: ml_collections.ConfigDict) -> moe.MoEConfig:
+  """The MoE layers' static config."""
   m, e = cfg.model, cfg.moe
   moe_fields = {f.name for f in dataclasses.fields(moe.MoEConfig)}
   derived = dict(d_expert=e.d_expert or m.d_ff, activation=m.activation, init_scale=m.init_scale)
-  moe_cfg = moe.MoEConfig(**{k: v for k, v in e.items() if k in moe_fields and k not in derived}, **derived)
+  return moe.MoEConfig(**{k: v for k, v in e.items() if k in moe_fields and k not in derived}, **derived)
+
+
+def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int):
+  """The ViT's static config for images of `image_shape` [H, W, C]; raises ConfigError if they don't fit."""
+  from moejax.models.vit import ViTConfig
+  m, e = cfg.model, cfg.moe
+  height, width, channels = image_shape
+  _check(height == width and height % m.patch_size == 0, "model.patch_size",
+         f"must divide the {height}×{width} images, got {m.patch_size}")
+  vit = ViTConfig(image_size=height, channels=channels, num_classes=num_classes, patch_size=m.patch_size,
+                  num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, d_ff=m.d_ff,
+                  activation=m.activation, moe_every=m.moe_every, moe_last=m.moe_last, pooling=m.pooling,
+                  init_scale=m.init_scale, dtype=m.dtype, moe=moe_config(cfg))
+  group = e.group_size or vit.num_tokens
+  _check(vit.num_tokens % group == 0 or group % vit.num_tokens == 0, "moe.group_size",
+         f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, got {e.group_size}")
+  return vit
+
+
+def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
+  """The model's static config; vocab_size is used when model.vocab_size is 0."""
+  m = cfg.model
+  moe_cfg = moe_config(cfg)
   return decoder.DecoderConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, d_ff=m.d_ff, max_len=cfg.train.seq_len, positions=m.positions,

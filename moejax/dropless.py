@@ -18,11 +18,19 @@ Cost of impl='blocks' (the CPU path):
   memory  the padded rows O(NB·B·d) and the saved pre-activations O(NB·B·f) (×2 for swiglu);
           float32 weight gradients O(E·d·f) in the backward pass.
   Reverse-mode only (custom VJP over while loops): no jax.jvp / forward-over-reverse.
+  Under jax.vmap the loop runs the largest trip count of the batch for every member.
 impl='ragged_dot' runs `jax.lax.ragged_dot` on the sorted rows (no padding): the accelerator
 path. On XLA:CPU ragged_dot lowers to a dense dot masked per group, E× the ideal FLOPs.
 
-Timings: `python -m moejax.dropless` (forward+backward against a dense FFN of hidden size K·f
-on the same tokens).
+Timings: `python -m moejax.dropless [--activation swiglu] [--ragged_dot]` times forward+backward
+(value_and_grad) against a dense FFN of hidden size K·f on the same tokens, i.e. the same ideal
+FLOPs. 2026-11-23, the 2-core CPU dev VM, shared (absolute times moved 2× with the load, so the
+candidates are timed in interleaved rounds and only ratios are quoted), T=4096, K=2, d=256,
+f=1024, uniform routing: E=8: 1.08-1.27× dense for B=32..128 (swiglu 1.19× at B=64);
+E=64: 1.6× for B=32..128 (swiglu 1.63×); ragged_dot at E=8: 7.2×. The gap is the backward pass:
+its weight-gradient matmuls contract over only B rows per block. Plain autodiff through a
+per-block weight gather with a batched einsum, or through a lax.scan over blocks, was slower
+(measured in a scratch benchmark, not kept).
 """
 
 from __future__ import annotations
@@ -154,9 +162,10 @@ def _blocks(tokens, expert_index, wi, wo, wg, activation, block_size):
   return y.reshape(-1, d)[row].reshape(t, k, d)
 
 
-# The block loop has a custom VJP: differentiating a fori_loop (or a scan) through dynamic
-# weight indexing makes JAX carry or materialize per-block weight gradients; here each block
-# adds x_bᵀ·δ_b into a float32 [E, d, f] accumulator in place. Spare blocks are never visited.
+# The block loop is a while loop, so that spare blocks cost nothing; JAX cannot reverse-
+# differentiate a while loop, and autodiff of a scan over all NB blocks was much slower (it
+# stacks or carries per-block weight gradients). Hence a hand-written VJP: a second loop in
+# which each block adds x_bᵀ·δ_b into a float32 [E, d, f] accumulator, in place.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _block_ffn(x, block_expert, num_used, wi, wo, wg, activation):
   """<[NB, B, d]> block b of x through expert block_expert[b]'s FFN, for b < num_used; 0 after."""
@@ -254,7 +263,8 @@ def _benchmark():
   tokens, cotangent = (jnp.asarray(rng.normal(size=(t, d)), jnp.float32) for _ in range(2))
 
   def compiled(loss, params):
-    step = jax.jit(jax.grad(loss, argnums=tuple(range(len(params)))))
+    # value_and_grad, as in training: the forward output is needed, so XLA cannot drop w_o's matmul.
+    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(params)))))
     jax.block_until_ready(step(*params))
     return lambda: jax.block_until_ready(step(*params))
 
@@ -283,6 +293,7 @@ def _benchmark():
   print(f"{jax.devices()[0].device_kind} T={t} K={k} d={d} f={f} {act}: forward+backward, best of {args.repeats}")
   for name, seconds in best.items():
     print(f"  {name:22s} {seconds * 1e3:8.1f} ms  {seconds / dense:5.2f}× dense")
+
 
 if __name__ == "__main__":
   _benchmark()

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
   import jax  # Local: flags are parsed (and refused) before JAX starts.
 
   from moejax import config as config_lib
-  from moejax.data import pipeline
+  from moejax import tasks
 
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   try:
@@ -137,12 +137,14 @@ def main(argv: list[str]) -> int:
   resolved = cfg.to_dict()
   _check_workdir(workdir, resolved)
   try:
-    data = pipeline.make_lm_data(cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
-                                 seed=cfg.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    data = tasks.make_data(cfg, jax.process_index(), jax.process_count())
+    if cfg.task == "vit":
+      config_lib.vit_config(cfg, data.image_shape, data.num_classes)  # Checks the images fit the model.
+  except config_lib.ConfigError as e:
+    _fail(f"config {e}")
   except (ValueError, FileNotFoundError) as e:
     _fail(_one_line(e))
-  if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
+  if cfg.task == "lm" and cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
     _fail(f"config model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
           f"vocabulary ({data.vocab_size}); use 0 to take the dataset's")
 

@@ -25,11 +25,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import accounting
-from moejax import config as config_lib
+from moejax import tasks
 from moejax.layers.moe import make_mesh
 from moejax.metric_writer import MetricWriter, Progress, format_duration
-from moejax.models.decoder import DecoderLM
 
 EXIT_OK, EXIT_NONFINITE = 0, 1
 # Fault injection for tests/test_train.py: SIGKILL this process right after step N (after its
@@ -58,41 +56,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   return adamw, schedule
 
 
-def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The weighted sum of the MoE auxiliary losses (each summed over MoE layers) and per-layer metrics."""
-  if not moe_aux:
-    return jnp.zeros(()), {}
-  weights = {"load_balance_loss": moe_cfg.load_balance_loss_weight, "z_loss": moe_cfg.z_loss_weight,
-             "importance_loss": moe_cfg.importance_loss_weight, "load_loss": moe_cfg.load_loss_weight}
-  metrics, total = {}, jnp.zeros(())
-  for name, weight in weights.items():
-    metrics[name] = sum(a[name] for a in moe_aux)
-    total = total + weight * metrics[name]
-  for i, aux in enumerate(moe_aux):
-    prefix = f"moe_layer{i}/"
-    for name, value in aux.items():
-      if name == "fraction_dropped":
-        for rank, dropped in enumerate(value):
-          metrics[prefix + f"fraction_dropped_choice{rank + 1}"] = dropped
-      elif name == "expert_load":
-        metrics[prefix + "max_over_mean_load"] = value.max() / value.mean()
-        metrics[prefix + "min_over_mean_load"] = value.min() / value.mean()
-      elif value.ndim == 0:
-        metrics[prefix + name] = value
-  return total, metrics
-
-
-def lm_loss(model: DecoderLM, batch: dict[str, jax.Array], cfg: ml_collections.ConfigDict, train: bool,
-            rng: jax.Array | None = None):
-  """Next-token cross-entropy plus the MoE auxiliary losses; returns (loss, metrics, moe_aux)."""
-  logits, moe_aux = model(batch["inputs"], train=train, rng=rng)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-  aux_loss, metrics = moe_losses_and_metrics(moe_aux, cfg.moe)
-  metrics["cross_entropy"] = ce
-  metrics["loss"] = ce + aux_loss
-  return metrics["loss"], metrics, moe_aux
-
-
 class Trainer:
   """Holds the jitted steps and the sharded state of one run.
 
@@ -101,14 +64,13 @@ class Trainer:
   <int32>[MoE layers, E] for the dead-expert count.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int):
-    self.cfg = cfg
+  def __init__(self, cfg: ml_collections.ConfigDict, task):
+    self.cfg, self.task = cfg, task
     num_data = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
     self.mesh = make_mesh(num_data)
-    self.model_cfg = config_lib.decoder_config(cfg, vocab_size)
-    model = DecoderLM(self.model_cfg, mesh=self.mesh, rngs=nnx.Rngs(params=cfg.seed))
+    model = task.make_model(self.mesh, nnx.Rngs(params=cfg.seed))
+    self.num_moe_layers = len(model.moe_layers())
     self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    self.num_moe_layers = sum(self.model_cfg.is_moe_layer(i) for i in range(self.model_cfg.num_layers))
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
@@ -123,8 +85,8 @@ class Trainer:
   def _train_step_fn(self, state, batch):
     def loss_fn(params):
       model = nnx.merge(self.graphdef, params, state["model_state"])
-      loss, metrics, moe_aux = lm_loss(model, batch, self.cfg, train=True,
-                                       rng=jax.random.fold_in(self._noise_key, state["step"]))
+      loss, metrics, moe_aux = self.task.loss(model, batch, train=True,
+                                              rng=jax.random.fold_in(self._noise_key, state["step"]))
       return loss, (metrics, moe_aux)
 
     (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -148,8 +110,7 @@ class Trainer:
             "steps_without_tokens": idle}, metrics
 
   def _eval_step_fn(self, params, model_state, batch):
-    _, metrics, _ = lm_loss(nnx.merge(self.graphdef, params, model_state), batch, self.cfg, train=False)
-    return metrics["cross_entropy"]
+    return self.task.eval_metrics(nnx.merge(self.graphdef, params, model_state), batch)
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this process's rows of the global batch on the 'data' axis."""
@@ -159,10 +120,12 @@ class Trainer:
     self.state, metrics = self._train_step(self.state, self.shard_batch(batch))
     return metrics
 
-  def evaluate(self, eval_batches) -> float:
-    losses = [self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b))
-              for b in eval_batches]
-    return float(np.mean(jax.device_get(losses)))
+  def evaluate(self, eval_batches) -> dict[str, float]:
+    """The task's eval metrics averaged over the (equal-sized) eval batches."""
+    per_batch = [self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b))
+                 for b in eval_batches]
+    per_batch = jax.device_get(per_batch)
+    return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
 
   @property
   def step(self) -> int:
@@ -208,17 +171,18 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> int:
-  """Trains `cfg` in `workdir` on `data` (a moejax.data LMData), resuming if a checkpoint exists.
+  """Trains `cfg` in `workdir` on `data` (from `tasks.make_data`), resuming if a checkpoint exists.
 
   Returns the process exit code: 0 when finished or interrupted cleanly, 1 on a non-finite loss.
   """
   t = cfg.train
   is_writer = jax.process_index() == 0
-  trainer = Trainer(cfg, data.vocab_size)
-  cost = accounting.decoder_cost(trainer.model_cfg)
+  task = tasks.make_task(cfg, data)
+  trainer = Trainer(cfg, task)
+  cost = task.cost()
+  baselines = task.baselines()
   print(f"model: {cost.summary()}", flush=True)
-  print(f"data: {data.info['dataset']} | unigram loss {data.info['unigram_loss']:.4f}"
-        + (f" | Bayes floor {data.info['bayes_floor']:.4f}" if data.info.get("bayes_floor") is not None else ""),
+  print(f"data: {data.info['dataset']} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()),
         flush=True)
   print(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)",
         flush=True)
@@ -229,21 +193,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
     print(f"resumed from the checkpoint at step {start_step}", flush=True)
   writer = MetricWriter(workdir, enabled=is_writer)
   eval_batches = list(data.eval_batches())
-  tokens_per_step = t.batch_size * t.seq_len
+  tokens_per_step = t.batch_size * task.tokens_per_example
   progress = Progress(t.num_steps, tokens_per_step, start_step)
   started = time.time()
-  step, last_metrics, exit_code, eval_loss = start_step, {}, EXIT_OK, None
+  step, last_metrics, exit_code, eval_scalars = start_step, {}, EXIT_OK, {}
 
   def run_eval(step):
-    loss = trainer.evaluate(eval_batches)
-    scalars = {"cross_entropy": loss}
-    if data.info.get("bayes_floor") is not None:
-      scalars["gap_to_bayes_floor"] = loss - data.info["bayes_floor"]
+    scalars = trainer.evaluate(eval_batches)
+    scalars.update(task.derived_eval(scalars))
     writer.write(step, "eval", scalars)
-    print(f"eval at step {step}: loss {loss:.4f}"
-          + (f" (Bayes floor {data.info['bayes_floor']:.4f}, gap {scalars['gap_to_bayes_floor']:.4f})"
-             if "gap_to_bayes_floor" in scalars else ""), flush=True)
-    return loss
+    print(f"eval at step {step}: " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scalars.items()),
+          flush=True)
+    return scalars
 
   with _StopSignal() as stop:
     batches = data.train_batches(start_step)
@@ -263,7 +224,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
         writer.write(step, "train", last_metrics)
         print(progress.report(step, loss), flush=True)
       if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
-        eval_loss = run_eval(step)
+        eval_scalars = run_eval(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stop.received:
         manager.save(step, args=ocp.args.StandardSave(trainer.state))
       if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
@@ -275,34 +236,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
     else:
       if start_step >= t.num_steps:
         print(f"already trained to step {start_step} (train.num_steps = {t.num_steps})", flush=True)
-      eval_loss = run_eval(t.num_steps)
-      _write_summary(workdir, is_writer, step=max(start_step, t.num_steps), eval_loss=eval_loss,
-                     last_metrics=last_metrics, data=data, cost=cost, wall=time.time() - started,
-                     tokens=tokens_per_step * (t.num_steps - start_step))
+      eval_scalars = run_eval(t.num_steps)
+      summary = {
+          "step": max(start_step, t.num_steps),
+          **{f"eval_{k}": v for k, v in eval_scalars.items()},
+          "train_loss": last_metrics.get("loss"),
+          **baselines,
+          "total_params": cost.total_params,
+          "active_params_per_token": cost.active_params,
+          "train_flops_per_token": cost.train_flops_per_token,
+          "wall_time_s": time.time() - started,
+          "tokens_this_run": tokens_per_step * (t.num_steps - start_step),
+          "dataset": data.info["dataset"],
+      }
+      if is_writer:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+          json.dump(summary, f, indent=2)
+      print(f"done in {format_duration(summary['wall_time_s'])}: "
+            + " | ".join(f"eval {k.replace('_', ' ')} {v:.4f}" for k, v in eval_scalars.items())
+            + " | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()), flush=True)
   manager.wait_until_finished()
   manager.close()
   writer.close()
   return exit_code
-
-
-def _write_summary(workdir, is_writer, *, step, eval_loss, last_metrics, data, cost, wall, tokens):
-  floor = data.info.get("bayes_floor")
-  summary = {
-      "step": step,
-      "eval_cross_entropy": eval_loss,
-      "train_loss": last_metrics.get("loss"),
-      "unigram_loss": data.info["unigram_loss"],
-      "bayes_floor": floor,
-      "gap_to_bayes_floor": None if floor is None else eval_loss - floor,
-      "total_params": cost.total_params,
-      "active_params_per_token": cost.active_params,
-      "train_flops_per_token": cost.train_flops_per_token,
-      "wall_time_s": wall,
-      "tokens_this_run": tokens,
-      "dataset": data.info["dataset"],
-  }
-  if is_writer:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  print(f"done in {format_duration(wall)}: eval loss {eval_loss:.4f} | unigram {data.info['unigram_loss']:.4f}"
-        + (f" | Bayes floor {floor:.4f} (gap {eval_loss - floor:.4f})" if floor is not None else ""), flush=True)

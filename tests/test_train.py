@@ -36,8 +36,8 @@ def test_training_reduces_loss_and_writes_the_workdir(tmp_path, data_dir):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["eval_cross_entropy"] < summary["unigram_loss"]
-  assert summary["gap_to_bayes_floor"] == pytest.approx(summary["eval_cross_entropy"] - summary["bayes_floor"])
-  assert summary["gap_to_bayes_floor"] > 0  # Nothing beats the Bayes-optimal predictor.
+  assert summary["eval_gap_to_bayes_floor"] == pytest.approx(summary["eval_cross_entropy"] - summary["bayes_floor"])
+  assert summary["eval_gap_to_bayes_floor"] > 0  # Nothing beats the Bayes-optimal predictor.
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["train"]["num_steps"] == 40 and saved["moe"]["num_experts"] == 4
   assert _checkpoint_steps(workdir) == [40]  # keep_checkpoints=1 keeps only the newest.

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.layers.ffn import fan_in_init
-from moejax.layers.moe import MoEConfig
+from moejax.layers.moe import MoEConfig, MoELayer
 from moejax.models.decoder import DTYPES, TransformerBlock
 
 POOLINGS = ("gap", "cls")
@@ -117,6 +117,10 @@ class ViT(nnx.Module):
     # Not zero-initialised (big_vision's head_zeroinit): a zero head would hide, at
     # initialisation, every input dependence that tests and diagnostics look at.
     self.head = nnx.Linear(cfg.d_model, cfg.num_classes, kernel_init=fan_in_init(cfg.init_scale), rngs=rngs)
+
+  def moe_layers(self) -> list[MoELayer]:
+    """The MoE layers in block order (the order of the aux list the forward pass returns)."""
+    return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
 
   def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
     """rng: key for the routers' training noise (noisy top-k, jitter, GShard's random 2nd expert).

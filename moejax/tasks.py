@@ -1,0 +1,135 @@
+"""Tasks: what the trainer trains. Each knows its data, model, loss, eval metrics and summary.
+
+  'lm'   decoder-only language model on `moejax.data.pipeline` (next-token cross-entropy;
+         eval compared with the unigram baseline and, on the Markov mixture, the Bayes floor).
+  'vit'  ViT image classifier on `moejax.data.images` (cross-entropy and accuracy; eval
+         compared with chance and majority-class accuracy).
+Both add the MoE auxiliary losses (`moe_losses_and_metrics`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from moejax import accounting
+from moejax import config as config_lib
+
+TASKS = ("lm", "vit")
+
+
+def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The weighted sum of the MoE auxiliary losses (each summed over MoE layers) and per-layer metrics."""
+  if not moe_aux:
+    return jnp.zeros(()), {}
+  weights = {"load_balance_loss": moe_cfg.load_balance_loss_weight, "z_loss": moe_cfg.z_loss_weight,
+             "importance_loss": moe_cfg.importance_loss_weight, "load_loss": moe_cfg.load_loss_weight}
+  metrics, total = {}, jnp.zeros(())
+  for name, weight in weights.items():
+    metrics[name] = sum(a[name] for a in moe_aux)
+    total = total + weight * metrics[name]
+  for i, aux in enumerate(moe_aux):
+    prefix = f"moe_layer{i}/"
+    for name, value in aux.items():
+      if name == "fraction_dropped":
+        for rank, dropped in enumerate(value):
+          metrics[prefix + f"fraction_dropped_choice{rank + 1}"] = dropped
+      elif name == "expert_load":
+        metrics[prefix + "max_over_mean_load"] = value.max() / value.mean()
+        metrics[prefix + "min_over_mean_load"] = value.min() / value.mean()
+      elif value.ndim == 0:
+        metrics[prefix + name] = value
+  return total, metrics
+
+
+class LMTask:
+  """Next-token prediction with a DecoderLM."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, data):
+    self.cfg, self.data = cfg, data
+    self.model_cfg = config_lib.decoder_config(cfg, data.vocab_size)
+    self.tokens_per_example = cfg.train.seq_len
+
+  def make_model(self, mesh, rngs):
+    from moejax.models.decoder import DecoderLM
+    return DecoderLM(self.model_cfg, mesh=mesh, rngs=rngs)
+
+  def cost(self) -> accounting.ModelCost:
+    return accounting.decoder_cost(self.model_cfg)
+
+  def loss(self, model, batch, train: bool, rng=None):
+    """(loss, metrics, moe_aux): cross-entropy plus the MoE auxiliary losses."""
+    logits, moe_aux = model(batch["inputs"], train=train, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    aux_loss, metrics = moe_losses_and_metrics(moe_aux, self.cfg.moe)
+    metrics["cross_entropy"] = ce
+    metrics["loss"] = ce + aux_loss
+    return metrics["loss"], metrics, moe_aux
+
+  def eval_metrics(self, model, batch) -> dict[str, jax.Array]:
+    _, metrics, _ = self.loss(model, batch, train=False)
+    return {"cross_entropy": metrics["cross_entropy"]}
+
+  def baselines(self) -> dict[str, float]:
+    info = self.data.info
+    out = {"unigram_loss": info["unigram_loss"]}
+    if info.get("bayes_floor") is not None:
+      out["bayes_floor"] = info["bayes_floor"]
+    return out
+
+  def derived_eval(self, scalars: dict[str, float]) -> dict[str, float]:
+    floor = self.data.info.get("bayes_floor")
+    return {} if floor is None else {"gap_to_bayes_floor": scalars["cross_entropy"] - floor}
+
+
+class ViTTask:
+  """Image classification with a ViT."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, data):
+    self.cfg, self.data = cfg, data
+    self.model_cfg = config_lib.vit_config(cfg, data.image_shape, data.num_classes)
+    self.tokens_per_example = self.model_cfg.num_tokens
+
+  def make_model(self, mesh, rngs):
+    from moejax.models.vit import ViT
+    return ViT(self.model_cfg, mesh=mesh, rngs=rngs)
+
+  def cost(self) -> accounting.ModelCost:
+    return accounting.vit_cost(self.model_cfg)
+
+  def loss(self, model, batch, train: bool, rng=None):
+    logits, moe_aux = model(batch["images"], train=train, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    aux_loss, metrics = moe_losses_and_metrics(moe_aux, self.cfg.moe)
+    metrics["cross_entropy"] = ce
+    metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
+    metrics["loss"] = ce + aux_loss
+    return metrics["loss"], metrics, moe_aux
+
+  def eval_metrics(self, model, batch) -> dict[str, jax.Array]:
+    _, metrics, _ = self.loss(model, batch, train=False)
+    return {"cross_entropy": metrics["cross_entropy"], "accuracy": metrics["accuracy"]}
+
+  def baselines(self) -> dict[str, float]:
+    info = self.data.info
+    return {"chance_accuracy": info["chance_accuracy"], "majority_class_accuracy": info["majority_class_accuracy"]}
+
+  def derived_eval(self, scalars: dict[str, float]) -> dict[str, float]:
+    return {}
+
+
+def make_data(cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1):
+  """The task's dataset for this process (raises ValueError/FileNotFoundError on bad data settings)."""
+  if cfg.task == "vit":
+    from moejax.data import images
+    return images.make_image_data(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                  process_index=process_index, process_count=process_count)
+  from moejax.data import pipeline
+  return pipeline.make_lm_data(cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
+                               seed=cfg.seed, process_index=process_index, process_count=process_count)
+
+
+def make_task(cfg: ml_collections.ConfigDict, data):
+  return ViTTask(cfg, data) if cfg.task == "vit" else LMTask(cfg, data)
