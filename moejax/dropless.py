@@ -172,6 +172,33 @@ def _block_ffn(x, block_expert, num_used, wi, wo, wg, activation):
   return _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=False)[0]
 
 
+def _varying_axes(array: jax.Array | None) -> set:
+  """The shard_map mesh axes over which `array` differs between devices (empty outside)."""
+  if array is None:
+    return set()
+  aval = jax.typeof(array)
+  # jax 0.10 keeps them in aval.manual_axis_type, other versions in aval.vma.
+  manual = getattr(aval, "manual_axis_type", None)
+  return set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
+  """Zeros that vary over every shard_map mesh axis that any of `like` varies over.
+
+  Inside `jax.shard_map`, a loop carry that starts invariant (plain zeros) but is updated from
+  per-device data would change type between iterations; this starts it with the right type.
+  """
+  axes = set().union(*(_varying_axes(a) for a in like))
+  zeros = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _sum_to_variance_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
+  """A cotangent for `primal`: summed over the devices of the axes `primal` is replicated on."""
+  axes = _varying_axes(grad) - _varying_axes(primal)
+  return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
+
+
 def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
   """The forward loop; with save, also the pre-activations [NB, B, f] the backward pass needs."""
   nb, bs, _ = x.shape
@@ -188,7 +215,9 @@ def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
       gate_all = None if wg is None else gate_all.at[b].set(gate)
     return y, h_all, gate_all
 
-  init = (jnp.zeros_like(x), jnp.zeros(hidden, x.dtype), None if wg is None else jnp.zeros(hidden, x.dtype))
+  operands = (x, block_expert, num_used, wi, wo, wg)
+  init = (_zeros_varying_like(x.shape, x.dtype, *operands), _zeros_varying_like(hidden, x.dtype, *operands),
+          None if wg is None else _zeros_varying_like(hidden, x.dtype, *operands))
   return jax.lax.fori_loop(0, num_used, body, init)
 
 
@@ -215,10 +244,12 @@ def _block_ffn_bwd(activation, residuals, dy):
       dxb = dxb + dgate @ wg[e].T
     return dx.at[b].set(dxb), dwi, dwo, dwg
 
-  zeros32 = lambda w: None if w is None else jnp.zeros(w.shape, jnp.float32)
-  init = (jnp.zeros_like(x), zeros32(wi), zeros32(wo), zeros32(wg))
+  operands = (x, block_expert, num_used, wi, wo, wg, h_all, gate_all, dy)
+  zeros32 = lambda w: None if w is None else _zeros_varying_like(w.shape, jnp.float32, *operands)
+  init = (_zeros_varying_like(x.shape, x.dtype, *operands), zeros32(wi), zeros32(wo), zeros32(wg))
   dx, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, init)
-  cast = lambda grad, w: None if w is None else grad.astype(w.dtype)
+  # Replicated weights (inside shard_map) get the sum of every device's contribution.
+  cast = lambda grad, w: None if w is None else _sum_to_variance_of(grad.astype(w.dtype), w)
   return dx, None, None, cast(dwi, wi), cast(dwo, wo), cast(dwg, wg)
 
 
