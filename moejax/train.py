@@ -97,7 +97,7 @@ class Trainer:
     model_state = nnx.state(model, nnx.Not(nnx.Param))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
     metrics["learning_rate"] = self.schedule(state["step"])
     idle = state["steps_without_tokens"]
     if moe_aux:
