@@ -1,26 +1,42 @@
 """ViT image classifier with MoE layers on scikit-learn's embedded 8×8 digits (no download).
 
-  python -m moejax.main --config configs/vit_digits.py --workdir workdirs/vit_digits
-Routers: --config.moe.router=expert_choice | soft_moe | top_k | hash | dense | deepseek.
-Soft MoE paper placement: --config.model.moe_every=0 --config.model.moe_last=2.
+  python -m moejax.main --config configs/vit_digits.py:<preset> --workdir workdirs/vit_<preset>
 TFDS images you have prepared: --config.data.source=tfds --config.data.tfds.name=mnist.
+
+Presets (4 blocks, d = 64, 16 patches of 2×2 pixels; MoE in blocks 2 and 4 unless said otherwise):
+  dense                  dense ViT
+  top_k                  top-2 token choice, choice-major priority
+  bpr                    top-2 with batch-prioritized routing (V-MoE)
+  expert_choice          expert choice, capacity factor 2
+  soft_moe               soft MoE, 1 slot per expert, normalized, in the last 2 blocks (paper placement)
+  soft_moe_unnormalized  the same without L2 normalization (the paper's ablation)
 """
 
-from moejax.config import base_config
+from moejax.config import base_config, override
+
+PRESETS = {
+    "dense": {"model.moe_every": 0},
+    "top_k": {"moe.router": "top_k", "moe.priority": "choice_major"},
+    "bpr": {"moe.router": "top_k", "moe.priority": "bpr"},
+    "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0},
+    "soft_moe": {"moe.router": "soft_moe", "model.moe_every": 0, "model.moe_last": 2},
+    "soft_moe_unnormalized": {"moe.router": "soft_moe", "moe.soft_normalize": False, "model.moe_every": 0,
+                              "model.moe_last": 2},
+}
 
 
-def get_config():
+def get_config(preset="expert_choice"):
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
   config = base_config("vit")
   config.model.d_model = 64
   config.model.num_heads = 4
   config.model.d_ff = 128
   config.model.patch_size = 2
-  config.moe.router = "expert_choice"
-  config.moe.capacity_factor = 2.0
   config.train.batch_size = 64
   config.train.num_steps = 300
   config.train.log_every = 50
   config.train.eval_every = 100
   config.train.checkpoint_every = 100
   config.optim.warmup_steps = 30
-  return config
+  return override(config, PRESETS[preset])

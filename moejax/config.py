@@ -126,6 +126,17 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   return c
 
 
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets {'group.field': value} on `config` (as --config.group.field=value would); returns it."""
+  for key, value in values.items():
+    node = config
+    *groups, name = key.split(".")
+    for group in groups:
+      node = node[group]
+    node[name] = value
+  return config
+
+
 def _check(ok: bool, field: str, message: str):
   if not ok:
     raise ConfigError(field, message)

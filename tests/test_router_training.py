@@ -1,5 +1,8 @@
 """A short training run per router, on the embedded data, whose loss falls; causality per router."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,25 +13,19 @@ from moejax import config as config_lib
 from moejax import routers, tasks
 from moejax.train import Trainer
 
-LM_ROUTERS = {
-    "top_k": {},
-    "top_k_noisy": dict(router_noise="noisy_top_k", load_loss_weight=0.01, importance_loss_weight=0.01),
-    "gshard_random": dict(second_expert_policy="random", combine_weights="renormalized", router_noise="jitter"),
-    "hash": dict(router="hash"),
-    "dense": dict(router="dense"),
-    "deepseek": dict(router="deepseek", score_function="sigmoid", combine_weights="renormalized",
-                     num_expert_groups=2, top_expert_groups=1, num_shared_experts=1, num_experts=8, top_k=2,
-                     d_expert=16),
-    "dropless": dict(dispatcher="dropless"),
-    "expert_choice_noncausal": dict(router="expert_choice", allow_noncausal=True, capacity_factor=2.0),
-    "soft_moe_noncausal": dict(router="soft_moe", allow_noncausal=True),
-}
-VIT_ROUTERS = {
-    "expert_choice": dict(router="expert_choice", capacity_factor=2.0),
-    "soft_moe": dict(router="soft_moe", slots_per_expert=2),
-    "soft_moe_unnormalized": dict(router="soft_moe", soft_normalize=False),
-    "top_k_bpr": dict(router="top_k", priority="bpr"),
-}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+LM_PRESETS = _config_module("lm_routers")
+VIT_PRESETS = _config_module("vit_digits")
+CAUSAL = [p for p in LM_PRESETS.PRESETS if not LM_PRESETS.get_config(p).moe.allow_noncausal and p != "dense"]
 
 
 @pytest.fixture(scope="module")
@@ -44,43 +41,43 @@ def _train(cfg, steps):
   return [float(trainer.train_step(next(batches))["cross_entropy"]) for _ in range(steps)]
 
 
-def _lm_config(data_dir, moe):
-  cfg = config_lib.base_config("lm")
-  cfg.model.update(num_layers=2, d_model=32, num_heads=2, d_ff=32, moe_every=1)
-  cfg.moe.update(num_experts=4, top_k=2)
-  cfg.moe.update(moe)
-  cfg.train.update(seq_len=16, batch_size=16)
-  cfg.optim.update(warmup_steps=2, learning_rate=1e-2)
-  cfg.data.update(data_dir=data_dir)
-  cfg.data.markov.update(vocab_size=16, num_train=512, num_validation=32)
+TINY_LM = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 32,
+           "model.moe_every": 1, "train.seq_len": 16, "train.batch_size": 16, "optim.warmup_steps": 2,
+           "optim.learning_rate": 1e-2, "data.markov.vocab_size": 16, "data.markov.num_train": 512,
+           "data.markov.num_validation": 32}
+
+
+def _lm_config(data_dir, preset, **extra):
+  cfg = LM_PRESETS.get_config(preset)
+  moe_every = 0 if preset == "dense" else 1
+  config_lib.override(cfg, {**TINY_LM, "model.moe_every": moe_every, "data.data_dir": data_dir, **extra})
+  if cfg.moe.d_expert:
+    cfg.moe.d_expert = 8  # Fine-grained: a quarter of the tiny d_ff.
   return cfg
 
 
-@pytest.mark.parametrize("name", list(LM_ROUTERS))
-def test_each_router_trains_a_language_model(name, data_dir):
-  losses = _train(_lm_config(data_dir, LM_ROUTERS[name]), steps=25)
+@pytest.mark.parametrize("preset", list(LM_PRESETS.PRESETS))
+def test_each_lm_preset_trains(preset, data_dir):
+  losses = _train(_lm_config(data_dir, preset), steps=25)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
-@pytest.mark.parametrize("name", list(VIT_ROUTERS))
-def test_each_router_trains_a_vit_on_digits(name):
-  cfg = config_lib.base_config("vit")
-  cfg.model.update(num_layers=2, d_model=32, num_heads=2, d_ff=32, patch_size=4, moe_every=1)
-  cfg.moe.update(num_experts=4, top_k=2)
-  cfg.moe.update(VIT_ROUTERS[name])
-  cfg.train.update(batch_size=32)
-  cfg.optim.update(warmup_steps=2, learning_rate=3e-3)
+@pytest.mark.parametrize("preset", list(VIT_PRESETS.PRESETS))
+def test_each_vit_preset_trains_on_digits(preset):
+  cfg = VIT_PRESETS.get_config(preset)
+  config_lib.override(cfg, {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 32,
+                            "model.patch_size": 4, "train.batch_size": 32, "optim.warmup_steps": 2,
+                            "optim.learning_rate": 3e-3})
+  if cfg.model.moe_last:
+    cfg.model.moe_last = 1
   losses = _train(cfg, steps=25)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
 
 
-CAUSAL = {k: v for k, v in LM_ROUTERS.items() if "noncausal" not in k}
-
-
-@pytest.mark.parametrize("name", list(CAUSAL))
-def test_causal_routers_do_not_leak_the_future(name, data_dir):
+@pytest.mark.parametrize("preset", CAUSAL)
+def test_causal_routers_do_not_leak_the_future(preset, data_dir):
   """Perturb tokens after position t: a causal router's decoder outputs at <= t stay put."""
-  cfg = _lm_config(data_dir, {**CAUSAL[name], "capacity_factor": 1.0})  # Tight: experts overflow.
+  cfg = _lm_config(data_dir, preset, **{"moe.capacity_factor": 1.0})  # Tight: experts overflow.
   model_cfg = config_lib.decoder_config(cfg, 16)
   assert routers.is_causal(cfg.moe.router, cfg.moe.top_k, cfg.moe.priority, cfg.moe.dispatcher)
   from moejax.models.decoder import DecoderLM
@@ -93,10 +90,10 @@ def test_causal_routers_do_not_leak_the_future(name, data_dir):
   np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("moe", [dict(router="expert_choice"), dict(router="soft_moe"),
-                                 dict(priority="bpr"), dict(priority="choice_major")])
-def test_noncausal_routers_leak_and_are_refused_in_a_decoder(moe, data_dir):
-  cfg = _lm_config(data_dir, {**moe, "capacity_factor": 1.0})
+@pytest.mark.parametrize("preset,extra", [("expert_choice", {}), ("soft_moe", {}), ("bpr", {}),
+                                          ("top2", {"moe.priority": "choice_major"})])
+def test_noncausal_routers_leak_and_are_refused_in_a_decoder(preset, extra, data_dir):
+  cfg = _lm_config(data_dir, preset, **{"moe.capacity_factor": 1.0, "moe.allow_noncausal": False, **extra})
   with pytest.raises(config_lib.ConfigError, match="allow_noncausal"):
     config_lib.validate(cfg, jax.device_count())
   # And they really leak: some output at or before t moves when only later tokens change.
