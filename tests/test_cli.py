@@ -114,3 +114,17 @@ def test_cli_refuses_a_workdir_of_another_config(tmp_path):
   assert other.returncode == 2
   assert "holds a run with a different config (moe.num_experts=4->2)" in other.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_vit_runs_from_the_cli_and_refuses_a_bad_patch_size(tmp_path):
+  ok = run_cli(tmp_path / "vit", "--config.train.num_steps=3", "--config.train.log_every=1",
+               data_dir=tmp_path / "d", config="configs/vit_digits.py:soft_moe", tiny=False)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "eval accuracy" in ok.stdout and "chance accuracy 0.1000" in ok.stdout
+  bad = run_cli(tmp_path / "vit_bad", "--config.model.patch_size=3", data_dir=tmp_path / "d",
+                config="configs/vit_digits.py", tiny=False)
+  assert bad.returncode == 2
+  assert "error: config model.patch_size: must divide the 8×8 images, got 3" in bad.stderr
+  assert not (tmp_path / "vit_bad").exists()
+  unknown = run_cli(tmp_path / "vit_bad", data_dir=tmp_path / "d", config="configs/vit_digits.py:nope", tiny=False)
+  assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
