@@ -54,12 +54,13 @@ def experts_per_token(cfg: MoEConfig, group_size: int) -> float:
 
 
 def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: int, seq_len: int,
-               d_model: int, lookup_tables=lambda model: [], extra_matmul: int = 0) -> ModelCost:
+               d_model: int, lookup_params=lambda model: 0, extra_matmul: int = 0) -> ModelCost:
   """Counts parameters and FLOPs of the model `make_model()` builds, from `nnx.eval_shape`.
 
   Args:
     make_model: () -> a model exposing `moe_layers()`.
-    lookup_tables: model -> modules whose parameters are looked up, not multiplied (embeddings).
+    lookup_params: model -> how many parameters are looked up or added, not multiplied
+      (embedding tables, position embeddings, a class token).
     extra_matmul: matmul parameters used but not held (a tied unembedding).
   """
   model = nnx.eval_shape(make_model)
@@ -67,8 +68,8 @@ def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: i
   expert = sum(_num_params(layer, min_ndim=3) for layer in model.moe_layers())
   share = min(1.0, experts_per_token(moe_cfg, group_size) / moe_cfg.num_experts)
   inactive = expert * (1.0 - share)
-  # Matmul weights: every matrix but the lookup tables; norm scales are vectors.
-  lookup = sum(_num_params(m) for m in lookup_tables(model) if m is not None)
+  # Matmul weights: every array of >= 2 dims but the lookups; norm scales are vectors.
+  lookup = lookup_params(model)
   matmul_active = _num_params(model, min_ndim=2) - lookup - inactive + extra_matmul
   attention = num_layers * seq_len * d_model
   return ModelCost(int(total), int(round(total - inactive)), 6.0 * (matmul_active + attention))
@@ -79,7 +80,8 @@ def decoder_cost(cfg: DecoderConfig) -> ModelCost:
   return model_cost(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
                     group_size=cfg.moe.group_size or cfg.max_len, num_layers=cfg.num_layers,
                     seq_len=cfg.max_len, d_model=cfg.d_model,
-                    lookup_tables=lambda m: [m.embed, m.position_embed],
+                    lookup_params=lambda m: _num_params(m.embed) + (
+                        _num_params(m.position_embed) if m.position_embed is not None else 0),
                     extra_matmul=cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
 
 
@@ -88,4 +90,5 @@ def vit_cost(cfg) -> ModelCost:
   from moejax.models.vit import ViT  # Local: accounting does not need the ViT otherwise.
   return model_cost(lambda: ViT(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
                     group_size=cfg.moe.group_size or cfg.num_tokens, num_layers=cfg.num_layers,
-                    seq_len=cfg.num_tokens, d_model=cfg.d_model)
+                    seq_len=cfg.num_tokens, d_model=cfg.d_model,
+                    lookup_params=lambda m: m.position_embed.size + (m.cls_token.size if m.cls_token is not None else 0))

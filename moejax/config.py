@@ -182,6 +182,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   lm = cfg.task == "lm"
   _positive(cfg, "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff", "model.init_scale")
   _positive(cfg, "model.moe_every", allow_zero=True)
+  _check(m.moe_every <= m.num_layers, "model.moe_every",
+         f"must be <= model.num_layers ({m.num_layers}) or 0 for a dense model, got {m.moe_every}")
   if lm:
     _positive(cfg, "model.vocab_size", allow_zero=True)
   else:
@@ -201,8 +203,22 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
   _one_of(cfg, "moe.router", routers.ROUTERS)
   _check(e.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {e.num_experts}")
-  _check(1 <= e.top_k <= e.num_experts, "moe.top_k",
-         f"must be between 1 and moe.num_experts ({e.num_experts}), got {e.top_k}")
+  if e.router in ("top_k", "deepseek"):
+    _check(1 <= e.top_k <= e.num_experts, "moe.top_k",
+           f"must be between 1 and moe.num_experts ({e.num_experts}), got {e.top_k}")
+  _check(e.router != "hash" or e.top_k == 1, "moe.top_k", f"the hash router sends each token to 1 expert; "
+         f"set moe.top_k=1 (got {e.top_k})")
+  _check(e.router != "hash" or e.priority != "bpr", "moe.priority",
+         "'bpr' orders tokens by router probability, which the hash router does not have")
+  _check(e.max_experts_per_token == 0 or e.router == "expert_choice", "moe.max_experts_per_token",
+         f"applies to router 'expert_choice' only, not {e.router!r}")
+  _check((e.num_expert_groups, e.top_expert_groups) == (1, 1) or e.router == "deepseek", "moe.num_expert_groups",
+         f"group-limited routing applies to router 'deepseek' only, not {e.router!r}")
+  _check(e.importance_loss_weight == 0 or e.router not in ("soft_moe", "hash"), "moe.importance_loss_weight",
+         f"router {e.router!r} has no router probabilities to balance")
+  _check(e.router_noise != "noisy_top_k" or e.top_k < e.num_experts, "moe.router_noise",
+         f"noisy top-k needs moe.top_k < moe.num_experts (an expert must be able to miss); got "
+         f"top_k={e.top_k}, num_experts={e.num_experts}")
   _positive(cfg, "moe.capacity_factor", "moe.eval_capacity_factor", "moe.slots_per_expert",
             "moe.dead_expert_steps")
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.load_balance_loss_weight", "moe.z_loss_weight",
@@ -307,7 +323,7 @@ def moe_config(cfg: ml_collections.ConfigDict) -> moe.MoEConfig:
   return moe.MoEConfig(**{k: v for k, v in e.items() if k in moe_fields and k not in derived}, **derived)
 
 
-def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int):
+def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, num_data_devices: int = 1):
   """The ViT's static config for images of `image_shape` [H, W, C]; raises ConfigError if they don't fit."""
   from moejax.models.vit import ViTConfig
   m, e = cfg.model, cfg.moe
@@ -321,6 +337,10 @@ def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int):
   group = e.group_size or vit.num_tokens
   _check(vit.num_tokens % group == 0 or group % vit.num_tokens == 0, "moe.group_size",
          f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, got {e.group_size}")
+  tokens = cfg.train.batch_size * vit.num_tokens
+  _check(tokens % group == 0 and (tokens // group) % num_data_devices == 0, "moe.group_size",
+         f"the batch's {tokens} tokens must split into groups of {group} whose count is divisible by "
+         f"the {num_data_devices} data devices")
   return vit
 
 

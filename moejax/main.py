@@ -16,10 +16,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
-# Fields that may change when a run is resumed in the same workdir (they do not change what the
-# checkpoint holds); any other difference from the workdir's config.json is refused.
-RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "data.data_dir")
+# Fields that may change when a run is resumed in the same workdir (they change neither what the
+# checkpoint holds nor the training that follows it); any other difference from the workdir's
+# config.json is refused. train.num_steps may change only under a constant learning rate: the
+# cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "data.data_dir")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -112,11 +114,12 @@ def _check_workdir(workdir: str, resolved: dict) -> None:
   with open(saved_path) as f:
     saved = _flatten(json.load(f))
   new = _flatten(json.loads(json.dumps(resolved)))
-  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if new.get("optim.schedule") == "constant" else ())
+  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in resumable)
   if differ:
     shown = ", ".join(f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ[:4])
     _fail(f"--workdir {workdir!r} holds a run with a different config ({shown}); "
-          f"use a new workdir, or change only {', '.join(RESUMABLE_CHANGES)}")
+          f"use a new workdir, or change only {', '.join(resumable)}")
 
 
 def main(argv: list[str]) -> int:
@@ -138,8 +141,9 @@ def main(argv: list[str]) -> int:
   _check_workdir(workdir, resolved)
   try:
     data = tasks.make_data(cfg, jax.process_index(), jax.process_count())
-    if cfg.task == "vit":
-      config_lib.vit_config(cfg, data.image_shape, data.num_classes)  # Checks the images fit the model.
+    if cfg.task == "vit":  # Checks that the images fit the model and the mesh.
+      num_data = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
+      config_lib.vit_config(cfg, data.image_shape, data.num_classes, num_data)
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
   except (ValueError, FileNotFoundError) as e:

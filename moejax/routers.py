@@ -56,7 +56,8 @@ def is_causal(router: str, top_k: int, priority: str, dispatcher: str) -> bool:
 class Router(nnx.Module):
   """Per-device router: [G, S, d] tokens -> (decision, stats).
 
-  stats (float32, per device): 'logits' [G, S, E] or None, 'probs' [G, S, E] (what the
+  stats (float32, per device): 'logits' [G, S, E] or None (with noisy top-k the noisy logits,
+  which the z-loss then reads), 'probs' [G, S, E] (what the
   load-balance loss and entropy metrics read; None for soft MoE), 'selection_counts' [E]
   (how many choices picked each expert before capacity, for DeepSeek's bias update), and
   'noise_std' [G, S, E] for noisy top-k (for Shazeer's smooth load estimate).
@@ -68,18 +69,20 @@ class Router(nnx.Module):
     init = fan_in_init(cfg.init_scale)
     learned = cfg.router in ("top_k", "expert_choice", "dense", "deepseek")
     self.kernel = nnx.Param(init(rngs.params(), (d_model, e))) if learned else None
-    # Zero init, as Shazeer et al.: the noise scale is learned from nothing.
+    # Zero init, as Shazeer et al.: the noise std starts at softplus(0) = ln 2 for every expert.
     noisy = cfg.router == "top_k" and cfg.router_noise == "noisy_top_k"
     self.noise_kernel = nnx.Param(jnp.zeros((d_model, e))) if noisy else None
     self.bias = RouterBias(jnp.zeros((e,), jnp.float32)) if cfg.router == "deepseek" else None
     soft = cfg.router == "soft_moe"
     self.slot_params = nnx.Param(init(rngs.params(), (d_model, e * cfg.slots_per_expert))) if soft else None
-    self.scale = nnx.Param(jnp.ones((), jnp.float32)) if soft else None
+    self.scale = nnx.Param(jnp.ones((), jnp.float32)) if soft and cfg.soft_normalize else None
 
   def capacity(self, group_size: int, train: bool) -> int:
     """C for a group of S = group_size tokens."""
     cfg = self.cfg
-    cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    # Expert choice's capacity decides how many experts each token gets: a different eval
+    # capacity would evaluate a different function, so it always uses the training one.
+    cf = cfg.capacity_factor if train or cfg.router == "expert_choice" else cfg.eval_capacity_factor
     if cfg.router == "soft_moe":
       return cfg.slots_per_expert
     if cfg.router == "dense" or cfg.dispatcher == "dropless":
@@ -93,7 +96,8 @@ class Router(nnx.Module):
     stats = {"logits": None, "probs": None, "noise_std": None}
     if cfg.router == "soft_moe":
       decision = routing.soft_moe_route(x, self.slot_params[...], num_experts=cfg.num_experts,
-                                        scale=self.scale[...], normalize=cfg.soft_normalize)
+                                        scale=1.0 if self.scale is None else self.scale[...],
+                                        normalize=cfg.soft_normalize)
       stats["selection_counts"] = jnp.zeros((cfg.num_experts,), jnp.float32)
       return decision, stats
     if cfg.router == "hash":
@@ -142,5 +146,6 @@ class Router(nnx.Module):
       decision = routing.top_k_route(scores, top_k=cfg.top_k, capacity=capacity,
                                      combine_weights=cfg.combine_weights, priority=cfg.priority,
                                      second_expert_threshold=threshold, selection_scores=selection)
-    stats["selection_counts"] = jax.nn.one_hot(decision.expert_index, cfg.num_experts).sum(axis=(0, 1, 2))
+    selected = jax.nn.one_hot(decision.expert_index, cfg.num_experts) * decision.routed[..., None]
+    stats["selection_counts"] = selected.sum(axis=(0, 1, 2))
     return decision, stats

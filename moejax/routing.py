@@ -59,6 +59,8 @@ class RoutingDecision:
     slot: <int32>[G, S, K] position in that expert's buffer; >= capacity when dropped.
     combine_weight: <float32>[G, S, K] weight of the expert output; 0 where dropped.
     kept: <bool>[G, S, K] whether the choice got a slot.
+    routed: <bool>[G, S, K] whether the choice asked for a slot at all (False only for a 2nd
+      expert that GShard's random policy skipped); routed & ~kept = dropped for capacity.
     num_experts: E.
     capacity: C.
   """
@@ -67,6 +69,7 @@ class RoutingDecision:
   slot: jax.Array
   combine_weight: jax.Array
   kept: jax.Array
+  routed: jax.Array
   num_experts: int = flax.struct.field(pytree_node=False)
   capacity: int = flax.struct.field(pytree_node=False)
 
@@ -147,6 +150,7 @@ def route_choices(
   """
   slot = assign_slots(expert_index, num_experts, priority, active, order_score)
   kept = slot < capacity
+  routed = jnp.ones(expert_index.shape, bool) if active is None else active
   if active is not None:
     kept = kept & active
     slot = jnp.where(active, slot, capacity)
@@ -155,6 +159,7 @@ def route_choices(
       slot=slot.astype(jnp.int32),
       combine_weight=jnp.where(kept, gate, 0.0).astype(jnp.float32),
       kept=kept,
+      routed=routed,
       num_experts=num_experts,
       capacity=capacity,
   )
@@ -234,6 +239,7 @@ def expert_choice_route(probs: jax.Array, *, capacity: int, max_experts_per_toke
       slot=jnp.where(kept, jnp.take_along_axis(rank, expert_index, axis=-1), capacity).astype(jnp.int32),
       combine_weight=jnp.where(kept, jnp.take_along_axis(probs, expert_index, axis=-1), 0.0),
       kept=kept,
+      routed=kept,  # An expert that did not pick the token is no request of the token's.
       num_experts=e,
       capacity=capacity,
   )

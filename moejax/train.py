@@ -60,7 +60,7 @@ class Trainer:
   """Holds the jitted steps and the sharded state of one run.
 
   state: 'step'; 'params' (nnx.Param); 'model_state' (other model variables, e.g. DeepSeek's
-  routing bias, updated by the forward pass, not by gradients); 'opt_state'; 'steps_without_tokens'
+  routing bias, updated after each step by `MoELayer.update_balance`, not by gradients); 'opt_state'; 'steps_without_tokens'
   <int32>[MoE layers, E] for the dead-expert count.
   """
 
@@ -210,10 +210,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
     batches = data.train_batches(start_step)
     for step in range(start_step + 1, t.num_steps + 1):
       metrics = trainer.train_step(next(batches))
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      # A finite loss with non-finite gradients has already poisoned the parameters.
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
         good = manager.latest_step()
-        print(f"error: non-finite loss ({loss}) at step {step}; stopping without saving. "
+        print(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+              f"stopping without saving. "
               f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.", flush=True)
         exit_code = EXIT_NONFINITE
         break
@@ -236,7 +238,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
     else:
       if start_step >= t.num_steps:
         print(f"already trained to step {start_step} (train.num_steps = {t.num_steps})", flush=True)
-      eval_scalars = run_eval(t.num_steps)
+      eval_scalars = run_eval(max(start_step, t.num_steps))
       summary = {
           "step": max(start_step, t.num_steps),
           **{f"eval_{k}": v for k, v in eval_scalars.items()},

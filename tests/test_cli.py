@@ -128,3 +128,41 @@ def test_vit_runs_from_the_cli_and_refuses_a_bad_patch_size(tmp_path):
   assert not (tmp_path / "vit_bad").exists()
   unknown = run_cli(tmp_path / "vit_bad", data_dir=tmp_path / "d", config="configs/vit_digits.py:nope", tiny=False)
   assert unknown.returncode == 2 and "unknown preset 'nope'" in unknown.stderr
+
+
+REVIEW_CASES = [
+    ({"moe.router_noise": "noisy_top_k", "moe.top_k": 8}, "moe.router_noise"),
+    ({"moe.router": "hash", "moe.top_k": 1, "moe.priority": "bpr", "moe.allow_noncausal": True}, "moe.priority"),
+    ({"moe.router": "hash", "moe.top_k": 2}, "moe.top_k"),
+    ({"moe.max_experts_per_token": 2}, "moe.max_experts_per_token"),
+    ({"moe.num_expert_groups": 2}, "moe.num_expert_groups"),
+    ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.importance_loss_weight": 0.1},
+     "moe.importance_loss_weight"),
+    ({"model.moe_every": 5}, "model.moe_every"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", REVIEW_CASES, ids=[f for _, f in REVIEW_CASES])
+def test_settings_that_would_crash_or_be_ignored_are_refused(overrides, field):
+  cfg = config_lib.override(config_lib.base_config(), overrides)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(cfg, num_devices=8)
+  assert error.value.field == field
+
+
+def test_vit_groups_must_fit_the_batch_and_mesh():
+  cfg = config_lib.override(config_lib.base_config("vit"), {"moe.group_size": 32, "train.batch_size": 3})
+  config_lib.validate(cfg, num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
+    config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=1)  # 3 images × 16 tokens / 32.
+  cfg.train.batch_size = 8
+  config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=4)  # 4 groups on 4 devices: fine.
+  with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
+    config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=8)
+
+
+def test_cosine_run_refuses_a_new_horizon(tmp_path):
+  workdir = tmp_path / "w"
+  assert run_cli(workdir, "--config.train.num_steps=2", data_dir=tmp_path / "d").returncode == 0
+  longer = run_cli(workdir, "--config.train.num_steps=4", data_dir=tmp_path / "d")
+  assert longer.returncode == 2 and "train.num_steps=2->4" in longer.stderr

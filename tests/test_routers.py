@@ -149,3 +149,19 @@ def test_dropless_inside_shard_map_on_eight_devices():
   eight = _forward_and_grads(_layer(mesh=make_mesh(8), dispatcher="dropless"), x, None, None)
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_skipped_second_experts_are_not_counted_as_dropped():
+  # Capacity = S: nothing can overflow, so every unused 2nd choice was skipped by GShard's policy.
+  layer = _layer(second_expert_policy="random", combine_weights="renormalized", capacity_factor=4.0)
+  _, aux = nnx.jit(lambda layer, x, rng: layer(x, train=True, rng=rng))(
+      layer, jax.random.normal(jax.random.key(10), (4, 16, 8)), jax.random.key(11))
+  np.testing.assert_array_equal(aux["fraction_dropped"], 0.0)
+  assert 0.0 < float(aux["second_expert_skipped"]) < 1.0
+
+
+def test_expert_choice_evaluates_with_its_training_capacity():
+  layer = _layer(router="expert_choice", capacity_factor=1.0, eval_capacity_factor=2.0)
+  assert layer.router.capacity(16, train=False) == layer.router.capacity(16, train=True) == 4
+  top_k = _layer(router="top_k", capacity_factor=1.0, eval_capacity_factor=2.0)
+  assert (top_k.router.capacity(16, train=True), top_k.router.capacity(16, train=False)) == (8, 16)

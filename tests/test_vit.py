@@ -136,3 +136,19 @@ def test_a_few_steps_on_digits_reduce_the_loss():
   correct = sum(int((np.asarray(_forward(model, b["images"])[0]).argmax(-1) == b["labels"]).sum())
                 for b in evals)
   assert correct / data.info["num_eval"] > 3 * data.info["majority_class_accuracy"]
+
+
+def test_vit_accounting_by_hand():
+  from moejax import accounting
+  cfg = ViTConfig(image_size=8, channels=1, num_classes=10, patch_size=2, num_layers=2, d_model=16, num_heads=2,
+                  d_ff=32, moe_every=2, moe=MoEConfig(num_experts=4, top_k=2, d_expert=32))
+  n, d = 16, 16  # 16 patches of 2·2·1 = 4 values, model width 16.
+  cost = accounting.vit_cost(cfg)
+  model = ViT(cfg, rngs=nnx.Rngs(0))
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  expert = 4 * 2 * d * 32
+  assert cost.total_params == total
+  assert cost.active_params == total - expert // 2  # Top-2 of 4: half the expert weights idle.
+  matrices = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2)
+  # Position embeddings are added, not multiplied; attention scores add 6·layers·N·d.
+  assert cost.train_flops_per_token == 6 * (matrices - n * d - expert // 2 + 2 * n * d)

@@ -71,7 +71,7 @@ class MoELayer(nnx.Module):
   aux (float32, over the whole batch; see `_router_aux` for the full list):
     'load_balance_loss' []: Switch E·Σ f·P (1.0 when balanced), before the coefficient.
     'z_loss' []: router z-loss; 'importance_loss', 'load_loss' []: Shazeer's CV² losses.
-    'fraction_dropped' [K]: share of choices of each rank that found their expert full.
+    'fraction_dropped' [K]: share of routed choices of each rank that found their expert full.
     'expert_load' [E]: share of the kept assignments each expert processed.
   Dropped choices contribute 0: a token dropped from every choice leaves the layer as 0 (plus
   the shared experts, if any) and passes through the residual connection around it.
@@ -202,7 +202,11 @@ def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:
   else:
     kept = decision.kept.astype(jnp.float32)
     if token_choice or cfg.router == "hash":  # ('dense' never drops.)
-      per_device["fraction_dropped"] = 1.0 - kept.mean(axis=(0, 1))
+      routed = decision.routed.astype(jnp.float32)
+      # Dropped for capacity, among the choices that asked for a slot (per choice rank).
+      per_device["fraction_dropped"] = 1.0 - kept.sum(axis=(0, 1)) / jnp.maximum(routed.sum(axis=(0, 1)), 1.0)
+      if cfg.second_expert_policy == "random":
+        per_device["second_expert_skipped"] = 1.0 - routed[..., 1].mean()
     experts_per_token = kept.sum(axis=-1)
     for n in (1, 2, 3):
       per_device[f"tokens_with_ge{n}_experts"] = (experts_per_token >= n).mean()
