@@ -40,6 +40,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.varying import _sum_to_variance_of, _zeros_varying_like
 from moejax.layers.ffn import ACTIVATIONS
 
 IMPLS = ("auto", "blocks", "ragged_dot")
@@ -170,33 +171,6 @@ def _blocks(tokens, expert_index, wi, wo, wg, activation, block_size):
 def _block_ffn(x, block_expert, num_used, wi, wo, wg, activation):
   """<[NB, B, d]> block b of x through expert block_expert[b]'s FFN, for b < num_used; 0 after."""
   return _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=False)[0]
-
-
-def _varying_axes(array: jax.Array | None) -> set:
-  """The shard_map mesh axes over which `array` differs between devices (empty outside)."""
-  if array is None:
-    return set()
-  aval = jax.typeof(array)
-  # jax 0.10 keeps them in aval.manual_axis_type, other versions in aval.vma.
-  manual = getattr(aval, "manual_axis_type", None)
-  return set(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def _zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
-  """Zeros that vary over every shard_map mesh axis that any of `like` varies over.
-
-  Inside `jax.shard_map`, a loop carry that starts invariant (plain zeros) but is updated from
-  per-device data would change type between iterations; this starts it with the right type.
-  """
-  axes = set().union(*(_varying_axes(a) for a in like))
-  zeros = jnp.zeros(shape, dtype)
-  return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
-
-
-def _sum_to_variance_of(grad: jax.Array, primal: jax.Array) -> jax.Array:
-  """A cotangent for `primal`: summed over the devices of the axes `primal` is replicated on."""
-  axes = _varying_axes(grad) - _varying_axes(primal)
-  return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
 
 
 def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):

@@ -157,9 +157,20 @@ def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capaci
     name = "einsum" if isinstance(decision, routing.SoftRoutingDecision) else cfg.dispatcher
     dispatcher = dispatch_lib.get_dispatcher(name)
     expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
-    expert_out = ffn_apply(expert_in, wi, wo, wg, cfg.activation, "egcd,edf->egcf", "egcf,efd->egcd")
+    expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation)
     output = dispatcher.combine(decision, expert_out)  # [G, S, d]
   return output.astype(tokens.dtype), _router_aux(decision, stats, cfg)
+
+
+def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str) -> jax.Array:
+  """Each expert's FFN on its capacity buffers: [E, G, C, d] -> [E, G, C, d].
+
+  Run as one [G·C, d] matrix per expert: XLA:CPU runs that 3-D batched matmul (and its weight
+  gradient) much faster than the 4-D "egcd,edf" form (experiments/moe_layer_benchmark.py).
+  """
+  e, g, c, d = expert_in.shape
+  out = ffn_apply(expert_in.reshape(e, g * c, d), wi, wo, wg, activation, "ecd,edf->ecf", "ecf,efd->ecd")
+  return out.reshape(e, g, c, d)
 
 
 def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:

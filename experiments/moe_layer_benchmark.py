@@ -1,0 +1,429 @@
+"""Forward+backward time of the MoE expert layer per dispatcher, against dense baselines (issue #4).
+
+  python -m experiments.moe_layer_benchmark [--out DIR] [--experts 8,64] [--top_k 1,2]
+      [--tokens 4096,16384] [--d 256] [--f 1024] [--group_size 1024] [--dtype float32|bfloat16]
+      [--repeats N] [--quick]
+
+For every (E, K, T) it times one `jax.value_and_grad` step of a scalar loss, sum(cotangent · y),
+with respect to the tokens and every weight, of:
+  sort       router logits -> softmax -> `routing.top_k_route` (cf, 'token_major', raw weights:
+             the MoEConfig defaults) -> SortDispatcher.dispatch -> `ffn_apply` on [E, G, C, d]
+             -> SortDispatcher.combine. The path `MoELayer` runs per device, without its aux
+             metrics and shard_map (a 1×1 mesh adds nothing to the computation).
+  einsum     the same with GShard's one-hot EinsumDispatcher.
+  dropless   the same router (capacity S, as MoELayer uses for dropless: nobody is dropped)
+             -> `dropless.dropless_expert_ffn` (impl 'auto': 'blocks' on CPU, B = 64).
+and, measured in the same interleaved rounds,
+  dense_active   a dense FFN of hidden K·f on the T tokens: the MoE layer's active FLOPs;
+  dense_padded   a dense FFN of hidden cf·K·f: the FLOPs of the capacity path's E·C rows per
+                 group (E·C = S·K·cf exactly when E divides S·K·cf).
+routing_share = time of the same variant with the experts replaced by the identity (router,
+slot assignment, dispatch, combine and their backward) / time of the full variant. Subtracting
+timed pieces is approximate (XLA fuses differently in the two programs), so it is a share of
+time, not a profile.
+
+Timing: every step is compiled and run once first; then `--repeats` rounds run every step of
+one token count in a fresh random order, and each step keeps its best time. Only ratios within
+one token count (one block of rounds) are reported, because on a shared machine absolute times
+drift between minutes. The default (E ∈ {8, 64}, K = 2, T ∈ {4096, 16384}, d = 256, f = 1024,
+groups of 1024, float32, best of 5 rounds) covers every issue-#4 target; --top_k 1,2 doubles the
+programs to compile, and --experts 8,16,32,64,128 takes about 2.5× as long again.
+
+Last default run: 2026-11-23, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 46 s wall, noise
+(median/best) up to 2.1. Met: sort E=64 at 0.91× sort E=8 (T=16k); routing + permutation
+4-10% of the layer (sort, dropless). Missed: sort E=8 is 1.86-1.89× the dense FFN of hidden
+cf·K·f (target 1.1×); dropless is 1.21-1.71× the dense FFN of hidden K·f (target 1.15×); sort is
+1.54-1.73× faster than einsum at E=64 (target 2×). A scratch probe (not kept) found most of the
+sort gap in the expert matmuls' 'egcd,edf->egcf' form: the same FFN on [E, G·C, d] ran in 0.65×
+the time of the layer's form at E=8, T=4096.
+
+Writes results.csv, results.md and ratios.png (needs matplotlib; skipped with a note if it is
+missing) into --out, and prints each issue-#4 CPU target with the measured value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import dispatch as dispatch_lib
+from moejax import dropless, routing
+from moejax.layers import moe
+from moejax.layers.ffn import ffn_apply
+
+MOE_VARIANTS = ("sort", "einsum", "dropless")
+DENSE_VARIANTS = ("dense_active", "dense_padded")
+COLUMNS = ("E", "k", "tokens", "variant", "ms", "ratio_to_dense_active", "ratio_to_dense_padded",
+           "ratio_to_einsum", "routing_share")
+DEFAULT_OUT = os.path.join("experiments", "results", "moe_layer_benchmark")
+ACTIVATION = "gelu"  # MoEConfig's default.
+PRIORITY = "token_major"  # MoEConfig's default.
+
+# Issue #4's CPU targets (thresholds).
+SORT_VS_PADDED = 1.10
+DROPLESS_VS_ACTIVE = 1.15
+E64_VS_E8 = 1.20
+ROUTING_SHARE = 0.10
+EINSUM_SPEEDUP = 2.0
+
+QUICK = dict(experts="4,8", top_k="2", tokens="256", d=32, f=64, group_size=64, repeats=2)
+DEFAULTS = dict(experts="8,64", top_k="2", tokens="4096,16384", d=256, f=1024, group_size=1024,
+                repeats=5)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line flags; --quick fills in tiny sizes for the flags not given explicitly."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=DEFAULT_OUT, help="directory for results.csv/.md and ratios.png")
+  parser.add_argument("--experts", help=f"comma-separated E values (default {DEFAULTS['experts']})")
+  parser.add_argument("--top_k", help=f"comma-separated K values (default {DEFAULTS['top_k']})")
+  parser.add_argument("--tokens", help=f"comma-separated token counts T (default {DEFAULTS['tokens']})")
+  parser.add_argument("--d", type=int, help=f"model dim (default {DEFAULTS['d']})")
+  parser.add_argument("--f", type=int, help=f"expert hidden dim (default {DEFAULTS['f']})")
+  parser.add_argument("--group_size", type=int, help=f"tokens per routing group S (default {DEFAULTS['group_size']})")
+  parser.add_argument("--capacity_factor", type=float, default=1.25)
+  parser.add_argument("--block_size", type=int, default=64, help="dropless rows per block B")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--repeats", type=int, help=f"timed rounds, best kept (default {DEFAULTS['repeats']})")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+  args = parser.parse_args(argv)
+  fill = QUICK if args.quick else DEFAULTS
+  for name, value in fill.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  args.experts, args.top_k, args.tokens = (
+      [int(v) for v in str(s).split(",")] for s in (args.experts, args.top_k, args.tokens))
+  for t in args.tokens:
+    if t % args.group_size:
+      parser.error(f"every --tokens value must be a multiple of --group_size={args.group_size}, got {t}")
+  if args.repeats < 1:
+    parser.error("--repeats must be at least 1")
+  return args
+
+
+# ----------------------------------------------------------------------------- the timed programs
+
+
+def _route(tokens, router_kernel, *, top_k, capacity):
+  """Router as in `moejax.routers.Router` ('top_k', no noise): float32 logits -> softmax -> decision."""
+  logits = jnp.einsum("gsd,de->gse", tokens.astype(jnp.float32), router_kernel.astype(jnp.float32))
+  probs = jax.nn.softmax(logits, axis=-1)
+  return routing.top_k_route(probs, top_k=top_k, capacity=capacity, priority=PRIORITY)
+
+
+def moe_layer(x, router_kernel, wi, wo, *, variant, top_k, group_size, capacity_factor, block_size,
+              experts=True):
+  """[T, d] -> [T, d]: the per-device MoE layer through `variant`; identity experts unless `experts`."""
+  t, d = x.shape
+  e = router_kernel.shape[-1]
+  tokens = x.reshape(-1, group_size, d)  # [G, S, d]
+  if variant == "dropless":
+    decision = _route(tokens, router_kernel, top_k=top_k, capacity=group_size)
+    expert_index = decision.expert_index.reshape(t, top_k)
+    combine_weight = decision.combine_weight.reshape(t, top_k)
+    if experts:
+      return dropless.dropless_expert_ffn(x, expert_index, combine_weight, wi, wo, None, ACTIVATION,
+                                          block_size=block_size)
+    return _dropless_identity(x, expert_index, combine_weight, e, block_size)
+  capacity = routing.compute_capacity(group_size, e, top_k, capacity_factor)
+  decision = _route(tokens, router_kernel, top_k=top_k, capacity=capacity)
+  dispatcher = dispatch_lib.get_dispatcher(variant)
+  expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
+  expert_out = moe.capacity_expert_ffn(expert_in, wi, wo, None, ACTIVATION) if experts else expert_in
+  return dispatcher.combine(decision, expert_out).reshape(t, d).astype(x.dtype)
+
+
+def _dropless_identity(x, expert_index, combine_weight, num_experts, block_size):
+  """`dropless_expert_ffn`'s data movement with identity experts: sort into blocks, back, combine."""
+  t, d = x.shape
+  k = expert_index.shape[1]
+  # The layout is private to moejax.dropless; reusing it times exactly the permutation it does.
+  row, token_of_row, _, _ = dropless._block_layout(expert_index, num_experts, block_size)
+  rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token_of_row]  # [NB·B, d]
+  y = rows[row].reshape(t, k, d)
+  return jnp.einsum("tk,tkd->td", combine_weight.astype(x.dtype), y).astype(x.dtype)
+
+
+def dense_ffn(x, wi, wo):
+  """[T, d] -> [T, d]: the dense FFN baseline (`ffn_apply` with [d, h] weights)."""
+  return ffn_apply(x, wi, wo, None, ACTIVATION, "td,df->tf", "tf,fd->td")
+
+
+@dataclasses.dataclass
+class Step:
+  """One compiled value_and_grad step and where its time goes in the table."""
+
+  key: tuple  # (E or None, k, variant) with variant in MOE_VARIANTS, DENSE_VARIANTS or '<moe>_routing'
+  run: callable
+
+
+def _compile(layer, cotangent, params) -> callable:
+  """A no-argument callable running one value_and_grad step of sum(cotangent · layer(*params))."""
+  loss = lambda *p: jnp.sum(cotangent.astype(jnp.float32) * layer(*p).astype(jnp.float32))
+  step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(params)))))
+  jax.block_until_ready(step(*params))  # Compile and run once.
+  return lambda: jax.block_until_ready(step(*params))
+
+
+def build_steps(args, t: int, rng: np.random.Generator) -> list[Step]:
+  """Every program of one token count T, compiled and run once."""
+  dtype = jnp.dtype(args.dtype)
+  d, f, cf = args.d, args.f, args.capacity_factor
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[-2]), dtype)  # fan-in
+  x = jnp.asarray(rng.normal(size=(t, d)), dtype)
+  cotangent = jnp.asarray(rng.normal(size=(t, d)), dtype)
+  steps = []
+  for k in args.top_k:
+    for variant, hidden in (("dense_active", k * f), ("dense_padded", round(cf * k * f))):
+      steps.append(Step((None, k, variant), _compile(dense_ffn, cotangent, [x, normal(d, hidden), normal(hidden, d)])))
+  for e in args.experts:
+    # Router kernel of std 1/sqrt(d): logits of std ~1, a mildly uneven, realistic load.
+    router_kernel = jnp.asarray(rng.normal(size=(d, e)) / np.sqrt(d), jnp.float32)
+    wi, wo = normal(e, d, f), normal(e, f, d)
+    for k in args.top_k:
+      for variant in MOE_VARIANTS:
+        layer = functools.partial(moe_layer, variant=variant, top_k=k, group_size=args.group_size,
+                                  capacity_factor=cf, block_size=args.block_size)
+        steps.append(Step((e, k, variant), _compile(layer, cotangent, [x, router_kernel, wi, wo])))
+        identity = lambda x, kernel, layer=layer: layer(x, kernel, None, None, experts=False)
+        steps.append(Step((e, k, variant + "_routing"), _compile(identity, cotangent, [x, router_kernel])))
+  return steps
+
+
+def time_steps(steps: list[Step], repeats: int, rng: np.random.Generator) -> tuple[dict, float]:
+  """(best seconds of each step over `repeats` rounds in fresh random orders, largest median/best).
+
+  The second value flags a noisy run: near 1 when the machine was quiet.
+  """
+  seconds = {step.key: [] for step in steps}
+  for _ in range(repeats):
+    for i in rng.permutation(len(steps)):
+      start = time.perf_counter()
+      steps[i].run()
+      seconds[steps[i].key].append(time.perf_counter() - start)
+  best = {key: min(s) for key, s in seconds.items()}
+  return best, max(float(np.median(s)) / min(s) for s in seconds.values())
+
+
+def table_rows(t: int, best: dict[tuple, float], args) -> list[dict]:
+  """CSV rows of one token count: dense baselines (E empty), then each (E, k, MoE variant)."""
+  rows = []
+  for k in args.top_k:
+    active, padded = best[(None, k, "dense_active")], best[(None, k, "dense_padded")]
+    for variant in DENSE_VARIANTS:
+      ms = best[(None, k, variant)]
+      rows.append(dict(E="", k=k, tokens=t, variant=variant, ms=1e3 * ms, ratio_to_dense_active=ms / active,
+                       ratio_to_dense_padded=ms / padded, ratio_to_einsum="", routing_share=""))
+  for e in args.experts:
+    for k in args.top_k:
+      active, padded = best[(None, k, "dense_active")], best[(None, k, "dense_padded")]
+      einsum = best[(e, k, "einsum")]
+      for variant in MOE_VARIANTS:
+        ms = best[(e, k, variant)]
+        rows.append(dict(E=e, k=k, tokens=t, variant=variant, ms=1e3 * ms, ratio_to_dense_active=ms / active,
+                         ratio_to_dense_padded=ms / padded, ratio_to_einsum=ms / einsum,
+                         routing_share=best[(e, k, variant + "_routing")] / ms))
+  return rows
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def header_lines(args, wall_s: float | None = None, spread: float | None = None) -> list[str]:
+  """Where, when and with what the numbers were measured."""
+  device = jax.devices()[0]
+  lines = [
+      f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
+      f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+      f"jax {jax.__version__}, python {platform.python_version()}",
+      f"d={args.d} f={args.f} group_size={args.group_size} capacity_factor={args.capacity_factor} "
+      f"dtype={args.dtype} activation={ACTIVATION} dropless block_size={args.block_size} "
+      f"repeats={args.repeats} (best of)",
+      "forward+backward (value_and_grad w.r.t. tokens and all weights); ratios within one token count",
+  ]
+  if wall_s is not None:
+    lines.append(f"wall time of the run: {wall_s:.0f} s")
+  if spread is not None:
+    lines.append(f"noise: largest median/best time of one program over the rounds {spread:.2f} "
+                 "(1 on a quiet machine; the further above, the less certain the ratios)")
+  return lines
+
+
+def _fmt(value, spec):
+  return "" if value == "" else format(value, spec)
+
+
+def write_csv(path: str, rows: list[dict], header: list[str]) -> None:
+  with open(path, "w", newline="") as f:
+    for line in header:
+      f.write(f"# {line}\n")
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({c: (_fmt(row[c], ".4g") if isinstance(row[c], float) else row[c]) for c in COLUMNS})
+
+
+def read_csv(path: str) -> list[dict]:
+  """The rows of a results.csv (comment lines skipped), values as strings."""
+  with open(path) as f:
+    return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def markdown(rows: list[dict], header: list[str], summary: list[str]) -> str:
+  """results.md: header, dense baselines, MoE variants, targets."""
+  out = ["# MoE layer benchmark (issue #4)", ""] + [f"- {line}" for line in header]
+  out += ["", "Dense baselines (hidden K·f = active FLOPs; cf·K·f = the capacity path's padded FLOPs):", "",
+          "| tokens | k | variant | ms | × dense_active |", "|---:|---:|:---|---:|---:|"]
+  for r in rows:
+    if r["variant"] in DENSE_VARIANTS:
+      out.append(f"| {r['tokens']} | {r['k']} | {r['variant']} | {r['ms']:.1f} | {r['ratio_to_dense_active']:.2f} |")
+  out += ["", "MoE layer (router + dispatch + experts + combine):", "",
+          "| tokens | k | E | variant | ms | × dense_active | × dense_padded | × einsum | routing share |",
+          "|---:|---:|---:|:---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    if r["variant"] in MOE_VARIANTS:
+      out.append(f"| {r['tokens']} | {r['k']} | {r['E']} | {r['variant']} | {r['ms']:.1f} | "
+                 f"{r['ratio_to_dense_active']:.2f} | {r['ratio_to_dense_padded']:.2f} | "
+                 f"{r['ratio_to_einsum']:.2f} | {100 * r['routing_share']:.0f}% |")
+  out += ["", "Issue-#4 CPU targets:", ""] + [f"- {line}" for line in summary]
+  return "\n".join(out) + "\n"
+
+
+def plot(path: str, rows: list[dict], args) -> bool:
+  """ratios.png: time / dense_active vs E, one panel per token count; False without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  fig, axes = plt.subplots(1, len(args.tokens), figsize=(5.5 * len(args.tokens), 4.2), squeeze=False)
+  colors = dict(zip(MOE_VARIANTS, ("tab:blue", "tab:red", "tab:green")))
+  styles = ["-", "--", ":", "-."]
+  for ax, t in zip(axes[0], args.tokens):
+    for ki, k in enumerate(args.top_k):
+      style = styles[ki % len(styles)]
+      for variant in MOE_VARIANTS:
+        pts = [(r["E"], r["ratio_to_dense_active"]) for r in rows
+               if r["tokens"] == t and r["k"] == k and r["variant"] == variant]
+        ax.plot(*zip(*pts), style, marker="o", color=colors[variant], label=f"{variant} k={k}")
+      padded = next(r["ratio_to_dense_active"] for r in rows
+                    if r["tokens"] == t and r["k"] == k and r["variant"] == "dense_padded")
+      ax.axhline(padded, color="gray", linestyle=style, linewidth=1, label=f"dense cf·k·f, k={k}")
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(args.experts, [str(e) for e in args.experts])
+    ax.set_xlabel("experts E")
+    ax.set_ylabel("time / dense FFN of hidden k·f")
+    ax.set_title(f"T={t}, groups of {args.group_size}, {args.dtype}")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def _verdict(values, ok) -> str:
+  return "MET" if all(ok(v) for v in values) else "NOT MET"
+
+
+def target_summary(rows: list[dict], args) -> list[str]:
+  """One line per issue-#4 target: the threshold, the measured values, met or not."""
+  moe = {(r["E"], r["k"], r["tokens"], r["variant"]): r for r in rows if r["variant"] in MOE_VARIANTS}
+  lines = []
+
+  values = {t: moe[(8, 2, t, "sort")]["ratio_to_dense_padded"] for t in args.tokens if (8, 2, t, "sort") in moe}
+  if values:
+    shown = ", ".join(f"T={t}: {v:.2f}×" for t, v in values.items())
+    lines.append(f"sort top-2 E=8 cf={args.capacity_factor} ≤ {SORT_VS_PADDED}× dense FFN hidden cf·k·f: "
+                 f"{shown} -> {_verdict(values.values(), lambda v: v <= SORT_VS_PADDED)}")
+  else:
+    lines.append("sort top-2 E=8 vs dense cf·k·f: not measured (needs --experts with 8 and --top_k with 2)")
+
+  values = {key: r["ratio_to_dense_active"] for key, r in moe.items() if key[3] == "dropless"}
+  worst = max(values, key=values.get)
+  met = sum(v <= DROPLESS_VS_ACTIVE for v in values.values())
+  e8 = ", ".join(f"E=8 k={k} T={t}: {v:.2f}×" for (e, k, t, _), v in values.items() if e == 8)
+  lines.append(f"dropless ≤ {DROPLESS_VS_ACTIVE}× dense FFN hidden k·f: {met}/{len(values)} configs; "
+               f"{e8 or 'E=8 not measured'}; worst E={worst[0]} k={worst[1]} T={worst[2]}: "
+               f"{values[worst]:.2f}× -> {_verdict(values.values(), lambda v: v <= DROPLESS_VS_ACTIVE)}")
+
+  t_big = 16384 if 16384 in args.tokens else max(args.tokens)
+  values = {k: moe[(64, k, t_big, "sort")]["ms"] / moe[(8, k, t_big, "sort")]["ms"]
+            for k in args.top_k if (64, k, t_big, "sort") in moe and (8, k, t_big, "sort") in moe}
+  if values:
+    shown = ", ".join(f"k={k}: {v:.2f}×" for k, v in values.items())
+    note = "" if t_big == 16384 else f" (16k tokens not in the sweep: T={t_big})"
+    lines.append(f"sort E=64 ≤ {E64_VS_E8}× sort E=8 at T={t_big}{note}: {shown} -> "
+                 f"{_verdict(values.values(), lambda v: v <= E64_VS_E8)}")
+  else:
+    lines.append("sort E=64 vs E=8: not measured (needs --experts with 8 and 64)")
+
+  for variant in ("sort", "dropless"):
+    values = {key: r["routing_share"] for key, r in moe.items() if key[3] == variant}
+    worst = max(values, key=values.get)
+    best = min(values, key=values.get)
+    met = sum(v <= ROUTING_SHARE for v in values.values())
+    lines.append(f"{variant}: routing + permutation ≤ {ROUTING_SHARE:.0%} of layer time: {met}/{len(values)} "
+                 f"configs; {values[best]:.0%} (E={best[0]} k={best[1]} T={best[2]}) to "
+                 f"{values[worst]:.0%} (E={worst[0]} k={worst[1]} T={worst[2]}) -> "
+                 f"{_verdict(values.values(), lambda v: v <= ROUTING_SHARE)}")
+
+  values = {(k, t): 1.0 / moe[(64, k, t, "sort")]["ratio_to_einsum"]
+            for k in args.top_k for t in args.tokens if (64, k, t, "sort") in moe}
+  if values:
+    shown = ", ".join(f"k={k} T={t}: {v:.2f}×" for (k, t), v in values.items())
+    lines.append(f"sort ≥ {EINSUM_SPEEDUP}× faster than einsum at E=64, groups of {args.group_size}: {shown} -> "
+                 f"{_verdict(values.values(), lambda v: v >= EINSUM_SPEEDUP)}")
+  else:
+    lines.append("sort vs einsum at E=64: not measured (needs --experts with 64)")
+  return lines
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the sweep, writes the reports, prints the targets; returns the CSV rows."""
+  args = parse_args(argv)
+  start = time.perf_counter()
+  rng = np.random.default_rng(args.seed)
+  rows, spread = [], 1.0
+  for t in args.tokens:
+    compile_start = time.perf_counter()
+    steps = build_steps(args, t, rng)
+    timing_start = time.perf_counter()
+    best, block_spread = time_steps(steps, args.repeats, rng)
+    spread = max(spread, block_spread)
+    print(f"T={t}: {len(steps)} programs, compiled and warmed in {timing_start - compile_start:.0f} s, "
+          f"timed in {time.perf_counter() - timing_start:.0f} s", flush=True)
+    rows += table_rows(t, best, args)
+    del steps
+  wall = time.perf_counter() - start
+  header = header_lines(args, wall, spread)
+  summary = target_summary(rows, args)
+  os.makedirs(args.out, exist_ok=True)
+  write_csv(os.path.join(args.out, "results.csv"), rows, header)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(markdown(rows, header, summary))
+  plotted = plot(os.path.join(args.out, "ratios.png"), rows, args)
+  print("\n".join(header))
+  print("\nIssue-#4 CPU targets:")
+  print("\n".join(f"  {line}" for line in summary))
+  print(f"\nwrote results.csv, results.md{', ratios.png' if plotted else ' (no ratios.png: matplotlib missing)'}"
+        f" to {args.out}")
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
