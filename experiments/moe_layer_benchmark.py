@@ -29,13 +29,15 @@ drift between minutes. The default (E ∈ {8, 64}, K = 2, T ∈ {4096, 16384}, d
 groups of 1024, float32, best of 5 rounds) covers every issue-#4 target; --top_k 1,2 doubles the
 programs to compile, and --experts 8,16,32,64,128 takes about 2.5× as long again.
 
-Last default run: 2026-11-23, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 46 s wall, noise
-(median/best) up to 2.1. Met: sort E=64 at 0.91× sort E=8 (T=16k); routing + permutation
-4-10% of the layer (sort, dropless). Missed: sort E=8 is 1.86-1.89× the dense FFN of hidden
-cf·K·f (target 1.1×); dropless is 1.21-1.71× the dense FFN of hidden K·f (target 1.15×); sort is
-1.54-1.73× faster than einsum at E=64 (target 2×). A scratch probe (not kept) found most of the
-sort gap in the expert matmuls' 'egcd,edf->egcf' form: the same FFN on [E, G·C, d] ran in 0.65×
-the time of the layer's form at E=8, T=4096.
+Last default run: 2026-11-23 19:13 UTC, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 49 s
+wall, noise (median/best) up to 1.5; results in experiments/results/moe_layer_benchmark/.
+Met: sort E=64 at 1.18× sort E=8 (T=16k, target 1.2×); dropless routing + permutation 4-9% of
+the layer. Missed: sort E=8 is 1.16× (T=4k) / 1.07× (T=16k) the dense FFN of hidden cf·K·f
+(target 1.1×); dropless is 1.27-1.73× the dense FFN of hidden K·f (target 1.15×; its backward's
+weight-gradient matmuls contract over one 64-row block); sort's routing + permutation is
+10-12% of the layer (target 10%); sort is 1.71× (T=4k) / 1.92× (T=16k) faster than einsum at
+E=64 (target 2×). Running the capacity experts as [E, G·C, d] matmuls instead of the 4-D
+'egcd,edf' form took sort E=8 from 1.86× to 1.07-1.16×.
 
 Writes results.csv, results.md and ratios.png (needs matplotlib; skipped with a note if it is
 missing) into --out, and prints each issue-#4 CPU target with the measured value.
