@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -37,8 +37,6 @@ from moejax.data import pipeline
 SOURCES = ('digits', 'tfds')
 # The digits train/eval split is part of the dataset's definition, not of the run.
 _DIGITS_SPLIT_SEED = 0
-_READ_THREADS = 1
-_PREFETCH_BATCHES = 16
 # TFDS records are decoded this many at a time.
 _READ_CHUNK = 4096
 
@@ -76,7 +74,7 @@ def default_image_data_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass
-class ImageData:
+class ImageData(pipeline.StepBatches):
   """Batches of one image dataset for one process.
 
   Batches are dicts {'images': <float32>[b, H, W, C] in [0, 1],
@@ -100,20 +98,6 @@ class ImageData:
   _train: Any = dataclasses.field(repr=False)  # grain.MapDataset of batches.
   _eval: list[dict[str, np.ndarray]] = dataclasses.field(repr=False)
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of training step `step` (random access, no prefetch)."""
-    return self._train[step]
-
-  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches; the i-th one yielded is the batch of start_step + i."""
-    import grain  # pylint: disable=g-import-not-at-top
-    read_options = grain.ReadOptions(num_threads=_READ_THREADS,
-                                     prefetch_buffer_size=_PREFETCH_BATCHES)
-    return iter(self._train[start_step:].to_iter_dataset(read_options))
-
-  def eval_batches(self) -> list[dict[str, np.ndarray]]:
-    """The fixed eval batches: the first eval examples, in stored order."""
-    return list(self._eval)
 
 
 @dataclasses.dataclass

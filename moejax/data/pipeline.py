@@ -41,8 +41,28 @@ _READ_THREADS = 1
 _PREFETCH_BATCHES = 16
 
 
+class StepBatches:
+  """Batch access shared by LMData and images.ImageData: `_train` is a grain MapDataset of
+  batches (batch s = step s), `_eval` the fixed eval batches."""
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The batch of training step `step` (random access, no prefetch)."""
+    return self._train[step]
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches; the i-th one yielded is the batch of start_step + i."""
+    import grain  # pylint: disable=g-import-not-at-top
+    read_options = grain.ReadOptions(num_threads=_READ_THREADS,
+                                     prefetch_buffer_size=_PREFETCH_BATCHES)
+    return iter(self._train[start_step:].to_iter_dataset(read_options))
+
+  def eval_batches(self) -> list[dict[str, np.ndarray]]:
+    """The fixed eval batches: the first stored eval examples, unshuffled."""
+    return list(self._eval)
+
+
 @dataclasses.dataclass
-class LMData:
+class LMData(StepBatches):
   """Batches of one dataset for one process.
 
   Batches are dicts {'inputs': <int32>[b, L], 'targets': <int32>[b, L]} of
@@ -66,20 +86,6 @@ class LMData:
   _train: Any = dataclasses.field(repr=False)  # grain.MapDataset of batches.
   _eval: list[dict[str, np.ndarray]] = dataclasses.field(repr=False)
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """The batch of training step `step` (random access, no prefetch)."""
-    return self._train[step]
-
-  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches; the i-th one yielded is the batch of start_step + i."""
-    import grain  # pylint: disable=g-import-not-at-top
-    read_options = grain.ReadOptions(num_threads=_READ_THREADS,
-                                     prefetch_buffer_size=_PREFETCH_BATCHES)
-    return iter(self._train[start_step:].to_iter_dataset(read_options))
-
-  def eval_batches(self) -> list[dict[str, np.ndarray]]:
-    """The fixed validation batches: the first stored sequences, unshuffled."""
-    return list(self._eval)
 
 
 def resolve_data_dir(data_dir: str) -> str:
