@@ -268,6 +268,25 @@ def read_records(source, key: str, start: int = 0,
   return out
 
 
+def prepared_builder(name: str, data_dir: str):
+  """(builder, where) of a TFDS dataset already prepared in data_dir; never downloads.
+
+  Raises:
+    ValueError: naming data.tfds.name and data.data_dir, if it is unknown or not prepared.
+  """
+  where = f'{name!r} (data.tfds.name) in {data_dir!r} (data.data_dir)'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'TFDS dataset {where} not found: prepare it there '
+                     'first (array_record format).') from e
+  if not builder.is_prepared():
+    raise ValueError(f'TFDS dataset {where} is not prepared; moejax never '
+                     'downloads: prepare it there first with '
+                     "file_format='array_record'.")
+  return builder, where
+
+
 def read_tfds_text(name: str, *, split: str, data_dir: str | None,
                    length: int, text_key: str = 'text',
                    max_bytes: int = 0) -> np.ndarray:
@@ -291,16 +310,7 @@ def read_tfds_text(name: str, *, split: str, data_dir: str | None,
   Raises:
     ValueError: if the dataset is not prepared there, or has no `text_key`.
   """
-  where = f'{name!r} (data.tfds.name) in {data_dir!r} (data.data_dir)'
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'TFDS dataset {where} not found: prepare it there '
-                     'first (array_record format).') from e
-  if not builder.is_prepared():
-    raise ValueError(f'TFDS dataset {where} is not prepared; moejax never '
-                     'downloads: prepare it there first with '
-                     "file_format='array_record'.")
+  builder, where = prepared_builder(name, data_dir)
   features = builder.info.features
   if text_key not in features:
     raise ValueError(f'{where} has no feature {text_key!r} '

@@ -193,16 +193,8 @@ def _digits_splits(eval_fraction: float) -> tuple[_Split, _Split, int, str]:
 def _tfds_splits(t, data_dir: str) -> tuple[_Split, _Split, int, str]:
   """Reads the image and label features of both splits of a prepared TFDS dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  where = f'{t.name!r} (data.tfds.name) in {data_dir!r} (data.data_dir)'
-  try:
-    builder = tfds.builder(t.name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'TFDS dataset {where} not found: prepare it there '
-                     'first (array_record format).') from e
-  if not builder.is_prepared():
-    raise ValueError(f'TFDS dataset {where} is not prepared; moejax never '
-                     'downloads: prepare it there first with '
-                     "file_format='array_record'.")
+  from moejax.data import builders  # pylint: disable=g-import-not-at-top
+  builder, where = builders.prepared_builder(t.name, data_dir)
   features = builder.info.features
   for key, field in ((t.image_key, 'image_key'), (t.label_key, 'label_key')):
     if key not in features:
