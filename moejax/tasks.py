@@ -44,6 +44,15 @@ def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dic
   return total, metrics
 
 
+def _cross_entropy_and_moe_losses(logits, labels, moe_aux, moe_cfg):
+  """(loss, metrics): mean cross-entropy of integer labels plus the MoE auxiliary losses."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  aux_loss, metrics = moe_losses_and_metrics(moe_aux, moe_cfg)
+  metrics["cross_entropy"] = ce
+  metrics["loss"] = ce + aux_loss
+  return metrics["loss"], metrics
+
+
 class LMTask:
   """Next-token prediction with a DecoderLM."""
 
@@ -62,11 +71,8 @@ class LMTask:
   def loss(self, model, batch, train: bool, rng=None):
     """(loss, metrics, moe_aux): cross-entropy plus the MoE auxiliary losses."""
     logits, moe_aux = model(batch["inputs"], train=train, rng=rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-    aux_loss, metrics = moe_losses_and_metrics(moe_aux, self.cfg.moe)
-    metrics["cross_entropy"] = ce
-    metrics["loss"] = ce + aux_loss
-    return metrics["loss"], metrics, moe_aux
+    loss, metrics = _cross_entropy_and_moe_losses(logits, batch["targets"], moe_aux, self.cfg.moe)
+    return loss, metrics, moe_aux
 
   def eval_metrics(self, model, batch) -> dict[str, jax.Array]:
     _, metrics, _ = self.loss(model, batch, train=False)
@@ -101,12 +107,9 @@ class ViTTask:
 
   def loss(self, model, batch, train: bool, rng=None):
     logits, moe_aux = model(batch["images"], train=train, rng=rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-    aux_loss, metrics = moe_losses_and_metrics(moe_aux, self.cfg.moe)
-    metrics["cross_entropy"] = ce
+    loss, metrics = _cross_entropy_and_moe_losses(logits, batch["labels"], moe_aux, self.cfg.moe)
     metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
-    metrics["loss"] = ce + aux_loss
-    return metrics["loss"], metrics, moe_aux
+    return loss, metrics, moe_aux
 
   def eval_metrics(self, model, batch) -> dict[str, jax.Array]:
     _, metrics, _ = self.loss(model, batch, train=False)

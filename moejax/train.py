@@ -127,10 +127,6 @@ class Trainer:
     per_batch = jax.device_get(per_batch)
     return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
 
-  @property
-  def step(self) -> int:
-    return int(self.state["step"])
-
 
 class _StopSignal:
   """Turns SIGTERM/SIGINT into a flag checked between steps (restored on exit)."""
