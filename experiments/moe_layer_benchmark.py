@@ -29,15 +29,18 @@ drift between minutes. The default (E ∈ {8, 64}, K = 2, T ∈ {4096, 16384}, d
 groups of 1024, float32, best of 5 rounds) covers every issue-#4 target; --top_k 1,2 doubles the
 programs to compile, and --experts 8,16,32,64,128 takes about 2.5× as long again.
 
-Last default run: 2026-11-23 19:13 UTC, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 49 s
-wall, noise (median/best) up to 1.5; results in experiments/results/moe_layer_benchmark/.
-Met: sort E=64 at 1.18× sort E=8 (T=16k, target 1.2×); dropless routing + permutation 4-9% of
-the layer. Missed: sort E=8 is 1.16× (T=4k) / 1.07× (T=16k) the dense FFN of hidden cf·K·f
-(target 1.1×); dropless is 1.27-1.73× the dense FFN of hidden K·f (target 1.15×; its backward's
-weight-gradient matmuls contract over one 64-row block); sort's routing + permutation is
-10-12% of the layer (target 10%); sort is 1.71× (T=4k) / 1.92× (T=16k) faster than einsum at
-E=64 (target 2×). Running the capacity experts as [E, G·C, d] matmuls instead of the 4-D
-'egcd,edf' form took sort E=8 from 1.86× to 1.07-1.16×.
+Last default run: 2026-11-29 17:00 UTC, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 11 s
+wall, noise (median/best) up to 1.6; results in experiments/results/moe_layer_benchmark/.
+Met: routing + permutation 8-10% of the layer for sort, 7-9% for dropless (target 10%).
+Missed: sort E=8 is 1.15× (T=4k) / 1.05× (T=16k) the dense FFN of hidden cf·K·f (target 1.1×);
+sort E=64 is 1.22× sort E=8 at T=16k (target 1.2×); dropless is 1.66-1.78× (E=8) and
+1.89-2.45× (E=64) the dense FFN of hidden K·f (target 1.15×; its backward's weight-gradient
+matmuls contract over one 64-row block, which XLA:CPU runs far below peak); sort is 1.62×
+(T=4k) / 1.70× (T=16k) faster than einsum at E=64 (target 2×). Running the capacity experts as
+[E, G·C, d] matmuls instead of the 4-D 'egcd,edf' form took sort E=8 from 1.86× to 1.05-1.16×;
+gathering in both directions through a RowMap (no scatter-add) took sort's routing share from
+10-12% to 8-10%. The same machine ran faster on 2026-11-29 than on 2026-11-23 (the dense FFN
+took 141 ms instead of 207 ms at T=4k), so compare ratios only within one run.
 
 Writes results.csv, results.md and ratios.png (needs matplotlib; skipped with a note if it is
 missing) into --out, and prints each issue-#4 CPU target with the measured value.
@@ -60,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import dispatch as dispatch_lib
-from moejax import dropless, routing
+from moejax import dropless, kernels, routing
 from moejax.layers import moe
 from moejax.layers.ffn import ffn_apply
 
@@ -149,13 +152,10 @@ def moe_layer(x, router_kernel, wi, wo, *, variant, top_k, group_size, capacity_
 
 def _dropless_identity(x, expert_index, combine_weight, num_experts, block_size):
   """`dropless_expert_ffn`'s data movement with identity experts: sort into blocks, back, combine."""
-  t, d = x.shape
-  k = expert_index.shape[1]
   # The layout is private to moejax.dropless; reusing it times exactly the permutation it does.
-  row, token_of_row, _, _ = dropless._block_layout(expert_index, num_experts, block_size)
-  rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[token_of_row]  # [NB·B, d]
-  y = rows[row].reshape(t, k, d)
-  return jnp.einsum("tk,tkd->td", combine_weight.astype(x.dtype), y).astype(x.dtype)
+  row_map, _, _ = dropless._block_layout(expert_index, num_experts, block_size)
+  rows = kernels.permute(x, row_map)  # [NB·B, d]
+  return kernels.unpermute(rows, row_map, combine_weight).astype(x.dtype)
 
 
 def dense_ffn(x, wi, wo):

@@ -13,7 +13,7 @@ import dataclasses
 
 import ml_collections
 
-from moejax import dispatch, losses, routers, routing
+from moejax import dispatch, dropless, kernels, losses, routers, routing
 from moejax.data.config import SOURCES, default_data_config
 from moejax.layers import ffn, moe
 from moejax.models import decoder
@@ -72,7 +72,12 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   c.moe.combine_weights = "raw"  # 'raw' (Switch/vmoe) | 'renormalized' (GShard/Mixtral/DeepSeek-V3)
   c.moe.priority = "token_major"  # 'token_major' (causal) | 'choice_major' (vmoe) | 'bpr' (V-MoE)
   c.moe.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
-  c.moe.dispatcher = "sort"  # 'sort' (gather/scatter) | 'einsum' (GShard one-hot) | 'dropless'
+  c.moe.dispatcher = "sort"  # 'sort' (row gathers) | 'einsum' (GShard one-hot) | 'dropless'
+  # Token permutation of 'sort' and 'dropless': 'auto' (XLA until the Pallas kernels are measured
+  # on hardware) | 'xla' | 'pallas' (Triton on GPU, Mosaic on TPU, interpreted on CPU: slow).
+  c.moe.permute_backend = "auto"
+  c.moe.dropless_impl = "auto"  # 'auto' | 'blocks' (B-row block loop) | 'ragged_dot' (grouped matmul)
+  c.moe.dropless_block_size = 64  # Rows per block of dropless_impl='blocks'.
   c.moe.router_noise = "none"  # Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch)
   c.moe.jitter_eps = 0.01  # Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.
   c.moe.second_expert_policy = "all"  # 'all' | 'random' (GShard: 2nd expert only if 2·g2 > u)
@@ -220,12 +225,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
          f"noisy top-k needs moe.top_k < moe.num_experts (an expert must be able to miss); got "
          f"top_k={e.top_k}, num_experts={e.num_experts}")
   _positive(cfg, "moe.capacity_factor", "moe.eval_capacity_factor", "moe.slots_per_expert",
-            "moe.dead_expert_steps")
+            "moe.dead_expert_steps", "moe.dropless_block_size")
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.load_balance_loss_weight", "moe.z_loss_weight",
             "moe.importance_loss_weight", "moe.load_loss_weight", "moe.num_shared_experts",
             "moe.max_experts_per_token", "moe.bias_update_rate", "moe.jitter_eps", allow_zero=True)
   for field, allowed in (("moe.combine_weights", routing.COMBINE_WEIGHTS), ("moe.priority", routing.PRIORITIES),
                          ("moe.dispatcher", dispatch.DISPATCHERS), ("moe.router_noise", routers.ROUTER_NOISE),
+                         ("moe.permute_backend", kernels.BACKENDS), ("moe.dropless_impl", dropless.IMPLS),
                          ("moe.second_expert_policy", ("all", "random")),
                          ("moe.score_function", routers.SCORE_FUNCTIONS),
                          ("moe.load_balance_density", losses.LOAD_BALANCE_DENSITIES),

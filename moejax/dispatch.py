@@ -4,6 +4,8 @@ Every dispatcher implements
   dispatch(decision, x: [G, S, d]) -> [E, G, C, d]   expert buffers (empty slots are zero)
   combine(decision, y: [E, G, C, d]) -> [G, S, d]    Σ_k combine_weight · y[expert, slot]
 and all give the same result for the same decision (tests/test_dispatch.py checks this).
+'einsum' is GShard's one-hot form; 'sort' moves rows with `moejax.kernels` (XLA gathers or
+Pallas kernels, chosen by `moe.permute_backend`).
 
 Legend: G groups, S tokens per group, E experts, C capacity, K choices per token, d model dim.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax import kernels
 from moejax.routing import RoutingDecision
 
 DISPATCHERS = ("einsum", "sort", "dropless")
@@ -31,55 +34,46 @@ class EinsumDispatcher:
 
 
 class SortDispatcher:
-  """Gather/scatter by slot index: O(G·E·C·d) data movement, no one-hot matmuls.
+  """Gather by slot index, both ways: O(E·G·C·d + T·K·d) data movement, no one-hot matmuls.
 
-  Each kept choice has a flat buffer position e·C + slot; dropped choices point at a spare
-  row E·C, which is discarded. Inverting that map gives each buffer row its token: dispatch
-  gathers rows, combine scatter-adds weighted rows back, so a token with many experts
-  (expert choice, dense) costs no extra memory.
+  Each kept choice has a buffer row (e·G + g)·C + slot of the [E, G, C] buffers, and each
+  filled row its choice (a `kernels.RowMap`). dispatch gathers each row's token, combine
+  gathers each token's K rows and sums them with the combine weights, and the gradients are
+  gathers too (moejax/kernels/permute.py says why no scatter-add). `backend` picks the XLA
+  gathers or the Pallas kernels ('auto': see `moejax.kernels.permute`).
   """
 
-  def _flat_position(self, decision: RoutingDecision) -> jax.Array:
-    """<int32>[G, S·K] buffer row of each choice; E·C for dropped ones."""
-    e, c = decision.num_experts, decision.capacity
-    position = jnp.where(decision.kept, decision.expert_index * c + decision.slot, e * c)
-    return position.reshape(position.shape[0], -1)
+  def __init__(self, backend: str = "auto"):
+    self.backend = backend
 
-  def _rows(self, decision: RoutingDecision):
-    """Inverts the map: <int32>[G, E·C] token filling each buffer row (S if none) and its weight."""
+  def row_map(self, decision: RoutingDecision) -> kernels.RowMap:
+    """The RowMap of the decision's G·S tokens and E·G·C buffer rows (dropped choices: none)."""
     g, s, k = decision.expert_index.shape
     e, c = decision.num_experts, decision.capacity
-    position = self._flat_position(decision)  # [G, S·K]
-    token = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[:, None], (s, k)).reshape(1, -1)
-    rows = jnp.arange(g)[:, None]
-    token_of_row = jnp.full((g, e * c + 1), s, jnp.int32).at[rows, position].set(token)
-    weight_of_row = jnp.zeros((g, e * c + 1), jnp.float32).at[rows, position].set(
-        decision.combine_weight.reshape(g, -1))
-    return token_of_row[:, : e * c], weight_of_row[:, : e * c]
+    group = jnp.arange(g, dtype=jnp.int32)[:, None, None]
+    row = (decision.expert_index * g + group) * c + decision.slot  # [G, S, K] in [E, G, C] order
+    row = jnp.where(decision.kept, row, e * g * c)
+    return kernels.RowMap.from_rows(row.reshape(g * s, k), e * g * c)
 
   def dispatch(self, decision: RoutingDecision, x: jax.Array) -> jax.Array:
     g, s, d = x.shape
-    token_of_row, _ = self._rows(decision)
-    x_padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # [G, S+1, d]
-    buffers = jnp.take_along_axis(x_padded, token_of_row[..., None], axis=1)  # [G, E·C, d]
-    return jnp.swapaxes(buffers.reshape(g, decision.num_experts, decision.capacity, d), 0, 1)
+    rows = kernels.permute(x.reshape(g * s, d), self.row_map(decision), backend=self.backend)
+    return rows.reshape(decision.num_experts, g, decision.capacity, d)
 
   def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
     e, g, c, d = y.shape
-    s = decision.expert_index.shape[1]
-    token_of_row, weight_of_row = self._rows(decision)  # Unfilled rows: token S, weight 0.
-    weighted = jnp.swapaxes(y, 0, 1).reshape(g, e * c, d) * weight_of_row[..., None].astype(y.dtype)
-    # Scatter-add rows back to their tokens: O(E·C·d), however many choices a token has.
-    out = jnp.zeros((g, s + 1, d), y.dtype).at[jnp.arange(g)[:, None], token_of_row].add(weighted)
-    return out[:, :s]
+    s, k = decision.expert_index.shape[1:]
+    out = kernels.unpermute(y.reshape(e * g * c, d), self.row_map(decision),
+                            decision.combine_weight.reshape(g * s, k), backend=self.backend)
+    return out.reshape(g, s, d)
 
 
-def get_dispatcher(name: str):
-  """The dispatcher called `name` (one of DISPATCHERS)."""
+def get_dispatcher(name: str, permute_backend: str = "auto"):
+  """The dispatcher called `name` (one of DISPATCHERS); permute_backend for 'sort'."""
   if name == "einsum":
     return EinsumDispatcher()
   if name == "sort":
-    return SortDispatcher()
+    return SortDispatcher(permute_backend)
   if name == "dropless":
     raise ValueError("'dropless' runs the experts itself (moejax.dropless); it has no dispatch/combine")
   raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {name!r}")

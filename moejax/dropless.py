@@ -24,22 +24,24 @@ path. On XLA:CPU ragged_dot lowers to a dense dot masked per group, E× the idea
 
 Timings: `python -m moejax.dropless [--activation swiglu] [--ragged_dot]` times forward+backward
 (value_and_grad) against a dense FFN of hidden size K·f on the same tokens, i.e. the same ideal
-FLOPs. 2026-11-23, the 2-core CPU dev VM, shared (absolute times moved 2× with the load, so the
-candidates are timed in interleaved rounds and only ratios are quoted), T=4096, K=2, d=256,
-f=1024, uniform routing: E=8: 1.08-1.27× dense for B=32..128 (swiglu 1.19× at B=64);
-E=64: 1.6× for B=32..128 (swiglu 1.63×); ragged_dot at E=8: 7.2×. The gap is the backward pass:
-its weight-gradient matmuls contract over only B rows per block. Plain autodiff through a
-per-block weight gather with a batched einsum, or through a lax.scan over blocks, was slower
-(measured in a scratch benchmark, not kept).
+FLOPs. 2026-11-29, the 2-core CPU dev VM (candidates timed in interleaved rounds; only ratios
+are quoted), T=4096, K=2, d=256, f=1024, uniform routing: E=8: 1.65× dense at B=64, 1.45× at
+B=128; E=64: 2.47× at B=64, 2.33× at B=128. (On 2026-11-23 the same command gave 1.08-1.27× at
+E=8 and 1.6× at E=64, when the dense FFN ran 1.4× slower on that machine: the ratio moves with
+the machine.) The gap is the backward pass: its weight-gradient matmuls contract over only B
+rows per block. Plain autodiff through a per-block weight gather with a batched einsum, or
+through a lax.scan over blocks, was slower (measured in a scratch benchmark, not kept).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from moejax import kernels
 from moejax.kernels.varying import _sum_to_variance_of, _zeros_varying_like
 from moejax.layers.ffn import ACTIVATIONS
 
@@ -62,7 +64,7 @@ def dropless_flops(num_assignments: int, d: int, f: int, num_experts: int, block
 
 def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Array,
                         wi: jax.Array, wo: jax.Array, wg: jax.Array | None, activation: str, *,
-                        impl: str = "auto", block_size: int = 64) -> jax.Array:
+                        impl: str = "auto", block_size: int = 64, permute_backend: str = "auto") -> jax.Array:
   """out[t] = Σ_k combine_weight[t, k] · FFN_{expert_index[t, k]}(tokens[t]), no token dropped.
 
   Args:
@@ -76,10 +78,15 @@ def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weig
     activation: 'gelu' (tanh approximation, jax.nn.gelu's default), 'relu' or 'swiglu'
       (silu(x·wi) ⊙ (x·wg)): exactly `moejax.layers.ffn.ffn_apply`.
     impl: 'blocks' (sorted B-row blocks, one expert per block: the CPU path), 'ragged_dot'
-      (jax.lax.ragged_dot: the GPU/TPU path, E× the FLOPs on CPU) or 'auto' (ragged_dot when
-      jax.default_backend() is gpu or tpu, blocks otherwise).
+      (jax.lax.ragged_dot: the GPU/TPU path) or 'auto' (ragged_dot when jax.default_backend()
+      is gpu or tpu and XLA compiles it as a grouped matmul, blocks otherwise). A ragged_dot
+      that XLA lowers to a dense dot over all E experts (always on CPU; possible on GPU) is
+      never taken silently: 'auto' then takes 'blocks' and warns, and an explicit
+      'ragged_dot' warns (`ragged_dot_flop_ratio` is the check).
     block_size: B, rows per block for 'blocks'. Larger blocks run faster matmuls but pad up to
       B−1 rows per expert: a B near N/E or below it suits.
+    permute_backend: `moejax.kernels` backend of the token permutation into expert order and
+      the weighted combine back ('auto', 'xla' or 'pallas').
 
   Returns:
     [T, d] in tokens.dtype. Differentiable (reverse mode) w.r.t. tokens, wi, wo, wg and
@@ -91,17 +98,45 @@ def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weig
     raise ValueError("wg must be given exactly when activation is 'swiglu'")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    impl = "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocks"
+  impl = _resolve_impl(impl, expert_index.size, wi, tokens.dtype)
   dtype = tokens.dtype
   wi, wo = wi.astype(dtype), wo.astype(dtype)
   wg = None if wg is None else wg.astype(dtype)
   if impl == "blocks":
-    y = _blocks(tokens, expert_index, wi, wo, wg, activation, block_size)
-  else:
-    y = _ragged(tokens, expert_index, wi, wo, wg, activation)
-  # y: [T, K, d], each choice's expert output.
-  return jnp.einsum("tk,tkd->td", combine_weight.astype(dtype), y).astype(dtype)
+    return _blocks(tokens, expert_index, combine_weight, wi, wo, wg, activation, block_size, permute_backend)
+  return _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permute_backend)
+
+
+@functools.lru_cache(maxsize=None)
+def ragged_dot_flop_ratio(num_rows: int, d: int, f: int, num_experts: int, dtype: str = "float32") -> float:
+  """XLA's FLOP count for ragged_dot([N, d], [E, d, f]) on the default backend / 2·N·d·f.
+
+  1 for a grouped matmul; about E when XLA lowers it to a dense dot over every expert,
+  masked per group (XLA:CPU always does; GPU backends may). Compiles once per shape.
+  """
+  shapes = (jax.ShapeDtypeStruct((num_rows, d), dtype), jax.ShapeDtypeStruct((num_experts, d, f), dtype),
+            jax.ShapeDtypeStruct((num_experts,), jnp.int32))
+  cost = jax.jit(jax.lax.ragged_dot).lower(*shapes).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) / (2.0 * num_rows * d * f)
+
+
+def _resolve_impl(impl: str, num_rows: int, wi: jax.Array, dtype) -> str:
+  """'blocks' or 'ragged_dot' for `impl`, never a dense ragged_dot without a warning."""
+  accelerator = jax.default_backend() in ("gpu", "tpu")
+  if impl == "blocks" or (impl == "auto" and not accelerator):
+    return "blocks"
+  e, d, f = wi.shape
+  ratio = ragged_dot_flop_ratio(num_rows, d, f, e, jnp.dtype(dtype).name)
+  if e < 2 or ratio < 1.5:
+    return "ragged_dot"
+  message = (f"jax.lax.ragged_dot on {jax.default_backend()} computes every expert densely here "
+             f"({ratio:.1f}× the grouped FLOPs for E={e})")
+  if impl == "auto":
+    warnings.warn(message + "; dropless uses impl='blocks' instead", stacklevel=3)
+    return "blocks"
+  warnings.warn(message + "; impl='blocks' avoids that", stacklevel=3)
+  return "ragged_dot"
 
 
 def _activate(h: jax.Array, gate: jax.Array | None, activation: str) -> jax.Array:
@@ -127,8 +162,8 @@ def _block_layout(expert_index: jax.Array, num_experts: int, block_size: int):
   """Where each choice sits in the padded, expert-sorted rows of B-row blocks.
 
   Returns (with N = T·K choices, flat choice index t·K + k, R = NB·B rows):
-    row: <int32>[N] the row of each choice.
-    token_of_row: <int32>[R] the token each row reads; T (a zero row) for padding.
+    row_map: a `kernels.RowMap` of the T tokens' K choices and the R rows; padding rows are
+      empty (their token reads as T, a zero row).
     block_expert: <int32>[NB] the expert of each block (E−1 for spare blocks).
     num_used: <int32>[] Σ_e ceil(n_e / B), the blocks before the spare ones.
   """
@@ -142,25 +177,21 @@ def _block_layout(expert_index: jax.Array, num_experts: int, block_size: int):
   padded_start = jnp.cumsum(padded_sizes) - padded_sizes
   sorted_start = jnp.cumsum(group_sizes) - group_sizes
   row = padded_start[flat_expert] + rank - sorted_start[flat_expert]
-  token_of_row = jnp.full(nb * block_size, t, jnp.int32).at[row].set(
-      jnp.arange(n, dtype=jnp.int32) // k, unique_indices=True)
+  row_map = kernels.RowMap.from_rows(row.reshape(t, k), nb * block_size)
   block_end = jnp.cumsum(padded_sizes) // block_size  # [E] one past each expert's last block
   block_expert = jnp.searchsorted(block_end, jnp.arange(nb), side="right")
   block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
-  return row.astype(jnp.int32), token_of_row, block_expert, block_end[-1].astype(jnp.int32)
+  return row_map, block_expert, block_end[-1].astype(jnp.int32)
 
 
-def _blocks(tokens, expert_index, wi, wo, wg, activation, block_size):
-  """<[T, K, d]> each choice's expert output, computed in one-expert blocks of B rows."""
-  t, d = tokens.shape
-  k = expert_index.shape[1]
-  row, token_of_row, block_expert, num_used = _block_layout(expert_index, wi.shape[0], block_size)
-  # Padding rows read an appended zero row: FFN(0) = 0 (no biases), and the gradient that
-  # reaches it is discarded.
-  x = jnp.concatenate([tokens, jnp.zeros((1, d), tokens.dtype)])[token_of_row]
-  x = x.reshape(-1, block_size, d)  # [NB, B, d]
+def _blocks(tokens, expert_index, combine_weight, wi, wo, wg, activation, block_size, permute_backend):
+  """<[T, d]> Σ_k weight · expert output, the experts computed in one-expert blocks of B rows."""
+  d = tokens.shape[1]
+  row_map, block_expert, num_used = _block_layout(expert_index, wi.shape[0], block_size)
+  # Padding rows are zero: FFN(0) = 0 (no biases), and the unpermute never reads them.
+  x = kernels.permute(tokens, row_map, backend=permute_backend).reshape(-1, block_size, d)  # [NB, B, d]
   y = _block_ffn(x, block_expert, num_used, wi, wo, wg, activation)  # [NB, B, d]
-  return y.reshape(-1, d)[row].reshape(t, k, d)
+  return kernels.unpermute(y.reshape(-1, d), row_map, combine_weight, backend=permute_backend)
 
 
 # The block loop is a while loop, so that spare blocks cost nothing; JAX cannot reverse-
@@ -230,16 +261,16 @@ def _block_ffn_bwd(activation, residuals, dy):
 _block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
 
 
-def _ragged(tokens, expert_index, wi, wo, wg, activation):
-  """<[T, K, d]> each choice's expert output via grouped matmuls over the expert-sorted rows."""
-  t, d = tokens.shape
-  k = expert_index.shape[1]
-  order, rank, group_sizes = _sort_by_expert(expert_index, wi.shape[0])
-  x = tokens[order // k]  # [N, d] in expert order
+def _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permute_backend):
+  """<[T, d]> Σ_k weight · expert output, via grouped matmuls over the expert-sorted rows."""
+  t, k = expert_index.shape
+  _, rank, group_sizes = _sort_by_expert(expert_index, wi.shape[0])
+  row_map = kernels.RowMap.from_rows(rank.reshape(t, k), t * k)
+  x = kernels.permute(tokens, row_map, backend=permute_backend)  # [N, d] in expert order
   h = jax.lax.ragged_dot(x, wi, group_sizes)  # [N, f]
   gate = None if wg is None else jax.lax.ragged_dot(x, wg, group_sizes)
   y = jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)  # [N, d]
-  return y[rank].reshape(t, k, d)
+  return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
 
 
 def _benchmark():

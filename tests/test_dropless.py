@@ -85,12 +85,14 @@ def test_hand_checkable_case():
 
 def test_block_layout_hand_checkable():
   # 3 tokens, K = 2, E = 4, B = 2. Choices in order: (t0,e2) (t0,e0) (t1,e1) (t1,e0) (t2,e2) (t2,e1).
-  row, token_of_row, block_expert, num_used = dropless._block_layout(
+  row_map, block_expert, num_used = dropless._block_layout(
       jnp.array([[2, 0], [1, 0], [2, 1]], jnp.int32), num_experts=4, block_size=2)
   # e0's run is block 0 (t0, t1), e1's block 1 (t1, t2), e2's block 2 (t0, t2); e3 is empty.
   # NB = (6 + 4·1) // 2 = 5 blocks, so blocks 3 and 4 are spare and read the zero row (token 3).
-  np.testing.assert_array_equal(row, [4, 0, 2, 1, 5, 3])
-  np.testing.assert_array_equal(token_of_row, [0, 1, 1, 2, 0, 2, 3, 3, 3, 3])
+  np.testing.assert_array_equal(row_map.row_of_choice, [[4, 0], [2, 1], [5, 3]])
+  np.testing.assert_array_equal(row_map.token_of_row, [0, 1, 1, 2, 0, 2, 3, 3, 3, 3])
+  # The choice (t·K + k) in each row; empty rows hold N = 6.
+  np.testing.assert_array_equal(row_map.choice_of_row, [1, 3, 2, 5, 0, 4, 6, 6, 6, 6])
   np.testing.assert_array_equal(block_expert[:3], [0, 1, 2])
   assert int(num_used) == 3
 
@@ -98,9 +100,9 @@ def test_block_layout_hand_checkable():
 def test_block_layout_pads_each_expert_to_whole_blocks():
   # T = 5, K = 1, B = 2: e0 takes t1, t4 (one full block), e1 none, e2 takes t0, t2, t3
   # (a full block, then t3 and a padding row).
-  _, token_of_row, block_expert, num_used = dropless._block_layout(
+  row_map, block_expert, num_used = dropless._block_layout(
       jnp.array([[2], [0], [2], [2], [0]], jnp.int32), num_experts=3, block_size=2)
-  np.testing.assert_array_equal(token_of_row, [1, 4, 0, 2, 3, 5, 5, 5])
+  np.testing.assert_array_equal(row_map.token_of_row, [1, 4, 0, 2, 3, 5, 5, 5])
   np.testing.assert_array_equal(block_expert[:3], [0, 2, 2])
   assert int(num_used) == 3
 
@@ -251,3 +253,16 @@ def test_rejects_bad_options():
     dropless_expert_ffn(tokens, expert_index, combine_weight, wi, wo, wg, "gelu")
   with pytest.raises(ValueError, match="impl"):
     dropless_expert_ffn(tokens, expert_index, combine_weight, wi, wo, wg, "swiglu", impl="dense")
+
+
+def test_dense_ragged_dot_is_detected_and_never_taken_silently(monkeypatch):
+  # XLA:CPU lowers ragged_dot to a dense dot over every expert: the FLOP check sees ~E×.
+  assert dropless.ragged_dot_flop_ratio(64, 8, 16, 4) >= 3.5
+  tokens, combine_weight, wi, wo, wg = _params(0, 8, 2, 4, d=4, f=8, activation="relu")
+  expert_index = _routing(0, "uniform", 8, 2, 4)
+  with pytest.warns(UserWarning, match="computes every expert densely"):
+    dropless_expert_ffn(tokens, expert_index, combine_weight, wi, wo, wg, "relu", impl="ragged_dot")
+  # On an accelerator whose XLA also lowers it densely, 'auto' falls back to blocks, loudly.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.warns(UserWarning, match="uses impl='blocks' instead"):
+    assert dropless._resolve_impl("auto", 16, wi, jnp.float32) == "blocks"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax.kernels import inverse_map, permute, unpermute
+from moejax.kernels import RowMap, inverse_map, permute, permute_by_token, unpermute, unpermute_by_token
 from moejax.layers.moe import make_mesh
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -68,9 +68,9 @@ def test_hand_checked_case():
   rows = [[3, 30], [1, 10], [0, 0], [3, 30], [0, 0], [2, 20]]
   tokens = [[1, 10], [4, 40], [(0.5 + 0.25) * 3, (0.5 + 0.25) * 30], [0, 0]]
   for backend, platform in IMPLS:
-    y = permute(x, token_of_row, **_kwargs(backend, platform))
+    y = permute_by_token(x, token_of_row, **_kwargs(backend, platform))
     np.testing.assert_allclose(y, rows, err_msg=f"{backend} {platform}")
-    out = unpermute(y, token_of_row, weight, 4, **_kwargs(backend, platform))  # K = R = 6
+    out = unpermute_by_token(y, token_of_row, weight, 4, **_kwargs(backend, platform))  # K = R = 6
     np.testing.assert_allclose(out, tokens, err_msg=f"{backend} {platform}")
   np.testing.assert_array_equal(inverse_map(token_of_row, 4, 2), [[1, -1], [5, -1], [0, 3], [-1, -1]])
 
@@ -82,8 +82,8 @@ def test_matches_numpy_loop(backend, platform, max_rows_per_token):
   # (a cond around either variant: tried with one). The hand-checked case covers None.
   x, y, token_of_row, weight = _random_case(0)
   kw = _kwargs(backend, platform, max_rows_per_token=max_rows_per_token)
-  np.testing.assert_allclose(permute(x, token_of_row, **kw), _np_permute(x, token_of_row), **TOL)
-  np.testing.assert_allclose(unpermute(y, token_of_row, weight, len(x), **kw),
+  np.testing.assert_allclose(permute_by_token(x, token_of_row, **kw), _np_permute(x, token_of_row), **TOL)
+  np.testing.assert_allclose(unpermute_by_token(y, token_of_row, weight, len(x), **kw),
                              _np_unpermute(y, token_of_row, weight, len(x)), **TOL)
 
 
@@ -103,8 +103,8 @@ def test_gradients_match_xla(platform):
 
   def loss(x, y, weight, backend, platform):
     kw = _kwargs(backend, platform, max_rows_per_token=5)
-    rows = permute(x, token_of_row, **kw)
-    tokens = unpermute(y * rows, token_of_row, weight, len(x), **kw)
+    rows = permute_by_token(x, token_of_row, **kw)
+    tokens = unpermute_by_token(y * rows, token_of_row, weight, len(x), **kw)
     return jnp.sum(cot_rows * rows) + jnp.sum(cot_tokens * tokens)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
@@ -136,8 +136,8 @@ def test_inside_shard_map_equals_one_device(platform, check_vma):
 
   def per_device(x, token_of_row, weight, backend="pallas"):
     kw = _kwargs(backend, platform if backend == "pallas" else None, max_rows_per_token=3)
-    rows = permute(x, token_of_row, **kw)
-    return unpermute(jnp.sin(rows), token_of_row, weight, x.shape[0], **kw)
+    rows = permute_by_token(x, token_of_row, **kw)
+    return unpermute_by_token(jnp.sin(rows), token_of_row, weight, x.shape[0], **kw)
 
   sharded = jax.shard_map(per_device, mesh=make_mesh(2), in_specs=(P("data"), P("data"), P()),
                           out_specs=P("data"), check_vma=check_vma)
@@ -158,7 +158,7 @@ def test_lowers_for_gpu_and_tpu(platform, target, marker):
   t, r, d = 64, 128, 256
   def loss(x, token_of_row, weight):
     kw = dict(backend="pallas", platform=platform, interpret=False, max_rows_per_token=2)
-    return jnp.sum(unpermute(permute(x, token_of_row, **kw), token_of_row, weight, t, **kw) ** 2)
+    return jnp.sum(unpermute_by_token(permute_by_token(x, token_of_row, **kw), token_of_row, weight, t, **kw) ** 2)
 
   args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32),
           jax.ShapeDtypeStruct((r,), jnp.float32))
@@ -168,8 +168,75 @@ def test_lowers_for_gpu_and_tpu(platform, target, marker):
 
 def test_auto_is_xla_on_cpu_and_options_are_checked():
   x, y, token_of_row, weight = _random_case(6)
-  np.testing.assert_array_equal(permute(x, token_of_row), permute(x, token_of_row, backend="xla"))
+  np.testing.assert_array_equal(permute_by_token(x, token_of_row), permute_by_token(x, token_of_row, backend="xla"))
   with pytest.raises(ValueError, match="backend must be one of"):
-    permute(x, token_of_row, backend="triton")
+    permute_by_token(x, token_of_row, backend="triton")
   with pytest.raises(ValueError, match="platform must be one of"):
-    unpermute(y, token_of_row, weight, 16, backend="pallas", platform="cpu")
+    unpermute_by_token(y, token_of_row, weight, 16, backend="pallas", platform="cpu")
+
+
+# --- The two-sided RowMap ops (what the dispatchers call) -------------------------------------
+
+
+def _random_row_map(seed, t=13, k=3, r=40, drop=0.25):
+  """A RowMap of T tokens' K choices onto distinct rows out of R, with dropped choices."""
+  rng = np.random.default_rng(seed)
+  rows = rng.permutation(r)[: t * k].reshape(t, k)
+  rows[rng.random((t, k)) < drop] = r  # dropped: no row
+  return RowMap.from_rows(jnp.asarray(rows, jnp.int32), r), rows
+
+
+def test_row_map_hand_checked_case():
+  # 3 tokens, K = 2, 5 rows. t0 -> rows 3, 0; t1 -> row 4 and a dropped choice; t2 -> row 1.
+  # Row 2 is empty. Choices t·K + k: row 0 holds choice 1, row 1 choice 4, row 3 choice 0, row 4 choice 2.
+  row_map = RowMap.from_rows(jnp.asarray([[3, 0], [4, 5], [1, -1]]), 5)
+  np.testing.assert_array_equal(row_map.row_of_choice, [[3, 0], [4, 5], [1, 5]])
+  np.testing.assert_array_equal(row_map.choice_of_row, [1, 4, 6, 0, 2])
+  np.testing.assert_array_equal(row_map.token_of_row, [0, 2, 3, 0, 1])  # token 3 = T: empty
+  x = jnp.asarray([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+  weight = jnp.asarray([[0.5, 0.25], [2.0, 9.0], [1.0, 9.0]])
+  for backend, platform in IMPLS:
+    kw = _kwargs(backend, platform)
+    rows = permute(x, row_map, **kw)
+    np.testing.assert_allclose(rows, [[1, 10], [3, 30], [0, 0], [1, 10], [2, 20]], err_msg=f"{backend} {platform}")
+    # t0: .5·row3 + .25·row0 = .75·x0; t1: 2·row4 (its dropped choice adds 0); t2: 1·row1.
+    out = unpermute(rows, row_map, weight, **kw)
+    np.testing.assert_allclose(out, [[0.75, 7.5], [4, 40], [3, 30]], err_msg=f"{backend} {platform}")
+
+
+@pytest.mark.parametrize("k", [3, 12])  # 12 > MAX_GATHER_K: rows are scatter-added into tokens
+def test_row_map_ops_and_gradients_match_numpy_and_autodiff(k):
+  row_map, rows = _random_row_map(k, t=7, k=k, r=100)
+  rng = np.random.default_rng(10 + k)
+  t, r, d = rows.shape[0], 100, 12
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(r, d)), jnp.float32)
+  weight = jnp.asarray(rng.random((t, k)), jnp.float32)
+  # numpy: a loop over choices.
+  want_rows, want_tokens = np.zeros((r, d)), np.zeros((t, d))
+  for i in range(t):
+    for j in range(k):
+      if rows[i, j] < r:
+        want_rows[rows[i, j]] = x[i]
+        want_tokens[i] += weight[i, j] * y[rows[i, j]]
+  cot_rows, cot_tokens = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((r, d), (t, d)))
+
+  def loss(x, y, weight, backend, platform):
+    kw = _kwargs(backend, platform)
+    moved = permute(x, row_map, **kw)
+    return jnp.sum(cot_rows * moved) + jnp.sum(cot_tokens * unpermute(y * moved, row_map, weight, **kw))
+
+  def plain(x, y, weight):  # autodiff of jnp gathers and a segment sum: the reference
+    padded = jnp.concatenate([x, jnp.zeros((1, d))])
+    moved = padded[row_map.token_of_row]
+    summed = jax.ops.segment_sum((weight.reshape(-1, 1) * jnp.concatenate([y * moved, jnp.zeros((1, d))])[
+        row_map.row_of_choice.reshape(-1)]), jnp.repeat(jnp.arange(t), k), t)
+    return jnp.sum(cot_rows * moved) + jnp.sum(cot_tokens * summed)
+
+  for backend, platform in IMPLS:
+    kw = _kwargs(backend, platform)
+    np.testing.assert_allclose(permute(x, row_map, **kw), want_rows, **TOL)
+    np.testing.assert_allclose(unpermute(y, row_map, weight, **kw), want_tokens, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))(x, y, weight, backend, platform)
+    for got, want in zip(grads, jax.grad(plain, argnums=(0, 1, 2))(x, y, weight)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{backend} {platform}")

@@ -79,3 +79,27 @@ def test_dropped_token_gets_zero_output():
   assert np.abs(y[0, 0]).sum() > 0
   np.testing.assert_array_equal(y[0, 1:], 0.0)
   np.testing.assert_allclose(aux["fraction_dropped"], [0.75])
+
+
+@pytest.mark.parametrize("dispatcher", ["sort", "dropless"])
+def test_pallas_permutation_equals_xla_in_the_layer(dispatcher):
+  """moe.permute_backend='pallas' (interpreted on CPU) gives the XLA path's output and gradients."""
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8))
+
+  def loss_and_grad(backend):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=0.75, dispatcher=dispatcher,
+                    permute_backend=backend, dropless_block_size=4)
+    layer = MoELayer(8, cfg, rngs=nnx.Rngs(0))
+
+    def loss_fn(layer, x):
+      y, aux = layer(x, train=True)
+      return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"], y
+
+    (loss, y), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(layer, x)
+    return y, nnx.state(grads)
+
+  (y_xla, g_xla), (y_pallas, g_pallas) = loss_and_grad("xla"), loss_and_grad("pallas")
+  assert np.abs(np.asarray(y_xla)).max() > 0.1
+  np.testing.assert_allclose(y_pallas, y_xla, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_pallas), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

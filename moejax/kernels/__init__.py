@@ -1,8 +1,10 @@
 """Hand-written kernels (Pallas) with plain-XLA fallbacks: the bottom layer of moejax.
 
-Nothing here knows about routers or layers; dispatchers (`moejax.dispatch`) call these.
+Nothing here knows about routers or layers; dispatchers (`moejax.dispatch`) and the dropless
+path (`moejax.dropless`) call these.
 """
 
-from moejax.kernels.permute import BACKENDS, inverse_map, permute, unpermute
+from moejax.kernels.permute import (BACKENDS, RowMap, inverse_map, permute, permute_by_token, unpermute,
+                                    unpermute_by_token)
 
-__all__ = ["BACKENDS", "inverse_map", "permute", "unpermute"]
+__all__ = ["BACKENDS", "RowMap", "inverse_map", "permute", "permute_by_token", "unpermute", "unpermute_by_token"]

@@ -1,37 +1,40 @@
 """Token permutation: gather tokens into expert rows, and weighted-sum rows back into tokens.
 
-Legend: T tokens, R rows (the E·C buffer rows of a capacity dispatcher, or dropless's padded
-expert-sorted rows), d model dim, K max rows per token (top-k routing: k; expert choice: up
-to E), BM rows per grid step, BD columns per grid step.
+Legend: T tokens, K choices per token (top-k: k; expert choice: E or its cap), R rows (the
+E·G·C buffer rows of a capacity dispatcher, or dropless's padded expert-sorted rows), d model
+dim, BM rows per grid step, BD columns per grid step.
 
-  permute(x, token_of_row)                               [T, d] -> [R, d]
-  unpermute(y, token_of_row, weight_of_row, num_tokens)  [R, d] -> [T, d]
+A `RowMap` pairs the K choices of each token with rows, both ways:
+  row_of_choice <int32>[T, K]  the row each choice fills; R for a choice with no row (dropped)
+  choice_of_row <int32>[R]     the choice t·K + k filling each row; T·K for an empty row
+and the two ops move data along it:
+  permute(x, row_map)               [T, d] -> [R, d]   out[r] = x[token of r], 0 for empty rows
+  unpermute(y, row_map, weight)     [R, d] -> [T, d]   out[t] = Σ_k weight[t, k] · y[row_of_choice[t, k]]
 
-A row whose token is out of [0, T) (T by convention) is empty: permute writes zeros there and
-unpermute ignores it. Several rows may hold one token; a token may have no row (dropped).
-
-Both directions are one kernel, a weighted row gather:
+Both directions of both ops, forward and backward, are one kernel, a weighted row gather:
   out[m] = Σ_k weight[m, k] · src[index[m, k]]   (index out of range: contributes 0)
-permute is index = token_of_row[:, None], weight 1. unpermute is the same gather driven by
-the inverse map `rows_of_token <int32>[T, K]` (each token's rows, −1 padded; computed in XLA
-by a stable sort of token_of_row), with the weights fused in. Why a gather rather than a
-scatter-add: several rows add into one token, so a kernel that walks rows and adds into
-tokens needs atomics (GPU; float atomics also make the sum order, hence the bits, vary from
-run to run) or serialised writes (TPU, where grid steps on the two cores of a megacore chip
-must not write the same output block). Walking tokens instead, each grid step owns its
-output block outright, reads its ≤ K rows and sums them in a fixed order: race-free and
-deterministic, at the price of the sort and K-padded index map, O(R log R + T·K) integer
-work in XLA. The gradients are the same kernel again: permute's is an unpermute with weight
-1, unpermute's an (unweighted) permute of the cotangent, from which dy = w·g and
-dw = Σ_d y·g.
+permute is index = token_of_row[:, None]; its gradient gathers each token's K rows
+(index = row_of_choice). unpermute is index = row_of_choice with the weights fused in; its
+gradient gathers the cotangent into rows (index = token_of_row) and from that
+dy = weight · g and dweight = Σ_d y · g. Why only gathers, never a scatter-add: several rows
+add into one token, so a kernel that walks rows and adds into tokens needs atomics (GPU;
+float atomics also make the sum order, hence the bits, vary from run to run) or serialised
+writes (TPU, where the two cores of a megacore chip must not write the same output block).
+Walking tokens instead, each grid step owns its output block outright, reads its ≤ K rows
+and sums them in a fixed order: race-free and deterministic. A dispatcher knows both maps
+from its routing decision (`RowMap.from_rows` inverts row_of_choice with one int32 scatter),
+so no sort is needed. Gathering K rows per token reads T·K rows; when K is large (expert
+choice with K = E) that is more than the R rows themselves, so for K > `MAX_GATHER_K` the
+rows-into-tokens direction is an XLA scatter-add over the rows instead, on every backend.
 
-K must bound the rows of every token for the kernel alone to be exact. `max_rows_per_token`
-gives it (static); None means K = R (always exact, but O(T·R) index work: pass the real
-bound). When the routing breaks the bound, a `lax.cond` falls back to the XLA scatter-add, so
-the result is exact either way, and the bound only decides the speed.
+Only a row -> token map at hand? `permute_by_token` / `unpermute_by_token` build the RowMap
+with a stable sort (`inverse_map`, O(R log R) integer work in XLA), given a static bound K
+on the rows of any token. When the routing breaks the bound, a `lax.cond` falls back to the
+XLA gather / scatter-add, so the result is exact either way, and the bound only decides the
+speed.
 
 Backends:
-  'xla'     jnp.take / .at[].add (scatter-add), accumulated in float32.
+  'xla'     jnp.take gathers, accumulated in float32.
   'pallas'  `pl.pallas_call` over a grid of (row block, column block), in one of two variants,
             chosen by `platform` (default: 'gpu' on GPU, else 'tpu'):
     'tpu'   (Mosaic) the flat index is scalar-prefetched into SMEM; each grid step starts one
@@ -43,7 +46,9 @@ Backends:
             column of row numbers and gathers src[rows, cols] with pointer arithmetic.
             Triton needs power-of-2 tensor shapes: BM and BD are powers of 2, and a d that
             is not a multiple of BD is zero-padded (one copy of src).
-  'auto'    'pallas' on gpu/tpu, 'xla' on cpu.
+  'auto'    'xla' on every platform for now: the Pallas kernels have not yet been compiled
+            or timed on a GPU or TPU (below), and on CPU they only run interpreted, far
+            slower than XLA. `moe.permute_backend='pallas'` forces them.
 On CPU, 'pallas' interprets the kernels (interpret=None means True there): the 'tpu' variant
 with the TPU interpreter (`pltpu.InterpretParams`: simulated DMAs and semaphores, NaN for
 uninitialised VMEM), the 'gpu' variant with jax's generic one, which on jax 0.10 fails inside
@@ -74,6 +79,49 @@ from moejax.kernels.varying import _sum_to_variance_of, _varying_axes, _zeros_va
 
 BACKENDS = ("auto", "pallas", "xla")
 PLATFORMS = ("gpu", "tpu")
+# Above this many choices per token, rows are summed into tokens by an XLA scatter-add (R row
+# reads) rather than a gather of every token's K rows (T·K row reads).
+MAX_GATHER_K = 8
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["row_of_choice", "choice_of_row"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class RowMap:
+  """The rows of each token's choices and the choice of each row (a partial bijection).
+
+  Attributes:
+    row_of_choice: <int32>[T, K] the row filled by choice k of token t; R if it has none.
+    choice_of_row: <int32>[R] the flat choice t·K + k filling each row; T·K if the row is empty.
+  """
+
+  row_of_choice: jax.Array
+  choice_of_row: jax.Array
+
+  @classmethod
+  def from_rows(cls, row_of_choice: jax.Array, num_rows: int) -> "RowMap":
+    """From <int32>[T, K] rows (each row used at most once; out of [0, R): no row)."""
+    t, k = row_of_choice.shape
+    valid = (row_of_choice >= 0) & (row_of_choice < num_rows)
+    row_of_choice = jnp.where(valid, row_of_choice, num_rows).astype(jnp.int32)
+    choices = jnp.arange(t * k, dtype=jnp.int32)
+    choice_of_row = _zeros_varying_like((num_rows,), jnp.int32, row_of_choice) + t * k
+    # Choices with no row aim at row R, out of bounds, and are dropped.
+    choice_of_row = choice_of_row.at[row_of_choice.reshape(-1)].set(choices, mode="drop", unique_indices=True)
+    return cls(row_of_choice, choice_of_row)
+
+  @property
+  def num_tokens(self) -> int:
+    return self.row_of_choice.shape[0]
+
+  @property
+  def num_rows(self) -> int:
+    return self.choice_of_row.shape[0]
+
+  @property
+  def token_of_row(self) -> jax.Array:
+    """<int32>[R] the token each row reads; T for an empty row."""
+    return self.choice_of_row // self.row_of_choice.shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,42 +133,33 @@ class _Config:
   interpret: bool
   block_rows: int | None
   block_d: int | None
-  max_rows_per_token: int | None
-  num_tokens: int  # T, the rows of x / the output of unpermute
 
 
-def _config(backend, platform, interpret, block_rows, block_d, max_rows_per_token, num_tokens):
+def _config(backend, platform, interpret, block_rows, block_d):
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   device = jax.default_backend()
   if backend == "auto":
-    backend = "pallas" if device in ("gpu", "tpu") else "xla"
+    backend = "xla"  # See the module docstring: until the kernels are measured on hardware.
   if platform is None:
     platform = "gpu" if device == "gpu" else "tpu"
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
   if interpret is None:
     interpret = device == "cpu"
-  if max_rows_per_token is not None and max_rows_per_token < 1:
-    raise ValueError(f"max_rows_per_token must be >= 1, got {max_rows_per_token}")
-  return _Config(backend, platform, bool(interpret), block_rows, block_d, max_rows_per_token,
-                 int(num_tokens))
+  return _Config(backend, platform, bool(interpret), block_rows, block_d)
 
 
-def permute(x: jax.Array, token_of_row: jax.Array, *, backend: str = "auto",
-            interpret: bool | None = None, max_rows_per_token: int | None = None,
+def permute(x: jax.Array, row_map: RowMap, *, backend: str = "auto", interpret: bool | None = None,
             block_rows: int | None = None, block_d: int | None = None,
             platform: str | None = None) -> jax.Array:
-  """out[r] = x[token_of_row[r]], zeros for empty rows.
+  """out[r] = x[row_map.token_of_row[r]], zeros for empty rows.
 
   Args:
     x: [T, d] tokens, any float dtype.
-    token_of_row: <int32>[R] the token each row reads; out of [0, T) (T by convention) for
-      an empty row.
+    row_map: a RowMap with T tokens.
     backend: one of BACKENDS.
     interpret: run the Pallas kernel in interpret mode; default True on CPU only.
-    max_rows_per_token: static bound on the rows one token fills, used by the gradient (an
-      unpermute); see the module docstring. None: R.
     block_rows: BM, output rows per grid step (default 32 on 'gpu', 128 on 'tpu').
     block_d: BD, columns per grid step (default 128 on 'gpu', 512 on 'tpu' where it divides d,
       else all of d).
@@ -128,126 +167,85 @@ def permute(x: jax.Array, token_of_row: jax.Array, *, backend: str = "auto",
       jax.default_backend() is gpu, else 'tpu'.
 
   Returns:
-    [R, d] in x.dtype. Differentiable w.r.t. x (reverse mode); the gradient is
-    unpermute(dout, token_of_row, 1).
+    [R, d] in x.dtype. Differentiable w.r.t. x (reverse mode): the gradient sums each token's
+    rows (a gather of its K rows, float32 sums).
   """
-  cfg = _config(backend, platform, interpret, block_rows, block_d, max_rows_per_token, x.shape[0])
-  return _permute(x, token_of_row.astype(jnp.int32), cfg)
+  return _permute(x, row_map, _config(backend, platform, interpret, block_rows, block_d))
 
 
-def unpermute(y: jax.Array, token_of_row: jax.Array, weight_of_row: jax.Array, num_tokens: int, *,
-              backend: str = "auto", interpret: bool | None = None,
-              max_rows_per_token: int | None = None, block_rows: int | None = None,
-              block_d: int | None = None, platform: str | None = None) -> jax.Array:
-  """out[t] = Σ_{r: token_of_row[r] = t} weight_of_row[r] · y[r]; empty rows are ignored.
+def unpermute(y: jax.Array, row_map: RowMap, weight: jax.Array, *, backend: str = "auto",
+              interpret: bool | None = None, block_rows: int | None = None, block_d: int | None = None,
+              platform: str | None = None) -> jax.Array:
+  """out[t] = Σ_k weight[t, k] · y[row_map.row_of_choice[t, k]]; choices with no row add 0.
 
   Args:
     y: [R, d] rows, any float dtype.
-    token_of_row: <int32>[R] as for `permute`.
-    weight_of_row: <float32>[R] the weight of each row (ignored for empty rows).
-    num_tokens: T (static).
-    max_rows_per_token: static K, the most rows any token has (top-k: k; expert choice: E or
-      its cap). A smaller K than the routing needs is still exact (an XLA fallback runs);
-      None means R. Ignored by 'xla'.
+    row_map: a RowMap with R rows.
+    weight: <float>[T, K] the weight of each choice.
     Others as for `permute`.
 
   Returns:
     [T, d] in y.dtype, summed in float32; tokens with no row are 0. Differentiable (reverse
-    mode) w.r.t. y and weight_of_row.
+    mode) w.r.t. y and weight.
   """
-  cfg = _config(backend, platform, interpret, block_rows, block_d, max_rows_per_token, num_tokens)
-  return _unpermute(y, token_of_row.astype(jnp.int32), weight_of_row, cfg)
+  return _unpermute(y, row_map, weight, _config(backend, platform, interpret, block_rows, block_d))
 
 
 def inverse_map(token_of_row: jax.Array, num_tokens: int, max_rows_per_token: int) -> jax.Array:
   """<int32>[T, K] the rows of each token in increasing row order, −1 padded.
 
-  Rows past the K-th of a token are left out; `unpermute` detects that and falls back to XLA.
+  Rows past the K-th of a token are left out; the `*_by_token` ops detect that and fall back.
   """
-  return _inverse_map(token_of_row.astype(jnp.int32), num_tokens, max_rows_per_token)[0]
+  row_of_choice, _ = _inverse_map(token_of_row.astype(jnp.int32), num_tokens, max_rows_per_token)
+  return jnp.where(row_of_choice < token_of_row.shape[0], row_of_choice, -1)
 
 
-# --- Custom VJPs --------------------------------------------------------------------------
+def permute_by_token(x: jax.Array, token_of_row: jax.Array, *, max_rows_per_token: int | None = None,
+                     **kwargs) -> jax.Array:
+  """`permute` from a row -> token map alone: out[r] = x[token_of_row[r]], 0 out of [0, T).
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _permute(x, token_of_row, cfg):
-  return _permute_impl(x, token_of_row, cfg)
-
-
-def _permute_fwd(x, token_of_row, cfg):
-  return _permute_impl(x, token_of_row, cfg), (x, token_of_row)
-
-
-def _permute_bwd(cfg, residuals, dout):
-  x, token_of_row = residuals
-  ones = _zeros_varying_like(token_of_row.shape, jnp.float32, dout, token_of_row) + 1
-  dx = _unpermute_impl(dout, token_of_row, ones, cfg).astype(x.dtype)
-  return _sum_to_variance_of(dx, x), None
-
-
-_permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _unpermute(y, token_of_row, weight_of_row, cfg):
-  return _unpermute_impl(y, token_of_row, weight_of_row, cfg)
-
-
-def _unpermute_fwd(y, token_of_row, weight_of_row, cfg):
-  return _unpermute_impl(y, token_of_row, weight_of_row, cfg), (y, token_of_row, weight_of_row)
-
-
-def _unpermute_bwd(cfg, residuals, dout):
-  y, token_of_row, weight_of_row = residuals
-  grad_rows = _permute_impl(dout, token_of_row, cfg).astype(jnp.float32)  # [R, d]
-  dy = (weight_of_row.astype(jnp.float32)[:, None] * grad_rows).astype(y.dtype)
-  dweight = jnp.sum(y.astype(jnp.float32) * grad_rows, axis=-1).astype(weight_of_row.dtype)
-  return _sum_to_variance_of(dy, y), None, _sum_to_variance_of(dweight, weight_of_row)
-
-
-_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
-
-
-# --- Forward implementations --------------------------------------------------------------
-
-
-def _permute_impl(x, token_of_row, cfg):
-  """[R, d]: x[token_of_row], zeros for empty rows."""
+  max_rows_per_token: static K, the most rows any token has (top-k: k; expert choice: E or
+  its cap). A smaller K than the routing needs is still exact (an XLA fallback runs); None
+  means R. kwargs: as for `permute`.
+  """
   t = x.shape[0]
-  if cfg.backend == "xla":
-    valid = (token_of_row >= 0) & (token_of_row < t)
-    return jnp.take(x, jnp.where(valid, token_of_row, t), axis=0, mode="fill", fill_value=0)
-  return _gather_rows(x, token_of_row[:, None], None, cfg)
+  row_map, overflow = _row_map_by_token(token_of_row, t, max_rows_per_token)
+  fast = lambda: permute(x, row_map, **kwargs)
+  if overflow is None:
+    return fast()
+  # The RowMap lost the rows past a token's K-th: gather from the full map instead.
+  slow = lambda: _gather_xla(x, token_of_row.astype(jnp.int32)[:, None], None)
+  return jax.lax.cond(overflow, slow, fast)
 
 
-def _unpermute_impl(y, token_of_row, weight_of_row, cfg):
-  """[T, d]: Σ weight · y over each token's rows."""
-  t, r = cfg.num_tokens, token_of_row.shape[0]
-  if cfg.backend == "xla":
-    return _unpermute_xla(y, token_of_row, weight_of_row, t)
-  k = min(cfg.max_rows_per_token or r, r)
-  rows_of_token, max_count = _inverse_map(token_of_row, t, k)  # [T, K]
-  has_row = rows_of_token >= 0
-  weight = jnp.where(has_row, weight_of_row.astype(jnp.float32)[jnp.where(has_row, rows_of_token, 0)], 0.0)
-  if k == r:  # Every token's rows fit.
-    return _gather_rows(y, rows_of_token, weight, cfg)
-  return jax.lax.cond(max_count > k,
-                      lambda: _unpermute_xla(y, token_of_row, weight_of_row, t),
-                      lambda: _gather_rows(y, rows_of_token, weight, cfg))
+def unpermute_by_token(y: jax.Array, token_of_row: jax.Array, weight_of_row: jax.Array, num_tokens: int, *,
+                       max_rows_per_token: int | None = None, **kwargs) -> jax.Array:
+  """`unpermute` from a row -> token map: out[t] = Σ_{r: token_of_row[r] = t} weight_of_row[r] · y[r].
+
+  weight_of_row: <float>[R]; num_tokens: T (static); the rest as for `permute_by_token`.
+  """
+  row_map, overflow = _row_map_by_token(token_of_row, num_tokens, max_rows_per_token)
+  padded = jnp.concatenate([weight_of_row, jnp.zeros((1,), weight_of_row.dtype)])
+  fast = lambda: unpermute(y, row_map, padded[row_map.row_of_choice], **kwargs)
+  if overflow is None:
+    return fast()
+  scatter = lambda: _scatter_add_xla(y, token_of_row.astype(jnp.int32), weight_of_row, num_tokens)
+  return jax.lax.cond(overflow, scatter, fast)
 
 
-def _unpermute_xla(y, token_of_row, weight_of_row, num_tokens):
-  """The scatter-add reference: float32 sums, rows of out-of-range tokens dropped."""
-  valid = (token_of_row >= 0) & (token_of_row < num_tokens)
-  weighted = weight_of_row.astype(jnp.float32)[:, None] * y.astype(jnp.float32)
-  out = _zeros_varying_like((num_tokens, y.shape[1]), jnp.float32, y, token_of_row, weight_of_row)
-  out = out.at[jnp.where(valid, token_of_row, num_tokens)].add(weighted, mode="drop")
-  return out.astype(y.dtype)
+def _row_map_by_token(token_of_row, num_tokens, max_rows_per_token):
+  """(RowMap, whether some token has more than K rows, or None when K = R cannot overflow)."""
+  r = token_of_row.shape[0]
+  if max_rows_per_token is not None and max_rows_per_token < 1:
+    raise ValueError(f"max_rows_per_token must be >= 1, got {max_rows_per_token}")
+  k = min(max_rows_per_token or r, r)
+  row_of_choice, max_count = _inverse_map(token_of_row.astype(jnp.int32), num_tokens, k)
+  row_map = RowMap.from_rows(row_of_choice, r)
+  return row_map, (None if k == r else max_count > k)
 
 
 def _inverse_map(token_of_row, num_tokens, k):
-  """(<int32>[T, K] rows of each token, −1 padded; <int32>[] the most rows of any token)."""
+  """(<int32>[T, K] rows of each token, R padded; <int32>[] the most rows of any token)."""
   r = token_of_row.shape[0]
   valid = (token_of_row >= 0) & (token_of_row < num_tokens)
   key = jnp.where(valid, token_of_row, num_tokens)  # empty rows sort last
@@ -257,12 +255,97 @@ def _inverse_map(token_of_row, num_tokens, k):
   start = jnp.cumsum(counts) - counts
   rank = jnp.arange(r, dtype=jnp.int32) - start[sorted_key]  # position among the token's rows
   keep = (sorted_key < num_tokens) & (rank < k)
-  rows_of_token = _zeros_varying_like((num_tokens, k), jnp.int32, token_of_row) - 1
-  # Left-out entries aim at row T, out of bounds, and are dropped.
-  rows_of_token = rows_of_token.at[jnp.where(keep, sorted_key, num_tokens), jnp.where(keep, rank, 0)].set(
+  row_of_choice = _zeros_varying_like((num_tokens, k), jnp.int32, token_of_row) + r
+  # Left-out entries aim at token T, out of bounds, and are dropped.
+  row_of_choice = row_of_choice.at[jnp.where(keep, sorted_key, num_tokens), jnp.where(keep, rank, 0)].set(
       order, mode="drop")
   max_count = jnp.max(counts[:num_tokens], initial=0)
-  return rows_of_token, max_count
+  return row_of_choice, max_count
+
+
+# --- Custom VJPs: every direction is a gather ----------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _permute(x, row_map, cfg):
+  return _gather_rows(x, row_map.token_of_row[:, None], None, cfg)
+
+
+def _permute_fwd(x, row_map, cfg):
+  return _permute(x, row_map, cfg), (x, row_map)
+
+
+def _permute_bwd(cfg, residuals, dout):
+  x, row_map = residuals
+  dx = _rows_to_tokens(dout, row_map, None, cfg).astype(x.dtype)
+  return _sum_to_variance_of(dx, x), None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _unpermute(y, row_map, weight, cfg):
+  return _rows_to_tokens(y, row_map, weight, cfg)
+
+
+def _unpermute_fwd(y, row_map, weight, cfg):
+  return _unpermute(y, row_map, weight, cfg), (y, row_map, weight)
+
+
+def _unpermute_bwd(cfg, residuals, dout):
+  y, row_map, weight = residuals
+  grad_rows = _gather_rows(dout, row_map.token_of_row[:, None], None, cfg).astype(jnp.float32)  # [R, d]
+  flat_weight = jnp.concatenate([weight.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
+  dy = (flat_weight[row_map.choice_of_row][:, None] * grad_rows).astype(y.dtype)  # empty rows: 0
+  drow = jnp.sum(y.astype(jnp.float32) * grad_rows, axis=-1)  # [R]
+  dweight = jnp.concatenate([drow, jnp.zeros((1,), jnp.float32)])[row_map.row_of_choice]  # [T, K]
+  return _sum_to_variance_of(dy, y), None, _sum_to_variance_of(dweight.astype(weight.dtype), weight)
+
+
+_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def _rows_to_tokens(rows, row_map, weight, cfg):
+  """<[T, d] rows.dtype> Σ_k weight[t, k] · rows[row_of_choice[t, k]] (weight None: 1)."""
+  t, k = row_map.row_of_choice.shape
+  if k > MAX_GATHER_K:  # Reading T·K rows would cost more than the R rows: scatter-add them.
+    flat = None if weight is None else jnp.concatenate(
+        [weight.reshape(-1), jnp.zeros((1,), weight.dtype)])[row_map.choice_of_row]
+    return _scatter_add_xla(rows, row_map.token_of_row, flat, t)
+  return _gather_rows(rows, row_map.row_of_choice, weight, cfg)
+
+
+def _scatter_add_xla(y, token_of_row, weight_of_row, num_tokens):
+  """Σ of (weighted) rows into their tokens, float32 sums; rows of out-of-range tokens dropped."""
+  valid = (token_of_row >= 0) & (token_of_row < num_tokens)
+  rows = y.astype(jnp.float32)
+  if weight_of_row is not None:
+    rows = weight_of_row.astype(jnp.float32)[:, None] * rows
+  out = _zeros_varying_like((num_tokens, y.shape[1]), jnp.float32, y, token_of_row, weight_of_row)
+  out = out.at[jnp.where(valid, token_of_row, num_tokens)].add(rows, mode="drop")
+  return out.astype(y.dtype)
+
+
+def _gather_rows(src, index, weight, cfg):
+  """<[M, d] src.dtype> Σ_k weight[m, k] · src[index[m, k]] (weight None: 1), float32 sums."""
+  if cfg.backend == "xla":
+    return _gather_xla(src, index, weight)
+  if cfg.platform == "tpu":
+    return _gather_rows_tpu(src, index, weight, cfg)
+  return _gather_rows_gpu(src, index, weight, cfg)
+
+
+def _gather_xla(src, index, weight):
+  """The XLA gather: out-of-range indices read zeros."""
+  n = src.shape[0]
+  index = jnp.where((index >= 0) & (index < n), index, n)
+  if index.shape[1] == 1 and weight is None:  # A plain gather: no sum, no float32 detour.
+    return jnp.take(src, index[:, 0], axis=0, mode="fill", fill_value=0)
+  rows = jnp.take(src, index, axis=0, mode="fill", fill_value=0).astype(jnp.float32)  # [M, K, d]
+  if weight is not None:
+    rows = weight.astype(jnp.float32)[..., None] * rows
+  return rows.sum(axis=1).astype(src.dtype)
 
 
 # --- Pallas kernels -----------------------------------------------------------------------
@@ -270,13 +353,6 @@ def _inverse_map(token_of_row, num_tokens, k):
 
 def _round_up(n, m):
   return -(-n // m) * m
-
-
-def _gather_rows(src, index, weight, cfg):
-  """<[M, d] src.dtype> Σ_k weight[m, k] · src[index[m, k]] (weight None: 1), float32 sums."""
-  if cfg.platform == "tpu":
-    return _gather_rows_tpu(src, index, weight, cfg)
-  return _gather_rows_gpu(src, index, weight, cfg)
 
 
 def _gather_rows_gpu(src, index, weight, cfg):

@@ -39,6 +39,9 @@ class MoEConfig:
   combine_weights: str = "raw"
   priority: str = "token_major"
   dispatcher: str = "sort"
+  permute_backend: str = "auto"
+  dropless_impl: str = "auto"
+  dropless_block_size: int = 64
   router_noise: str = "none"
   jitter_eps: float = 0.01
   second_expert_policy: str = "all"
@@ -151,11 +154,12 @@ def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capaci
     k = decision.expert_index.shape[-1]
     output = dropless.dropless_expert_ffn(
         tokens.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
-        decision.combine_weight.reshape(g * s, k), wi, wo, wg, cfg.activation).reshape(g, s, d)
+        decision.combine_weight.reshape(g * s, k), wi, wo, wg, cfg.activation, impl=cfg.dropless_impl,
+        block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend).reshape(g, s, d)
   else:
     # Soft MoE mixes every token into every slot: only the dense einsum form applies.
     name = "einsum" if isinstance(decision, routing.SoftRoutingDecision) else cfg.dispatcher
-    dispatcher = dispatch_lib.get_dispatcher(name)
+    dispatcher = dispatch_lib.get_dispatcher(name, cfg.permute_backend)
     expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
     expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation)
     output = dispatcher.combine(decision, expert_out)  # [G, S, d]
