@@ -124,8 +124,22 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 3
 
+  # Devices: a ('data', 'expert') mesh. Batches (and MoE groups) are split over all of its
+  # devices; expert weights over 'expert' (E/expert experts per device), other weights replicated
+  # or, with fsdp, split over 'data' too. See README "Scaling out".
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Devices on the data axis; -1: all devices.
+  c.mesh.data = -1  # Devices on the data axis; -1: all devices / mesh.expert.
+  c.mesh.expert = 1  # Devices on the expert axis (expert parallelism); must divide moe.num_experts.
+  c.mesh.fsdp = False  # Also split non-expert weights and optimizer state over 'data' (ZeRO-3 style).
+
+  # Multi-host (one process per host or per GPU): `jax.distributed.initialize` before JAX starts.
+  c.distributed = ml_collections.ConfigDict()
+  # 'auto': initialize when a coordinator address is given (here or $JAX_COORDINATOR_ADDRESS) or a
+  # multi-process cluster is detected (Cloud TPU pod slice, SLURM, Open MPI); 'yes' | 'no'.
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator_address = ""  # host:port of process 0; '': from the cluster / environment.
+  c.distributed.num_processes = 0  # 0: from the cluster / environment.
+  c.distributed.process_id = -1  # -1: from the cluster / environment.
 
   c.lock()
   return c
@@ -289,16 +303,32 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(0 < cfg.data.digits.eval_fraction < 1, "data.digits.eval_fraction",
            f"must be in (0, 1), got {cfg.data.digits.eval_fraction}")
 
-  data_devices = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
-  _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {cfg.mesh.data}")
-  _check(data_devices <= num_devices, "mesh.data", f"asks for {data_devices} devices but only {num_devices} exist")
-  _check(t.batch_size % data_devices == 0, "train.batch_size",
-         f"{t.batch_size} must be divisible by the {data_devices} devices of the data axis")
+  _one_of(cfg, "distributed.initialize", ("auto", "yes", "no"))
+  data_devices, expert_devices = mesh_shape(cfg, num_devices)
+  mesh_devices = data_devices * expert_devices
+  _check(e.num_experts % expert_devices == 0, "mesh.expert",
+         f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}")
+  _check(t.batch_size % mesh_devices == 0, "train.batch_size",
+         f"{t.batch_size} must be divisible by the mesh's {mesh_devices} devices "
+         f"(data={data_devices} × expert={expert_devices})")
   if seq_len:
     num_groups = t.batch_size * seq_len // group
-    _check(num_groups % data_devices == 0 and (t.batch_size * seq_len) % group == 0, "moe.group_size",
+    _check(num_groups % mesh_devices == 0 and (t.batch_size * seq_len) % group == 0, "moe.group_size",
            f"the batch's {t.batch_size * seq_len} tokens must split into groups of {group} "
-           f"whose count is divisible by the {data_devices} data devices")
+           f"whose count is divisible by the mesh's {mesh_devices} devices")
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, expert) devices of the mesh for `num_devices` devices; raises ConfigError if it can't be built."""
+  m = cfg.mesh
+  _check(m.expert >= 1, "mesh.expert", f"must be >= 1, got {m.expert}")
+  _check(m.data == -1 or m.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {m.data}")
+  _check(m.expert <= num_devices and num_devices % m.expert == 0 or m.data != -1, "mesh.expert",
+         f"{m.expert} must divide the {num_devices} devices when mesh.data is -1")
+  data = num_devices // m.expert if m.data == -1 else m.data
+  _check(data * m.expert <= num_devices, "mesh.data" if m.data != -1 else "mesh.expert",
+         f"data={data} × expert={m.expert} asks for {data * m.expert} devices but only {num_devices} exist")
+  return data, m.expert
 
 
 def _validate_data(cfg: ml_collections.ConfigDict) -> None:
@@ -329,7 +359,7 @@ def moe_config(cfg: ml_collections.ConfigDict) -> moe.MoEConfig:
   return moe.MoEConfig(**{k: v for k, v in e.items() if k in moe_fields and k not in derived}, **derived)
 
 
-def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, num_data_devices: int = 1):
+def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, num_mesh_devices: int = 1):
   """The ViT's static config for images of `image_shape` [H, W, C]; raises ConfigError if they don't fit."""
   from moejax.models.vit import ViTConfig
   m, e = cfg.model, cfg.moe
@@ -344,9 +374,9 @@ def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, nu
   _check(vit.num_tokens % group == 0 or group % vit.num_tokens == 0, "moe.group_size",
          f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, got {e.group_size}")
   tokens = cfg.train.batch_size * vit.num_tokens
-  _check(tokens % group == 0 and (tokens // group) % num_data_devices == 0, "moe.group_size",
+  _check(tokens % group == 0 and (tokens // group) % num_mesh_devices == 0, "moe.group_size",
          f"the batch's {tokens} tokens must split into groups of {group} whose count is divisible by "
-         f"the {num_data_devices} data devices")
+         f"the mesh's {num_mesh_devices} devices")
   return vit
 
 

@@ -70,7 +70,8 @@ def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weig
   Args:
     tokens: <float>[T, d].
     expert_index: <int32>[T, K] chosen expert of each choice, in [0, E). A token may pick the
-      same expert twice; each choice is computed.
+      same expert twice; each choice is computed. E (or more) means no expert: the choice is
+      not computed and adds 0 (expert parallelism marks padding rows so).
     combine_weight: <float32>[T, K]; a zero weight still routes (the expert computes the row)
       but contributes 0.
     wi: [E, d, f]; wo: [E, f, d]; wg: [E, d, f] for 'swiglu', else None. Cast to tokens.dtype,
@@ -177,6 +178,7 @@ def _block_layout(expert_index: jax.Array, num_experts: int, block_size: int):
   padded_start = jnp.cumsum(padded_sizes) - padded_sizes
   sorted_start = jnp.cumsum(group_sizes) - group_sizes
   row = padded_start[flat_expert] + rank - sorted_start[flat_expert]
+  row = jnp.where(flat_expert < num_experts, row, nb * block_size)  # No expert: no row.
   row_map = kernels.RowMap.from_rows(row.reshape(t, k), nb * block_size)
   block_end = jnp.cumsum(padded_sizes) // block_size  # [E] one past each expert's last block
   block_expert = jnp.searchsorted(block_end, jnp.arange(nb), side="right")
@@ -265,6 +267,7 @@ def _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permut
   """<[T, d]> Σ_k weight · expert output, via grouped matmuls over the expert-sorted rows."""
   t, k = expert_index.shape
   _, rank, group_sizes = _sort_by_expert(expert_index, wi.shape[0])
+  rank = jnp.where(expert_index.reshape(-1) < wi.shape[0], rank, t * k)  # No expert: no row.
   row_map = kernels.RowMap.from_rows(rank.reshape(t, k), t * k)
   x = kernels.permute(tokens, row_map, backend=permute_backend)  # [N, d] in expert order
   h = jax.lax.ragged_dot(x, wi, group_sizes)  # [N, f]

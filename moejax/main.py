@@ -21,7 +21,8 @@ EXIT_BAD_INPUT = 2
 # config.json is refused. train.num_steps may change only under a constant learning rate: the
 # cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "data.data_dir")
+                     "data.data_dir", "mesh.data", "mesh.expert", "mesh.fsdp", "distributed.initialize",
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -132,8 +133,11 @@ def main(argv: list[str]) -> int:
   from moejax import config as config_lib
   from moejax import tasks
 
+  from moejax import distributed
+
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    distributed.initialize(cfg)
     config_lib.validate(cfg, jax.device_count())
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
@@ -142,8 +146,8 @@ def main(argv: list[str]) -> int:
   try:
     data = tasks.make_data(cfg, jax.process_index(), jax.process_count())
     if cfg.task == "vit":  # Checks that the images fit the model and the mesh.
-      num_data = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
-      config_lib.vit_config(cfg, data.image_shape, data.num_classes, num_data)
+      data_devices, expert_devices = config_lib.mesh_shape(cfg, jax.device_count())
+      config_lib.vit_config(cfg, data.image_shape, data.num_classes, data_devices * expert_devices)
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
   except (ValueError, FileNotFoundError) as e:

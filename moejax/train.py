@@ -25,8 +25,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moejax import config as config_lib
 from moejax import tasks
-from moejax.layers.moe import make_mesh
+from moejax.layers.moe import MESH_AXES, make_mesh
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
 EXIT_OK, EXIT_NONFINITE = 0, 1
@@ -56,6 +57,33 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   return adamw, schedule
 
 
+EXPERT_WEIGHTS = ("wi", "wo", "wg")  # MoELayer's [E, ...] expert weights (dense FFNs' are 2-D).
+
+
+def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
+  """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert') mesh.
+
+  Expert weights [E, d, f] (and their optimizer moments) are split over 'expert' on E. Other
+  arrays are replicated; with fsdp, each is also split over 'data' on its largest dimension
+  that the data axis divides (expert weights on d or f), and jit gathers them where used.
+  """
+  num_data = mesh.shape["data"]
+
+  def spec(path, leaf):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    axes = [None] * leaf.ndim
+    expert = leaf.ndim == 3 and bool(names) and names[-1] in EXPERT_WEIGHTS
+    if expert:
+      axes[0] = "expert"
+    if fsdp and num_data > 1:
+      free = [i for i in range(leaf.ndim) if axes[i] is None and leaf.shape[i] % num_data == 0]
+      if free:
+        axes[max(free, key=lambda i: leaf.shape[i])] = "data"
+    return NamedSharding(mesh, P(*axes))
+
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
 class Trainer:
   """Holds the jitted steps and the sharded state of one run.
 
@@ -66,20 +94,20 @@ class Trainer:
 
   def __init__(self, cfg: ml_collections.ConfigDict, task):
     self.cfg, self.task = cfg, task
-    num_data = jax.device_count() if cfg.mesh.data == -1 else cfg.mesh.data
-    self.mesh = make_mesh(num_data)
+    self.mesh = make_mesh(*config_lib.mesh_shape(cfg, jax.device_count()))
     model = task.make_model(self.mesh, nnx.Rngs(params=cfg.seed))
     self.num_moe_layers = len(model.moe_layers())
     self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
              "opt_state": self.tx.init(params),
              "steps_without_tokens": jnp.zeros((self.num_moe_layers, cfg.moe.num_experts), jnp.int32)}
-    self.state = jax.device_put(state, self.replicated)
+    self.state_sharding = state_sharding(self.mesh, state, fsdp=cfg.mesh.fsdp)
+    self.state = jax.device_put(state, self.state_sharding)
     self._noise_key = jax.random.key(cfg.seed + 1)  # Router noise of step s: fold_in(key, s).
-    self._train_step = jax.jit(self._train_step_fn, donate_argnums=0)
+    self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
+                               out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
     self._eval_step = jax.jit(self._eval_step_fn)
 
   def _train_step_fn(self, state, batch):
@@ -173,20 +201,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
   """
   t = cfg.train
   is_writer = jax.process_index() == 0
+  say = (lambda *a: print(*a, flush=True)) if is_writer else (lambda *a: None)  # Process 0 speaks.
   task = tasks.make_task(cfg, data)
   trainer = Trainer(cfg, task)
   cost = task.cost()
   baselines = task.baselines()
-  print(f"model: {cost.summary()}", flush=True)
-  print(f"data: {data.info['dataset']} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()),
-        flush=True)
-  print(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)",
-        flush=True)
+  say(f"model: {cost.summary()}")
+  say(f"data: {data.info['dataset']} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
+  say(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es)")
 
   manager = _checkpoint_manager(workdir, t.keep_checkpoints)
   start_step = _restore(manager, trainer)
   if start_step:
-    print(f"resumed from the checkpoint at step {start_step}", flush=True)
+    say(f"resumed from the checkpoint at step {start_step}")
   writer = MetricWriter(workdir, enabled=is_writer)
   eval_batches = list(data.eval_batches())
   tokens_per_step = t.batch_size * task.tokens_per_example
@@ -198,8 +226,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
     scalars = trainer.evaluate(eval_batches)
     scalars.update(task.derived_eval(scalars))
     writer.write(step, "eval", scalars)
-    print(f"eval at step {step}: " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scalars.items()),
-          flush=True)
+    say(f"eval at step {step}: " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scalars.items()))
     return scalars
 
   with _StopSignal() as stop:
@@ -210,9 +237,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
       # A finite loss with non-finite gradients has already poisoned the parameters.
       if not (np.isfinite(loss) and np.isfinite(grad_norm)):
         good = manager.latest_step()
-        print(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+        say(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
               f"stopping without saving. "
-              f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.", flush=True)
+              f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.")
         exit_code = EXIT_NONFINITE
         break
       if step == start_step + 1:
@@ -220,7 +247,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
       if step % t.log_every == 0 or step == t.num_steps:
         last_metrics = _scalars(metrics)
         writer.write(step, "train", last_metrics)
-        print(progress.report(step, loss), flush=True)
+        say(progress.report(step, loss))
       if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
         eval_scalars = run_eval(step)
       if step % t.checkpoint_every == 0 or step == t.num_steps or stop.received:
@@ -228,12 +255,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
       if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
       if stop.received:
-        print(f"{stop.received} received: saved a checkpoint at step {step}; "
-              f"re-run the same command to resume.", flush=True)
+        say(f"{stop.received} received: saved a checkpoint at step {step}; "
+              f"re-run the same command to resume.")
         break
     else:
       if start_step >= t.num_steps:
-        print(f"already trained to step {start_step} (train.num_steps = {t.num_steps})", flush=True)
+        say(f"already trained to step {start_step} (train.num_steps = {t.num_steps})")
       eval_scalars = run_eval(max(start_step, t.num_steps))
       summary = {
           "step": max(start_step, t.num_steps),
@@ -250,9 +277,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
       if is_writer:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
           json.dump(summary, f, indent=2)
-      print(f"done in {format_duration(summary['wall_time_s'])}: "
+      say(f"done in {format_duration(summary['wall_time_s'])}: "
             + " | ".join(f"eval {k.replace('_', ' ')} {v:.4f}" for k, v in eval_scalars.items())
-            + " | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()), flush=True)
+            + " | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
   manager.wait_until_finished()
   manager.close()
   writer.close()

@@ -29,6 +29,13 @@ BAD_VALUES = [
     ({"train.seq_len": 1}, "train.seq_len"),
     ({"moe.group_size": 48}, "moe.group_size"),
     ({"mesh.data": 16}, "mesh.data"),
+    ({"mesh.data": 4, "mesh.expert": 4}, "mesh.data"),  # 16 devices asked, 8 exist.
+    ({"mesh.expert": 16}, "mesh.expert"),
+    ({"mesh.expert": 3}, "mesh.expert"),  # With mesh.data = -1 it must divide the 8 devices.
+    ({"mesh.data": 2, "mesh.expert": 3}, "mesh.expert"),  # 3 must divide the 8 experts.
+    ({"mesh.expert": 0}, "mesh.expert"),
+    ({"mesh.data": 1, "mesh.expert": 8, "train.batch_size": 4}, "train.batch_size"),
+    ({"distributed.initialize": "maybe"}, "distributed.initialize"),
     ({"data.markov.branching": 100}, "data.markov.branching"),
     ({"model.positions": "alibi"}, "model.positions"),
     ({"model.dtype": "float16"}, "model.dtype"),
@@ -77,6 +84,9 @@ CLI_CASES = [
     (["--config", "configs/quickstart.py", "--config.data.source=mnist"], "data.source"),
     (["--config", "configs/quickstart.py", "--config.optim.learning_rate=-1"], "optim.learning_rate"),
     (["--config", "configs/quickstart.py", "--config.mesh.data=4"], "mesh.data"),
+    (["--config", "configs/quickstart.py", "--config.mesh.expert=2"], "mesh.expert"),
+    (["--config", "configs/quickstart.py", "--config.distributed.num_processes=2",
+      "--config.distributed.process_id=2"], "distributed.process_id"),
     (["--config", "configs/quickstart.py", "--config.data.source=tfds", "--config.data.tfds.name=lm1b"],
      "data.tfds.name"),
     (["--config", "configs/quickstart.py", "stray_argument"], "unexpected arguments"),
@@ -101,7 +111,7 @@ def test_cli_batch_not_divisible_by_devices(tmp_path):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = run_cli(tmp_path / "w", "--config.train.batch_size=12", data_dir=tmp_path / "d", env=env)
   assert result.returncode == 2
-  assert "error: config train.batch_size: 12 must be divisible by the 8 devices" in result.stderr
+  assert "error: config train.batch_size: 12 must be divisible by the mesh's 8 devices" in result.stderr
   assert not (tmp_path / "w").exists()
 
 
@@ -154,11 +164,11 @@ def test_vit_groups_must_fit_the_batch_and_mesh():
   cfg = config_lib.override(config_lib.base_config("vit"), {"moe.group_size": 32, "train.batch_size": 3})
   config_lib.validate(cfg, num_devices=1)
   with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
-    config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=1)  # 3 images × 16 tokens / 32.
+    config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=1)  # 3 images × 16 tokens / 32.
   cfg.train.batch_size = 8
-  config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=4)  # 4 groups on 4 devices: fine.
+  config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=4)  # 4 groups on 4 devices: fine.
   with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
-    config_lib.vit_config(cfg, (8, 8, 1), 10, num_data_devices=8)
+    config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=8)
 
 
 def test_cosine_run_refuses_a_new_horizon(tmp_path):

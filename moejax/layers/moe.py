@@ -5,9 +5,21 @@ K choices per token, d model dim, f expert hidden dim.
 
 Routing and dispatch run per device inside `jax.shard_map` over the mesh axes
 ('data', 'expert'); on one device the mesh is 1×1. Tokens are split into groups of S tokens
-(one sequence per group by default) and capacity is per group, so a device only ever routes
-its own groups. The routing decision (`moejax.routing`) is separate from the data movement
-(`moejax.dispatch`): other routers and expert parallelism plug in at those two seams.
+(one sequence per group by default) and the groups are split over every device of the mesh
+(both axes); capacity is per group, so a device only ever routes its own groups. The expert
+weights are split over 'expert': with n devices on that axis each holds E/n experts.
+
+Expert parallelism (n > 1), per device of an 'expert' row of n devices:
+  capacity path  route -> dispatch into [E, G, C, d] buffers -> all_to_all over 'expert'
+                 ([E, G, C, d] -> [E/n, n·G, C, d]: each device gets its experts' buffers from
+                 the n devices) -> local experts -> all_to_all back -> combine. Every router
+                 (top-k, expert choice, soft MoE, hash, dense, DeepSeek) ends in such buffers.
+  dropless       each choice goes to the device of its expert in a padded buffer of N = T·K
+                 rows per destination (the worst case: every choice to one device), so the
+                 exchange is a plain all_to_all that runs on CPU too; the receiver runs its
+                 experts on the rows that hold a choice (padding rows are skipped, not computed).
+Load-balance statistics and metrics are reduced over both axes: they describe the whole batch.
+The routing decision (`moejax.routing`) is separate from the data movement (`moejax.dispatch`).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import dispatch as dispatch_lib
 from moejax import losses
-from moejax import routers, routing
+from moejax import kernels, routers, routing
 from moejax.layers.ffn import FeedForward, fan_in_init, ffn_apply
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +72,19 @@ class MoEConfig:
   init_scale: float = 1.0
 
 
+MESH_AXES = ("data", "expert")  # Tokens are split over both axes, experts over 'expert'.
+
+
 def make_mesh(num_data: int = 1, num_expert: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'expert') mesh over the first num_data·num_expert devices."""
+  """A ('data', 'expert') mesh over the first num_data·num_expert devices.
+
+  Devices are taken in `jax.devices()` order (process by process), so the devices of an
+  'expert' row are neighbours: on one host when num_expert ≤ its local devices.
+  """
   devices = jax.devices() if devices is None else devices
   n = num_data * num_expert
   grid = np.asarray(devices[:n]).reshape(num_data, num_expert)
-  return jax.sharding.Mesh(grid, ("data", "expert"))
+  return jax.sharding.Mesh(grid, MESH_AXES)
 
 
 class MoELayer(nnx.Module):
@@ -104,6 +123,14 @@ class MoELayer(nnx.Module):
     ids = None if token_ids is None else token_ids.reshape(-1, group_size)
     capacity = self.router.capacity(group_size, train)
     mesh = self.mesh if self.mesh is not None else make_mesh(devices=jax.devices()[:1])
+    num_shards = mesh.shape["expert"]
+    if self.cfg.num_experts % num_shards:
+      raise ValueError(f"num_experts={self.cfg.num_experts} must be divisible by the mesh's "
+                       f"{num_shards} 'expert' devices")
+    num_devices = mesh.size
+    if tokens.shape[0] % num_devices:
+      raise ValueError(f"the {tokens.shape[0]} groups of {group_size} tokens must split evenly over the "
+                       f"mesh's {num_devices} devices")
     router_def, router_state = nnx.split(self.router)
     weights = (self.wi[...], self.wo[...], None if self.wg is None else self.wg[...])
     if train and _needs_rng(self.cfg) and rng is None:
@@ -113,15 +140,16 @@ class MoELayer(nnx.Module):
 
     def per_device(tokens, ids, router_state, weights, rng):
       # Each device draws its own noise.
-      rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(MESH_AXES))
       router = nnx.merge(router_def, router_state)
-      return _moe_per_device(tokens, ids, router, weights, rng, cfg=self.cfg, capacity=capacity, train=train)
+      return _moe_per_device(tokens, ids, router, weights, rng, cfg=self.cfg, capacity=capacity, train=train,
+                             num_shards=num_shards)
 
     specs = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
     local = jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(P("data"), P("data"), specs(router_state, P()), specs(weights, P()), P()),
-        out_specs=(P("data"), P()))
+        in_specs=(P(MESH_AXES), P(MESH_AXES), specs(router_state, P()), specs(weights, P("expert")), P()),
+        out_specs=(P(MESH_AXES), P()))
     y, aux = local(tokens, ids, router_state, weights, rng)
     y = y.reshape(b, l, d)
     if self.shared is not None:
@@ -144,26 +172,60 @@ def _needs_rng(cfg: MoEConfig) -> bool:
   return cfg.router_noise != "none" or cfg.second_expert_policy == "random"
 
 
-def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capacity: int, train: bool):
-  """One device's groups: route, move tokens, run the experts, combine; aux reduced over 'data'."""
+def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capacity: int, train: bool,
+                    num_shards: int = 1):
+  """One device's groups: route, move tokens, run the experts, combine; aux over the mesh.
+
+  weights: this device's E/num_shards experts (all E when num_shards is 1).
+  """
   wi, wo, wg = weights
   decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
   if cfg.dispatcher == "dropless" and isinstance(decision, routing.RoutingDecision):
-    from moejax import dropless  # Local: the dropless path is optional.
     g, s, d = tokens.shape
     k = decision.expert_index.shape[-1]
-    output = dropless.dropless_expert_ffn(
-        tokens.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
-        decision.combine_weight.reshape(g * s, k), wi, wo, wg, cfg.activation, impl=cfg.dropless_impl,
-        block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend).reshape(g, s, d)
+    output = _dropless_experts(tokens.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
+                               decision.combine_weight.reshape(g * s, k), wi, wo, wg, cfg, num_shards)
+    output = output.reshape(g, s, d)
   else:
     # Soft MoE mixes every token into every slot: only the dense einsum form applies.
     name = "einsum" if isinstance(decision, routing.SoftRoutingDecision) else cfg.dispatcher
     dispatcher = dispatch_lib.get_dispatcher(name, cfg.permute_backend)
     expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
+    if num_shards > 1:  # To the devices holding the experts: [E/n, n·G, C, d].
+      expert_in = jax.lax.all_to_all(expert_in, "expert", split_axis=0, concat_axis=1, tiled=True)
     expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation)
+    if num_shards > 1:  # And back: [E, G, C, d].
+      expert_out = jax.lax.all_to_all(expert_out, "expert", split_axis=1, concat_axis=0, tiled=True)
     output = dispatcher.combine(decision, expert_out)  # [G, S, d]
   return output.astype(tokens.dtype), _router_aux(decision, stats, cfg)
+
+
+def _dropless_experts(tokens, expert_index, combine_weight, wi, wo, wg, cfg: MoEConfig, num_shards: int):
+  """<[T, d]> Σ_k weight · expert output, no choice dropped; experts split over 'expert'.
+
+  With n = num_shards > 1 each of the N = T·K choices is sent to the device holding its
+  expert, in a buffer of N rows per destination device (so nothing can overflow), with its
+  local expert id; padding rows carry id E/n, which `dropless_expert_ffn` skips.
+  """
+  from moejax import dropless  # Local: the dropless path is optional.
+  kwargs = dict(impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend)
+  if num_shards == 1:
+    return dropless.dropless_expert_ffn(tokens, expert_index, combine_weight, wi, wo, wg, cfg.activation, **kwargs)
+  t, k = expert_index.shape
+  n, local_experts = t * k, wi.shape[0]
+  flat = expert_index.reshape(-1)
+  destination = flat // local_experts
+  sent_before = jnp.cumsum(jax.nn.one_hot(destination, num_shards, dtype=jnp.int32), axis=0)
+  rank = sent_before[jnp.arange(n), destination] - 1  # among the choices for the same device
+  row_map = kernels.RowMap.from_rows((destination * n + rank).reshape(t, k), num_shards * n)
+  rows = kernels.permute(tokens, row_map, backend=cfg.permute_backend)  # [n_shards·N, d]
+  local_id = jnp.concatenate([flat % local_experts, jnp.full((1,), local_experts, flat.dtype)])
+  local_id = local_id[row_map.choice_of_row]  # [n_shards·N]; empty rows: no expert
+  exchange = lambda x: jax.lax.all_to_all(x, "expert", split_axis=0, concat_axis=0, tiled=True)
+  rows, local_id = exchange(rows), exchange(local_id)
+  ones = jnp.ones((rows.shape[0], 1), jnp.float32)
+  out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **kwargs)
+  return kernels.unpermute(exchange(out), row_map, combine_weight, backend=cfg.permute_backend)
 
 
 def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str) -> jax.Array:
@@ -178,7 +240,7 @@ def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str) -> jax.Array:
 
 
 def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:
-  """Losses and metrics of one device's routing, reduced over the 'data' axis.
+  """Losses and metrics of one device's routing, reduced over every device of the mesh.
 
   Every device holds the same number of groups, so the mean of device means is the batch mean.
   """
@@ -195,16 +257,16 @@ def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:
       per_device["load_balance_loss"] = losses.switch_balance(fraction.mean(0), mean_prob.mean(0))
     else:  # 'global_batch': f and P over every device's tokens first (Qwen).
       aux["load_balance_loss"] = losses.switch_balance(
-          jax.lax.pmean(fraction.mean(0), "data"), jax.lax.pmean(mean_prob.mean(0), "data"))
+          jax.lax.pmean(fraction.mean(0), MESH_AXES), jax.lax.pmean(mean_prob.mean(0), MESH_AXES))
   else:
     per_device["load_balance_loss"] = zero
   per_device["z_loss"] = zero if stats["logits"] is None else losses.router_z_loss(stats["logits"])
   # Shazeer's losses are CV² over the whole batch: sum the per-expert totals across devices first.
   aux["importance_loss"] = zero if probs is None else losses.cv_squared(
-      jax.lax.psum(probs.reshape(-1, e).sum(axis=0), "data"))
+      jax.lax.psum(probs.reshape(-1, e).sum(axis=0), MESH_AXES))
   if stats.get("noise_std") is not None:
     load = losses.smooth_load(stats["clean_logits"], stats["logits"], stats["noise_std"], cfg.top_k)
-    aux["load_loss"] = losses.cv_squared(jax.lax.psum(load, "data"))
+    aux["load_loss"] = losses.cv_squared(jax.lax.psum(load, MESH_AXES))
   else:
     aux["load_loss"] = zero
 
@@ -230,8 +292,8 @@ def _router_aux(decision, stats, cfg: MoEConfig) -> dict[str, jax.Array]:
     p = probs.astype(jnp.float32)
     per_device["router_entropy"] = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), axis=-1).mean()
     per_device["top1_confidence"] = p.max(axis=-1).mean()
-  aux.update(jax.lax.pmean(per_device, "data"))
-  kept_per_expert = jax.lax.psum(kept_per_expert, "data")
+  aux.update(jax.lax.pmean(per_device, MESH_AXES))
+  kept_per_expert = jax.lax.psum(kept_per_expert, MESH_AXES)
   aux["expert_load"] = kept_per_expert / jnp.maximum(kept_per_expert.sum(), 1e-9)
-  aux["selection_counts"] = jax.lax.psum(stats["selection_counts"], "data")
+  aux["selection_counts"] = jax.lax.psum(stats["selection_counts"], MESH_AXES)
   return aux

@@ -1,0 +1,177 @@
+"""Expert parallelism: every mesh shape computes what one device does (issue #5).
+
+Meshes (data, expert) on the 8 fake CPU devices: (8, 1), (2, 4), (1, 8), against (1, 1).
+Tolerance: float32 sums over different groupings (psum over devices vs one sum), relative and
+absolute 2e-5 for outputs, losses and gradients.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli_util import REPO, TINY, run_cli
+from moejax.layers.moe import MoEConfig, MoELayer, make_mesh
+from moejax.metric_writer import read_metrics
+
+MESHES = [(8, 1), (2, 4), (1, 8)]
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+# Every router family and both data paths; capacity 1.0 so that the capacity paths drop tokens.
+CASES = {
+    "top2_sort": dict(router="top_k", top_k=2, dispatcher="sort"),
+    "top1_einsum": dict(router="top_k", top_k=1, dispatcher="einsum"),
+    "top2_dropless": dict(router="top_k", top_k=2, dispatcher="dropless", dropless_block_size=4),
+    "expert_choice": dict(router="expert_choice", top_k=2, priority="choice_major"),
+    "soft_moe": dict(router="soft_moe", slots_per_expert=2),
+    "hash": dict(router="hash", top_k=1),
+    "dense_gated": dict(router="dense"),
+    "deepseek": dict(router="deepseek", top_k=2, score_function="sigmoid", combine_weights="renormalized",
+                     num_expert_groups=4, top_expert_groups=2, num_shared_experts=1,
+                     load_balance_scope="global_batch"),
+}
+
+
+def _loss_and_grads(cfg: MoEConfig, mesh, x, ids):
+  layer = MoELayer(8, cfg, mesh=mesh, rngs=nnx.Rngs(0))
+
+  def loss_fn(layer, x):
+    y, aux = layer(x, train=True, token_ids=ids)
+    return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["z_loss"], (y, aux)
+
+  (loss, (y, aux)), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(layer, x)
+  return y, loss, aux, nnx.state(grads)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_mesh_equals_one_device(case):
+  cfg = MoEConfig(num_experts=8, d_expert=16, capacity_factor=1.0, **CASES[case])
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8))  # 16 groups of one sequence: 2 per device
+  ids = jax.random.randint(jax.random.key(1), (16, 8), 0, 50)
+  want = _loss_and_grads(cfg, make_mesh(1, 1), x, ids)
+  assert np.abs(np.asarray(want[0])).max() > 0.1
+  for data, expert in MESHES:
+    got = _loss_and_grads(cfg, make_mesh(data, expert), x, ids)
+    for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
+      for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"{case} mesh ({data}, {expert}) {name}")
+
+
+def test_experts_live_on_their_devices():
+  """Inside the layer each device holds E/n experts: the weights enter shard_map split on 'expert'."""
+  cfg = MoEConfig(num_experts=8, top_k=2, d_expert=16)
+  layer = MoELayer(8, cfg, mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
+  text = jax.jit(lambda x: layer(x, train=False)[0]).lower(jnp.ones((8, 8, 8))).as_text()
+  assert "all_to_all" in text or "all-to-all" in text
+  # 8 experts over 4 devices: the local weights are [2, d, f].
+  assert "tensor<2x8x16xf32>" in text
+
+
+def test_refuses_meshes_that_do_not_divide():
+  x = jnp.ones((8, 8, 8))
+  layer = MoELayer(8, MoEConfig(num_experts=6, d_expert=16), mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="divisible by the mesh's 4 'expert' devices"):
+    layer(x, train=False)
+  layer = MoELayer(8, MoEConfig(num_experts=8, d_expert=16), mesh=make_mesh(8, 1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="must split evenly over the mesh's 8 devices"):
+    layer(jnp.ones((4, 8, 8)), train=False)
+
+
+# --- End to end through the CLI: training, checkpoints across meshes, two processes ----------
+
+STEPS = 12
+# The tiny quickstart with 8 experts (so that 8 expert devices divide them), a constant
+# learning rate (so that a run may be resumed with a longer horizon) and a checkpoint every 6 steps.
+RUN = ("--config.moe.num_experts=8", "--config.optim.schedule=constant", "--config.train.checkpoint_every=6")
+# Losses of one step on different meshes differ by float32 reduction order, and the differences
+# grow a little over the steps: 12 steps agree to 2e-4 (relative).
+LOSS_TOL = dict(rtol=2e-4, atol=0)
+
+
+def _mesh_flags(data, expert):
+  return (f"--config.mesh.data={data}", f"--config.mesh.expert={expert}")
+
+
+def _losses(workdir):
+  return np.asarray([row["loss"] for _, row in sorted(read_metrics(workdir).items())])
+
+
+def _train(workdir, data_dir, *flags, devices=8, steps=STEPS):
+  result = run_cli(workdir, *RUN, f"--config.train.num_steps={steps}", *flags, data_dir=data_dir,
+                   env={"JAX_NUM_CPU_DEVICES": str(devices)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, data_dir):
+  """The reference: STEPS steps on one device."""
+  workdir = tmp_path_factory.mktemp("one_device") / "run"
+  _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1)
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert):
+  result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert))
+  assert f"mesh: {{'data': {data}, 'expert': {expert}}} over 8 cpu device(s)" in result.stdout
+  losses = _losses(tmp_path / "run")
+  assert len(losses) == STEPS and losses[-1] < losses[0] - 0.1
+  np.testing.assert_allclose(losses, one_device, **LOSS_TOL)
+
+
+def test_checkpoints_restore_across_meshes(tmp_path, data_dir, one_device):
+  """Save on 8 devices (2×4), resume on 1, then on 8 again (1×8): the one-device trajectory."""
+  workdir = tmp_path / "run"
+  _train(workdir, data_dir, *_mesh_flags(2, 4), steps=4)
+  result = _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=8)
+  assert "resumed from the checkpoint at step 4" in result.stdout
+  result = _train(workdir, data_dir, *_mesh_flags(1, 8), steps=STEPS)
+  assert "resumed from the checkpoint at step 8" in result.stdout
+  np.testing.assert_allclose(_losses(workdir), one_device, **LOSS_TOL)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir, one_device):
+  """2 processes × 4 CPU devices over 127.0.0.1, mesh 2×4, then resumed in one process on 1 device."""
+  workdir = tmp_path / "run"
+  _train(tmp_path / "warm", data_dir, *_mesh_flags(1, 1), devices=1, steps=1)  # Prepares the data once.
+  address = f"127.0.0.1:{_free_port()}"
+  args = [sys.executable, "-m", "moejax.main", "--config", "configs/quickstart.py", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", *TINY, *RUN, "--config.train.num_steps=6", *_mesh_flags(2, 4),
+          f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  workers = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [w.communicate(timeout=240) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  for w, (out, err) in zip(workers, outputs):
+    assert w.returncode == 0, err[-3000:]
+  assert "over 8 cpu device(s), 2 process(es)" in outputs[0][0]
+  # Only process 0 prints (the gloo collectives library logs its connections on both).
+  assert "mesh:" in outputs[0][0] and "done in" in outputs[0][0]
+  assert not any(word in outputs[1][0] for word in ("mesh:", "model:", "eval", "done in"))
+  np.testing.assert_allclose(_losses(workdir), one_device[:6], **LOSS_TOL)
+  # The two processes' checkpoint restores in one process on one device.
+  result = _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=STEPS)
+  assert "resumed from the checkpoint at step 6" in result.stdout
+  np.testing.assert_allclose(_losses(workdir), one_device, **LOSS_TOL)
