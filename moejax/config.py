@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import ml_collections
 
 from moejax import dispatch, dropless, kernels, losses, routers, routing
@@ -78,6 +79,9 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   c.moe.permute_backend = "auto"
   c.moe.dropless_impl = "auto"  # 'auto' | 'blocks' (B-row block loop) | 'ragged_dot' (grouped matmul)
   c.moe.dropless_block_size = 64  # Rows per block of dropless_impl='blocks'.
+  # Dropless with mesh.expert > 1: 'auto' (ragged on GPU/TPU, padded on CPU) | 'padded' (all_to_all
+  # of N rows per device pair, runs anywhere) | 'ragged' (jax.lax.ragged_all_to_all; GPU/TPU only).
+  c.moe.expert_exchange = "auto"
   c.moe.router_noise = "none"  # Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch)
   c.moe.jitter_eps = 0.01  # Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.
   c.moe.second_expert_policy = "all"  # 'all' | 'random' (GShard: 2nd expert only if 2·g2 > u)
@@ -246,6 +250,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   for field, allowed in (("moe.combine_weights", routing.COMBINE_WEIGHTS), ("moe.priority", routing.PRIORITIES),
                          ("moe.dispatcher", dispatch.DISPATCHERS), ("moe.router_noise", routers.ROUTER_NOISE),
                          ("moe.permute_backend", kernels.BACKENDS), ("moe.dropless_impl", dropless.IMPLS),
+                         ("moe.expert_exchange", moe.EXCHANGES),
                          ("moe.second_expert_policy", ("all", "random")),
                          ("moe.score_function", routers.SCORE_FUNCTIONS),
                          ("moe.load_balance_density", losses.LOAD_BALANCE_DENSITIES),
@@ -303,6 +308,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(0 < cfg.data.digits.eval_fraction < 1, "data.digits.eval_fraction",
            f"must be in (0, 1), got {cfg.data.digits.eval_fraction}")
 
+  _check(not (e.expert_exchange == "ragged" and jax.default_backend() == "cpu"), "moe.expert_exchange",
+         "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); use 'auto' or 'padded'")
   _one_of(cfg, "distributed.initialize", ("auto", "yes", "no"))
   data_devices, expert_devices = mesh_shape(cfg, num_devices)
   mesh_devices = data_devices * expert_devices

@@ -123,6 +123,22 @@ def _check_workdir(workdir: str, resolved: dict) -> None:
           f"use a new workdir, or change only {', '.join(resumable)}")
 
 
+def _make_data_once(cfg):
+  """This process's data; with several processes, process 0 prepares the dataset files first."""
+  import jax
+
+  from moejax import tasks
+
+  make = lambda: tasks.make_data(cfg, jax.process_index(), jax.process_count())
+  if jax.process_count() == 1:
+    return make()
+  from jax.experimental import multihost_utils
+
+  data = make() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("moejax: dataset prepared")  # The others then only read it.
+  return make() if data is None else data
+
+
 def main(argv: list[str]) -> int:
   del argv
   if not flags.FLAGS["verbosity"].present:
@@ -131,8 +147,6 @@ def main(argv: list[str]) -> int:
   import jax  # Local: flags are parsed (and refused) before JAX starts.
 
   from moejax import config as config_lib
-  from moejax import tasks
-
   from moejax import distributed
 
   cfg, workdir = _CONFIG.value, _WORKDIR.value
@@ -144,7 +158,7 @@ def main(argv: list[str]) -> int:
   resolved = cfg.to_dict()
   _check_workdir(workdir, resolved)
   try:
-    data = tasks.make_data(cfg, jax.process_index(), jax.process_count())
+    data = _make_data_once(cfg)
     if cfg.task == "vit":  # Checks that the images fit the model and the mesh.
       data_devices, expert_devices = config_lib.mesh_shape(cfg, jax.device_count())
       config_lib.vit_config(cfg, data.image_shape, data.num_classes, data_devices * expert_devices)

@@ -73,6 +73,24 @@ def test_experts_live_on_their_devices():
   assert "tensor<2x8x16xf32>" in text
 
 
+def test_state_sharding_splits_experts_and_optionally_the_rest():
+  from moejax.train import state_sharding
+  state = {"params": {"blocks": {0: {"ffn": {"wi": jnp.zeros((8, 16, 32)), "wo": jnp.zeros((8, 32, 16))}},
+                                 1: {"ffn": {"wi": jnp.zeros((16, 64))}}},
+                      "embed": jnp.zeros((50, 16))},
+           "step": jnp.zeros((), jnp.int32)}
+  specs = lambda fsdp: jax.tree.map(lambda s: tuple(s.spec), state_sharding(make_mesh(2, 4), state, fsdp=fsdp))
+  plain, fsdp = specs(False), specs(True)
+  assert plain["params"]["blocks"][0]["ffn"]["wi"] == ("expert", None, None)
+  assert plain["params"]["blocks"][1]["ffn"]["wi"] == (None, None)  # a dense FFN: replicated
+  assert plain["params"]["embed"] == (None, None) and plain["step"] == ()
+  # FSDP: each array also split over 'data' on its largest dimension that 2 divides.
+  assert fsdp["params"]["blocks"][0]["ffn"]["wi"] == ("expert", None, "data")
+  assert fsdp["params"]["blocks"][0]["ffn"]["wo"] == ("expert", "data", None)
+  assert fsdp["params"]["blocks"][1]["ffn"]["wi"] == (None, "data")
+  assert fsdp["params"]["embed"] == ("data", None) and fsdp["step"] == ()
+
+
 def test_refuses_meshes_that_do_not_divide():
   x = jnp.ones((8, 8, 8))
   layer = MoELayer(8, MoEConfig(num_experts=6, d_expert=16), mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
@@ -81,6 +99,48 @@ def test_refuses_meshes_that_do_not_divide():
   layer = MoELayer(8, MoEConfig(num_experts=8, d_expert=16), mesh=make_mesh(8, 1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="must split evenly over the mesh's 8 devices"):
     layer(jnp.ones((4, 8, 8)), train=False)
+
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+  """jax.lax.ragged_all_to_all's documented semantics from all_gather and gathers (XLA:CPU has none)."""
+  me = jax.lax.axis_index(axis_name)
+  everyone = [jax.lax.all_gather(a, axis_name) for a in (operand, input_offsets, send_sizes, output_offsets)]
+  operands, starts, sizes, landings = everyone  # [n, M, ...] and [n senders, n receivers]
+  assert recv_sizes.shape == send_sizes.shape
+  r = jnp.arange(output.shape[0])
+  lo = landings[:, me][:, None]
+  hit = (r >= lo) & (r < lo + sizes[:, me][:, None])  # [n, R]: row r comes from sender i
+  source = jnp.clip(starts[:, me][:, None] + r - lo, 0, operand.shape[0] - 1)
+  rows = operands[jnp.arange(operands.shape[0])[:, None], source]  # [n, R, ...]
+  for i in range(operands.shape[0]):
+    output = jnp.where(hit[i].reshape(-1, *[1] * (output.ndim - 1)), rows[i], output)
+  return output
+
+
+@pytest.mark.parametrize("data,expert", [(2, 4), (1, 8)])
+def test_ragged_exchange_equals_one_device(monkeypatch, data, expert):
+  """Dropless over 'expert' with the ragged layout (sizes, offsets, the way back) == one device."""
+  from moejax.layers import moe
+  monkeypatch.setattr(moe, "_ragged_all_to_all", _emulated_ragged_all_to_all)
+  cfg = MoEConfig(num_experts=8, d_expert=16, expert_exchange="ragged", **CASES["top2_dropless"])
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8))
+  want = _loss_and_grads(cfg, make_mesh(1, 1), x, None)
+  got = _loss_and_grads(cfg, make_mesh(data, expert), x, None)
+  for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
+    for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"mesh ({data}, {expert}) {name}")
+
+
+def test_ragged_exchange_lowers_for_gpu():
+  """The real collective, forward and backward, in the program XLA:GPU would compile (not run here)."""
+  cfg = MoEConfig(num_experts=8, d_expert=16, expert_exchange="ragged", **CASES["top2_dropless"])
+  layer = MoELayer(8, cfg, mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, train=True)[0] ** 2)
+  text = jax.jit(jax.grad(loss)).trace(state, jnp.ones((16, 8, 8))).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("ragged_all_to_all") >= 4  # tokens and ids there, outputs back; and the gradients
 
 
 # --- End to end through the CLI: training, checkpoints across meshes, two processes ----------
@@ -122,9 +182,9 @@ def one_device(tmp_path_factory, data_dir):
   return _losses(workdir)
 
 
-@pytest.mark.parametrize("data,expert", MESHES)
-def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert):
-  result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert))
+@pytest.mark.parametrize("data,expert,fsdp", [(d, e, False) for d, e in MESHES] + [(4, 2, True)])
+def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert, fsdp):
+  result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert), f"--config.mesh.fsdp={fsdp}")
   assert f"mesh: {{'data': {data}, 'expert': {expert}}} over 8 cpu device(s)" in result.stdout
   losses = _losses(tmp_path / "run")
   assert len(losses) == STEPS and losses[-1] < losses[0] - 0.1
@@ -150,8 +210,7 @@ def _free_port():
 
 def test_two_processes_match_one_process(tmp_path, data_dir, one_device):
   """2 processes × 4 CPU devices over 127.0.0.1, mesh 2×4, then resumed in one process on 1 device."""
-  workdir = tmp_path / "run"
-  _train(tmp_path / "warm", data_dir, *_mesh_flags(1, 1), devices=1, steps=1)  # Prepares the data once.
+  workdir, data_dir = tmp_path / "run", str(tmp_path / "tfds")  # Fresh data: process 0 prepares it.
   address = f"127.0.0.1:{_free_port()}"
   args = [sys.executable, "-m", "moejax.main", "--config", "configs/quickstart.py", "--workdir", str(workdir),
           f"--config.data.data_dir={data_dir}", *TINY, *RUN, "--config.train.num_steps=6", *_mesh_flags(2, 4),
@@ -169,7 +228,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, one_device):
   assert "over 8 cpu device(s), 2 process(es)" in outputs[0][0]
   # Only process 0 prints (the gloo collectives library logs its connections on both).
   assert "mesh:" in outputs[0][0] and "done in" in outputs[0][0]
-  assert not any(word in outputs[1][0] for word in ("mesh:", "model:", "eval", "done in"))
+  assert not any(word in outputs[1][0] for word in ("mesh:", "model:", "eval", "done in", "preparing"))
+  assert "preparing" in outputs[0][0]  # Process 0 alone wrote the dataset files.
   np.testing.assert_allclose(_losses(workdir), one_device[:6], **LOSS_TOL)
   # The two processes' checkpoint restores in one process on one device.
   result = _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=STEPS)

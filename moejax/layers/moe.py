@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import dispatch as dispatch_lib
 from moejax import losses
 from moejax import kernels, routers, routing
+from moejax.kernels.varying import _zeros_varying_like
 from moejax.layers.ffn import FeedForward, fan_in_init, ffn_apply
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class MoEConfig:
   combine_weights: str = "raw"
   priority: str = "token_major"
   dispatcher: str = "sort"
+  expert_exchange: str = "auto"
   permute_backend: str = "auto"
   dropless_impl: str = "auto"
   dropless_block_size: int = 64
@@ -203,9 +205,13 @@ def _moe_per_device(tokens, ids, router, weights, rng, *, cfg: MoEConfig, capaci
 def _dropless_experts(tokens, expert_index, combine_weight, wi, wo, wg, cfg: MoEConfig, num_shards: int):
   """<[T, d]> Σ_k weight · expert output, no choice dropped; experts split over 'expert'.
 
-  With n = num_shards > 1 each of the N = T·K choices is sent to the device holding its
-  expert, in a buffer of N rows per destination device (so nothing can overflow), with its
-  local expert id; padding rows carry id E/n, which `dropless_expert_ffn` skips.
+  With n = num_shards > 1 each of the N = T·K choices goes to the device holding its expert,
+  with its local expert id; a receiver holds at most n·N rows (every choice of every device),
+  and rows that hold no choice carry id E/n, which `dropless_expert_ffn` skips.
+    'padded'  N rows per destination, a plain all_to_all (any backend, CPU included): sends
+              n·N rows whatever the routing.
+    'ragged'  the choices sorted by destination, `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU
+              has no lowering): sends exactly N rows.
   """
   from moejax import dropless  # Local: the dropless path is optional.
   kwargs = dict(impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend)
@@ -217,15 +223,67 @@ def _dropless_experts(tokens, expert_index, combine_weight, wi, wo, wg, cfg: MoE
   destination = flat // local_experts
   sent_before = jnp.cumsum(jax.nn.one_hot(destination, num_shards, dtype=jnp.int32), axis=0)
   rank = sent_before[jnp.arange(n), destination] - 1  # among the choices for the same device
-  row_map = kernels.RowMap.from_rows((destination * n + rank).reshape(t, k), num_shards * n)
-  rows = kernels.permute(tokens, row_map, backend=cfg.permute_backend)  # [n_shards·N, d]
+  exchange = resolve_exchange(cfg.expert_exchange)
+  if exchange == "padded":
+    row_map = kernels.RowMap.from_rows((destination * n + rank).reshape(t, k), num_shards * n)
+    send = move = lambda x, fill: jax.lax.all_to_all(x, "expert", split_axis=0, concat_axis=0, tiled=True)
+  else:
+    send_sizes = sent_before[-1]  # [n_shards]
+    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    row_map = kernels.RowMap.from_rows((input_offsets[destination] + rank).reshape(t, k), n)
+    send, move = _ragged_exchange(send_sizes, input_offsets, n, num_shards * n)
+  rows = kernels.permute(tokens, row_map, backend=cfg.permute_backend)
   local_id = jnp.concatenate([flat % local_experts, jnp.full((1,), local_experts, flat.dtype)])
-  local_id = local_id[row_map.choice_of_row]  # [n_shards·N]; empty rows: no expert
-  exchange = lambda x: jax.lax.all_to_all(x, "expert", split_axis=0, concat_axis=0, tiled=True)
-  rows, local_id = exchange(rows), exchange(local_id)
+  local_id = local_id[row_map.choice_of_row]  # empty rows: no expert
+  rows, local_id = send(rows, 0), send(local_id, local_experts)  # [n_shards·N, ...] on the receiver
   ones = jnp.ones((rows.shape[0], 1), jnp.float32)
   out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **kwargs)
-  return kernels.unpermute(exchange(out), row_map, combine_weight, backend=cfg.permute_backend)
+  return kernels.unpermute(move(out, 0), row_map, combine_weight, backend=cfg.permute_backend)
+
+
+EXCHANGES = ("auto", "padded", "ragged")
+
+
+def resolve_exchange(exchange: str) -> str:
+  """'padded' or 'ragged' for moe.expert_exchange ('auto': ragged on GPU/TPU, padded on CPU)."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"expert_exchange must be one of {EXCHANGES}, got {exchange!r}")
+  if exchange == "auto":
+    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
+  return exchange
+
+
+# The collective behind 'ragged'; tests swap in an emulation built from all_gather, because
+# XLA:CPU cannot run ragged_all_to_all.
+_ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+def _ragged_exchange(send_sizes, input_offsets, num_rows: int, out_rows: int):
+  """(there, back): ragged_all_to_all to the expert devices and back again, for one routing.
+
+  send_sizes, input_offsets: <int32>[n] this device's rows for each device of its 'expert' row,
+  contiguous in destination order, num_rows (N) in all. there(x, fill) sends them and returns
+  out_rows rows: those from device 0 first, then device 1's, ..., `fill` after. back(y, fill)
+  returns the rows that the receivers computed to where they came from ([N, ...]).
+  """
+  me = jax.lax.axis_index("expert")
+  sizes = jax.lax.all_gather(send_sizes, "expert")  # [n, n]: sizes[i, j] rows from i to j
+  # Where i's rows for j land on j: after the rows that devices before i send to j.
+  landing = jnp.cumsum(sizes, axis=0) - sizes  # [n, n]
+  # Where j's rows from i start on i (i's input_offsets).
+  starts = jnp.cumsum(sizes, axis=1) - sizes  # [n, n]
+  recv_sizes = sizes[:, me]
+  recv_offsets = landing[:, me]
+
+  def there(x, fill):
+    output = _zeros_varying_like((out_rows, *x.shape[1:]), x.dtype, x) + fill  # varies as x does
+    return _ragged_all_to_all(x, output, input_offsets, send_sizes, landing[me], recv_sizes, axis_name="expert")
+
+  def back(y, fill):
+    output = _zeros_varying_like((num_rows, *y.shape[1:]), y.dtype, y) + fill
+    return _ragged_all_to_all(y, output, recv_offsets, recv_sizes, starts[:, me], send_sizes, axis_name="expert")
+
+  return there, back
 
 
 def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str) -> jax.Array:
