@@ -50,6 +50,10 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   c.model.num_layers = 4
   c.model.d_model = 128
   c.model.num_heads = 4
+  if task == "lm":
+    c.model.num_kv_heads = 0  # 0: num_heads; fewer: grouped-query attention (Mixtral, Qwen3).
+    c.model.head_dim = 0  # 0: d_model / num_heads (Qwen3 sets 128 with d_model 2048, 32 heads).
+    c.model.qk_norm = False  # RMSNorm on each query and key head (OLMoE, Qwen3).
   c.model.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
   if task == "lm":
     c.model.positions = "rope"  # 'rope' | 'learned'
@@ -215,11 +219,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(m.moe_last <= m.num_layers, "model.moe_last", f"must be <= model.num_layers ({m.num_layers})")
     _check(not (m.moe_last and m.moe_every), "model.moe_last", "set model.moe_every or model.moe_last, not both")
     _one_of(cfg, "model.pooling", ("gap", "cls"))
-  _check(m.d_model % m.num_heads == 0, "model.num_heads",
-         f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads})")
   if lm:
-    _check(m.positions != "rope" or (m.d_model // m.num_heads) % 2 == 0, "model.positions",
-           f"'rope' needs an even head dim, got d_model/num_heads = {m.d_model // m.num_heads}")
+    _positive(cfg, "model.num_kv_heads", "model.head_dim", allow_zero=True)
+    _check(m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"must divide num_heads ({m.num_heads}), or be 0 (= num_heads); got {m.num_kv_heads}")
+  head_dim = m.head_dim if lm and m.head_dim else None
+  _check(head_dim or m.d_model % m.num_heads == 0, "model.num_heads",
+         f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless model.head_dim is set")
+  if lm:
+    head_dim = head_dim or m.d_model // m.num_heads
+    _check(m.positions != "rope" or head_dim % 2 == 0, "model.positions",
+           f"'rope' needs an even head dim, got {head_dim}")
     _one_of(cfg, "model.positions", decoder.POSITIONS)
   _one_of(cfg, "model.activation", ffn.ACTIVATIONS)
   _one_of(cfg, "model.dtype", decoder.DTYPES)
@@ -393,6 +403,7 @@ def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> decoder.D
   moe_cfg = moe_config(cfg)
   return decoder.DecoderConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, d_model=m.d_model,
-      num_heads=m.num_heads, d_ff=m.d_ff, max_len=cfg.train.seq_len, positions=m.positions,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, qk_norm=m.qk_norm,
+      d_ff=m.d_ff, max_len=cfg.train.seq_len, positions=m.positions,
       activation=m.activation, moe_every=m.moe_every, tie_embeddings=m.tie_embeddings,
       init_scale=m.init_scale, dtype=m.dtype, moe=moe_cfg)

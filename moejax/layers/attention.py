@@ -29,25 +29,50 @@ def rotary_embedding(x: jax.Array, base: float = 10000.0) -> jax.Array:
 
 
 class CausalSelfAttention(nnx.Module):
-  """[B, L, d] -> [B, L, d]; position i attends to positions <= i, or to all L with causal=False."""
+  """[B, L, d] -> [B, L, d]; position i attends to positions <= i, or to all L with causal=False.
+
+  num_kv_heads < num_heads is grouped-query attention (Mixtral, Qwen3: each key/value head
+  serves num_heads / num_kv_heads query heads); head_dim defaults to d / num_heads; qk_norm
+  RMS-normalises each query and key head before RoPE (OLMoE, Qwen3).
+  """
 
   def __init__(self, d_model: int, num_heads: int, rotary: bool, init_scale: float, *,
-               causal: bool = True, rngs: nnx.Rngs):
+               causal: bool = True, num_kv_heads: int = 0, head_dim: int = 0, qk_norm: bool = False,
+               rngs: nnx.Rngs):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
     self.rotary = rotary
     self.causal = causal
-    head_dim = d_model // num_heads
-    # Initialised as one [d, 3·d] matrix so that fan-in is d, then split into (q|k|v, head, dim).
-    wqkv = init(rngs.params(), (d_model, 3 * num_heads * head_dim))
-    self.wqkv = nnx.Param(wqkv.reshape(d_model, 3, num_heads, head_dim))
+    head_dim = head_dim or d_model // num_heads
+    kv_heads = num_kv_heads or num_heads
+    if num_heads % kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
+    if kv_heads == num_heads:
+      # Initialised as one [d, 3·N·H] matrix so that fan-in is d, then split into (q|k|v, head, dim).
+      wqkv = init(rngs.params(), (d_model, 3 * num_heads * head_dim))
+      self.wqkv = nnx.Param(wqkv.reshape(d_model, 3, num_heads, head_dim))
+      self.wq = self.wkv = None
+    else:
+      self.wqkv = None
+      self.wq = nnx.Param(init(rngs.params(), (d_model, num_heads * head_dim)).reshape(d_model, num_heads, head_dim))
+      self.wkv = nnx.Param(init(rngs.params(), (d_model, 2 * kv_heads * head_dim)).reshape(d_model, 2, kv_heads, head_dim))
+    self.q_norm = nnx.RMSNorm(head_dim, rngs=rngs) if qk_norm else None
+    self.k_norm = nnx.RMSNorm(head_dim, rngs=rngs) if qk_norm else None
     self.wo = nnx.Param(init(rngs.params(), (num_heads * head_dim, d_model)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, _ = x.shape
-    qkv = jnp.einsum("bld,dtnh->tblnh", x, self.wqkv[...].astype(x.dtype))
-    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, L, N, H] each
+    if self.wqkv is not None:
+      qkv = jnp.einsum("bld,dtnh->tblnh", x, self.wqkv[...].astype(x.dtype))
+      q, k, v = qkv[0], qkv[1], qkv[2]  # [B, L, N, H] each
+    else:
+      q = jnp.einsum("bld,dnh->blnh", x, self.wq[...].astype(x.dtype))  # [B, L, N, H]
+      kv = jnp.einsum("bld,dtkh->tblkh", x, self.wkv[...].astype(x.dtype))
+      k, v = kv[0], kv[1]  # [B, L, N_kv, H] each
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     if self.rotary:
       q, k = rotary_embedding(q), rotary_embedding(k)
+    # Grouped-query attention: query head n reads key/value head n // (N / N_kv).
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, L, N, H]
     return out.reshape(b, l, -1) @ self.wo[...].astype(x.dtype)

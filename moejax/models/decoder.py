@@ -31,6 +31,9 @@ class DecoderConfig:
   num_layers: int = 4
   d_model: int = 128
   num_heads: int = 4
+  num_kv_heads: int = 0  # 0: num_heads (multi-head); fewer: grouped-query attention.
+  head_dim: int = 0  # 0: d_model / num_heads.
+  qk_norm: bool = False
   d_ff: int = 512
   max_len: int = 128
   positions: str = "rope"
@@ -53,9 +56,12 @@ class TransformerBlock(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int, d_ff: int, activation: str, init_scale: float, *,
-               moe: MoEConfig | None, rotary: bool, causal: bool, mesh, rngs: nnx.Rngs):
+               moe: MoEConfig | None, rotary: bool, causal: bool, mesh, rngs: nnx.Rngs,
+               num_kv_heads: int = 0, head_dim: int = 0, qk_norm: bool = False):
     self.attention_norm = nnx.RMSNorm(d_model, rngs=rngs)
-    self.attention = CausalSelfAttention(d_model, num_heads, rotary, init_scale, causal=causal, rngs=rngs)
+    self.attention = CausalSelfAttention(d_model, num_heads, rotary, init_scale, causal=causal,
+                                         num_kv_heads=num_kv_heads, head_dim=head_dim, qk_norm=qk_norm,
+                                         rngs=rngs)
     self.ffn_norm = nnx.RMSNorm(d_model, rngs=rngs)
     if moe is not None:
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
@@ -86,7 +92,8 @@ class DecoderLM(nnx.Module):
     self.blocks = nnx.List([
         TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.activation, cfg.init_scale,
                          moe=cfg.moe if cfg.is_moe_layer(i) else None,
-                         rotary=cfg.positions == "rope", causal=True, mesh=mesh, rngs=rngs)
+                         rotary=cfg.positions == "rope", causal=True, mesh=mesh, rngs=rngs,
+                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm)
         for i in range(cfg.num_layers)])
     self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
     self.unembed = None if cfg.tie_embeddings else nnx.Linear(

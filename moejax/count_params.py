@@ -1,0 +1,57 @@
+"""Total and active parameters and training FLOPs per token of any config, without weights.
+
+  python -m moejax.count_params --config configs/architectures.py:mixtral_8x7b [--config.x.y=v ...]
+
+Counts come from `nnx.eval_shape` (abstract arrays), so a 141B-parameter model is counted on a
+laptop. Active parameters count each MoE layer's experts (experts per token)/E times; FLOPs per
+token are the active training FLOPs of `moejax.accounting`. For an LM whose model.vocab_size is
+0 the dataset's vocabulary is used (Markov mixture: data.markov.vocab_size; bytes: 256); a ViT
+on the digits has 8×8×1 images and 10 classes (other image datasets: run training, which prints
+the same line).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+
+
+def cost_of(cfg):
+  """The ModelCost of the model `cfg` describes (LM, or ViT on the digits)."""
+  from moejax import accounting
+  from moejax import config as config_lib
+
+  if cfg.task == "lm":
+    vocab = cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
+    return accounting.decoder_cost(config_lib.decoder_config(cfg, vocab))
+  if cfg.data.source != "digits":
+    raise config_lib.ConfigError("data.source", "count_params knows the image shape of 'digits' only; "
+                                 "training prints the counts for other image datasets")
+  return accounting.vit_cost(config_lib.vit_config(cfg, (8, 8, 1), 10))
+
+
+def main(argv) -> int:
+  del argv
+  from moejax import config as config_lib
+
+  cfg = _CONFIG.value
+  try:
+    # As many devices as the mesh asks for: the mesh does not change the counts.
+    config_lib.validate(cfg, num_devices=max(cfg.mesh.data, 1) * max(cfg.mesh.expert, 1))
+    cost = cost_of(cfg)
+  except config_lib.ConfigError as e:
+    print(f"error: config {e}", file=sys.stderr)
+    return 2
+  print(f"total parameters:            {cost.total_params:>18,} ({cost.total_params / 1e9:.2f}B)")
+  print(f"active parameters per token: {cost.active_params:>18,} ({cost.active_params / 1e9:.2f}B)")
+  print(f"training FLOPs per token:    {cost.train_flops_per_token:>18.4g} (active, forward + backward)")
+  return 0
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

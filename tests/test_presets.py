@@ -1,0 +1,87 @@
+"""Published architectures: total and active parameters from shapes alone, and the counting command."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli_util import REPO
+from moejax.count_params import cost_of
+from moejax.layers.attention import CausalSelfAttention
+
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import architectures  # noqa: E402
+
+
+def _published_precision(value: float) -> float:
+  """What a published '46.7B' or '141B' rounds to: its last digit (0.1B, or 1B from 100B / for 39B)."""
+  text = f"{value / 1e9:g}"
+  return 10.0 ** -len(text.split(".")[1]) * 1e9 if "." in text else 1e9
+
+
+@pytest.mark.parametrize("preset", sorted(architectures.PRESETS))
+def test_preset_matches_published_counts(preset):
+  cost = cost_of(architectures.get_config(preset))
+  total, active = architectures.PUBLISHED[preset]
+  for name, got, want in (("total", cost.total_params, total), ("active", cost.active_params, active)):
+    # Published figures are rounded (46.7B for 46.70B) or truncated (Qwen3's 3.3B active for 3.35B).
+    step = _published_precision(want)
+    assert want - step / 2 <= got < want + step, f"{preset} {name}: {got / 1e9:.3f}B vs published {want / 1e9:g}B"
+
+
+def test_mixtral_8x7b_is_exactly_the_released_checkpoint():
+  # The Hugging Face release of Mixtral-8x7B-v0.1 holds 46,702,792,704 parameters.
+  assert cost_of(architectures.get_config("mixtral_8x7b")).total_params == 46_702_792_704
+
+
+def test_count_params_command(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "moejax.count_params", "--config",
+                           "configs/architectures.py:olmoe_1b_7b"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr
+  assert "6,919,100,416 (6.92B)" in result.stdout and "1,281,955,840 (1.28B)" in result.stdout
+  bad = subprocess.run([sys.executable, "-m", "moejax.count_params", "--config", "configs/quickstart.py",
+                        "--config.model.num_kv_heads=3"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert bad.returncode == 2 and "error: config model.num_kv_heads" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
+def _np_attention(x, q, k, v, causal=True):
+  """Per-head softmax attention in numpy; k, v already expanded to the query heads."""
+  b, l, n, h = q.shape
+  scores = np.einsum("blnh,bmnh->bnlm", q, k) / np.sqrt(h)
+  if causal:
+    scores = np.where(np.tril(np.ones((l, l), bool)), scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bnlm,bmnh->blnh", weights, v)
+
+
+def _rms(x, scale):
+  return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_grouped_query_attention_matches_numpy(qk_norm):
+  # 4 query heads share 2 key/value heads (heads 0, 1 -> kv 0; 2, 3 -> kv 1); head_dim 6 ≠ d/N.
+  layer = CausalSelfAttention(8, 4, rotary=False, init_scale=1.0, num_kv_heads=2, head_dim=6, qk_norm=qk_norm,
+                              rngs=nnx.Rngs(0))
+  if qk_norm:  # Non-trivial norm scales, so that a missing norm would show.
+    layer.q_norm.scale[...] = jnp.linspace(0.5, 1.5, 6)
+    layer.k_norm.scale[...] = jnp.linspace(2.0, 1.0, 6)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 8)), np.float64)
+  wq, wkv, wo = (np.asarray(p[...], np.float64) for p in (layer.wq, layer.wkv, layer.wo))
+  q = np.einsum("bld,dnh->blnh", x, wq)
+  k, v = np.einsum("bld,dtkh->tblkh", x, wkv)
+  if qk_norm:
+    q, k = _rms(q, np.asarray(layer.q_norm.scale[...])), _rms(k, np.asarray(layer.k_norm.scale[...]))
+  k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head n reads kv head n // 2
+  want = _np_attention(x, q, k, v).reshape(2, 5, -1) @ wo
+  np.testing.assert_allclose(layer(jnp.asarray(x, jnp.float32)), want, rtol=1e-4, atol=1e-5)
+  assert layer.wqkv is None and wq.shape == (8, 4, 6) and wkv.shape == (8, 2, 2, 6)
