@@ -200,8 +200,8 @@ def _positive(cfg, *fields, allow_zero: bool = False):
     _check(ok, field, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError for the first inconsistent or malformed field."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError for the first inconsistent or malformed field (num_devices over all processes)."""
   _check("task" in cfg and cfg.task in ("lm", "vit"), "task", "must be 'lm' or 'vit' (start config files "
          "from moejax.config.base_config(task))")
   _check_keys(cfg, base_config(cfg.task))
@@ -323,6 +323,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _one_of(cfg, "distributed.initialize", ("auto", "yes", "no"))
   data_devices, expert_devices = mesh_shape(cfg, num_devices)
   mesh_devices = data_devices * expert_devices
+  _check(num_processes == 1 or mesh_devices == num_devices, "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
+         f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
+         f"own); got data={data_devices} × expert={expert_devices}")
   _check(e.num_experts % expert_devices == 0, "mesh.expert",
          f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}")
   _check(t.batch_size % mesh_devices == 0, "train.batch_size",

@@ -52,11 +52,24 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
   if d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
     raise ConfigError("distributed.process_id",
                       f"must be -1 (from the cluster) or in [0, num_processes={d.num_processes}), got {d.process_id}")
+  if (d.process_id >= 0) != (d.num_processes > 0):
+    raise ConfigError("distributed.process_id" if d.num_processes else "distributed.num_processes",
+                      "set distributed.num_processes and distributed.process_id together (or neither)")
   address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  if d.initialize == "no" or (d.initialize == "auto" and not address and not cluster_detected()):
+  if d.initialize == "no":
+    return False
+  if d.initialize == "auto" and not address and not cluster_detected():
+    if d.num_processes > 1:
+      raise ConfigError("distributed.coordinator_address",
+                        f"needed with distributed.num_processes={d.num_processes} (host:port of process 0), "
+                        "unless a cluster launcher provides it")
     return False
   import jax
 
-  jax.distributed.initialize(coordinator_address=address or None, num_processes=d.num_processes or None,
-                             process_id=d.process_id if d.process_id >= 0 else None)
+  try:
+    jax.distributed.initialize(coordinator_address=address or None, num_processes=d.num_processes or None,
+                               process_id=d.process_id if d.process_id >= 0 else None)
+  except (ValueError, RuntimeError) as e:  # JAX's own checks, or no coordinator to reach.
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    raise ConfigError("distributed", f"jax.distributed.initialize failed: {first}") from e
   return True

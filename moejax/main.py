@@ -124,7 +124,10 @@ def _check_workdir(workdir: str, resolved: dict) -> None:
 
 
 def _make_data_once(cfg):
-  """This process's data; with several processes, process 0 prepares the dataset files first."""
+  """This process's data; with several processes, process 0 prepares the dataset files first.
+
+  If process 0 fails, it raises its error and the others stop with one line (never a hang).
+  """
   import jax
 
   from moejax import tasks
@@ -132,10 +135,21 @@ def _make_data_once(cfg):
   make = lambda: tasks.make_data(cfg, jax.process_index(), jax.process_count())
   if jax.process_count() == 1:
     return make()
+  import numpy as np
   from jax.experimental import multihost_utils
 
-  data = make() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("moejax: dataset prepared")  # The others then only read it.
+  data, error = None, None
+  if jax.process_index() == 0:
+    try:
+      data = make()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it.
+      error = e
+  # The others then only read the prepared files.
+  failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+  if error is not None:
+    raise error
+  if failed:
+    _fail("process 0 could not prepare the dataset (its output says why)")
   return make() if data is None else data
 
 
@@ -152,7 +166,7 @@ def main(argv: list[str]) -> int:
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   try:
     distributed.initialize(cfg)
-    config_lib.validate(cfg, jax.device_count())
+    config_lib.validate(cfg, jax.device_count(), jax.process_count())
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
   resolved = cfg.to_dict()
@@ -164,7 +178,7 @@ def main(argv: list[str]) -> int:
       config_lib.vit_config(cfg, data.image_shape, data.num_classes, data_devices * expert_devices)
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     _fail(_one_line(e))
   if cfg.task == "lm" and cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
     _fail(f"config model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "

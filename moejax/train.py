@@ -190,6 +190,20 @@ def _restore(manager: ocp.CheckpointManager, trainer: Trainer) -> int:
   return step
 
 
+def _agreed_stop(received: str | None) -> str | None:
+  """The signal that stops every process at this step, or None.
+
+  With several processes, a signal may reach them between different steps; all must stop (and
+  save, a collective) at the same step, so they agree each step: if any received one, all stop.
+  """
+  if jax.process_count() == 1:
+    return received
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.int32(received is not None))
+  return received or ("a signal (on another process)" if np.any(flags) else None)
+
+
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -250,12 +264,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
         say(progress.report(step, loss))
       if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
         eval_scalars = run_eval(step)
-      if step % t.checkpoint_every == 0 or step == t.num_steps or stop.received:
+      stopping = _agreed_stop(stop.received)
+      if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
         manager.save(step, args=ocp.args.StandardSave(trainer.state))
       if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-      if stop.received:
-        say(f"{stop.received} received: saved a checkpoint at step {step}; "
+      if stopping:
+        say(f"{stopping} received: saved a checkpoint at step {step}; "
               f"re-run the same command to resume.")
         break
     else:

@@ -6,9 +6,11 @@ absolute 2e-5 for outputs, losses and gradients.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,7 @@ def test_every_mesh_equals_one_device(case):
   for data, expert in MESHES:
     got = _loss_and_grads(cfg, make_mesh(data, expert), x, ids)
     for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
+      assert jax.tree.structure(a) == jax.tree.structure(b), name
       for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"{case} mesh ({data}, {expert}) {name}")
 
@@ -104,11 +107,22 @@ def test_refuses_meshes_that_do_not_divide():
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                                 axis_name):
-  """jax.lax.ragged_all_to_all's documented semantics from all_gather and gathers (XLA:CPU has none)."""
+  """jax.lax.ragged_all_to_all's documented semantics from all_gather and gathers (XLA:CPU has none).
+
+  Arguments the real collective requires to be consistent are checked: a violation turns the
+  output into NaN, so that the comparison with one device fails.
+  """
   me = jax.lax.axis_index(axis_name)
   everyone = [jax.lax.all_gather(a, axis_name) for a in (operand, input_offsets, send_sizes, output_offsets)]
   operands, starts, sizes, landings = everyone  # [n, M, ...] and [n senders, n receivers]
-  assert recv_sizes.shape == send_sizes.shape
+  # Documented: send_sizes == all_to_all(recv_sizes); slices in range and not overlapping.
+  ok = jnp.all(send_sizes == jax.lax.all_to_all(recv_sizes, axis_name, 0, 0, tiled=True))
+  ok &= jnp.all(recv_sizes == sizes[:, me])
+  ok &= jnp.all(input_offsets + send_sizes <= operand.shape[0]) & jnp.all(input_offsets >= 0)
+  ends = landings[:, me] + sizes[:, me]
+  ok &= jnp.all(ends <= output.shape[0]) & jnp.all(landings[:, me] >= 0)
+  order = jnp.argsort(landings[:, me])
+  ok &= jnp.all(ends[order][:-1] <= landings[:, me][order][1:])  # received slices do not overlap
   r = jnp.arange(output.shape[0])
   lo = landings[:, me][:, None]
   hit = (r >= lo) & (r < lo + sizes[:, me][:, None])  # [n, R]: row r comes from sender i
@@ -116,6 +130,10 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   rows = operands[jnp.arange(operands.shape[0])[:, None], source]  # [n, R, ...]
   for i in range(operands.shape[0]):
     output = jnp.where(hit[i].reshape(-1, *[1] * (output.ndim - 1)), rows[i], output)
+  if jnp.issubdtype(output.dtype, jnp.floating):
+    output = jnp.where(ok, output, jnp.nan)
+  else:
+    output = jnp.where(ok, output, -(10**6))  # an expert id no device has
   return output
 
 
@@ -129,6 +147,7 @@ def test_ragged_exchange_equals_one_device(monkeypatch, data, expert):
   want = _loss_and_grads(cfg, make_mesh(1, 1), x, None)
   got = _loss_and_grads(cfg, make_mesh(data, expert), x, None)
   for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
+    assert jax.tree.structure(a) == jax.tree.structure(b), name
     for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"mesh ({data}, {expert}) {name}")
 
@@ -208,30 +227,71 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, data_dir, one_device):
-  """2 processes × 4 CPU devices over 127.0.0.1, mesh 2×4, then resumed in one process on 1 device."""
-  workdir, data_dir = tmp_path / "run", str(tmp_path / "tfds")  # Fresh data: process 0 prepares it.
-  address = f"127.0.0.1:{_free_port()}"
+def _workers(workdir, data_dir, *flags, devices=4, n=2):
+  """n CLI processes of one job over 127.0.0.1, each with `devices` CPU devices."""
   args = [sys.executable, "-m", "moejax.main", "--config", "configs/quickstart.py", "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", *TINY, *RUN, "--config.train.num_steps=6", *_mesh_flags(2, 4),
-          f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-  workers = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+          f"--config.data.data_dir={data_dir}", *TINY, *RUN, *flags,
+          f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+          f"--config.distributed.num_processes={n}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+  return [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def _finish(workers, timeout=240):
+  """[(returncode, stdout, stderr)] of each worker; kills them all on a timeout."""
   try:
-    outputs = [w.communicate(timeout=240) for w in workers]
+    outputs = [w.communicate(timeout=timeout) for w in workers]
   finally:
     for w in workers:
       w.kill()
-  for w, (out, err) in zip(workers, outputs):
-    assert w.returncode == 0, err[-3000:]
-  assert "over 8 cpu device(s), 2 process(es)" in outputs[0][0]
+  return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs)]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir, one_device):
+  """2 processes × 4 CPU devices over 127.0.0.1, mesh 2×4, then resumed in one process on 1 device."""
+  workdir, data_dir = tmp_path / "run", str(tmp_path / "tfds")  # Fresh data: process 0 prepares it.
+  results = _finish(_workers(workdir, data_dir, "--config.train.num_steps=6", *_mesh_flags(2, 4)))
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  (_, out0, _), (_, out1, _) = results
+  assert "over 8 cpu device(s), 2 process(es)" in out0
   # Only process 0 prints (the gloo collectives library logs its connections on both).
-  assert "mesh:" in outputs[0][0] and "done in" in outputs[0][0]
-  assert not any(word in outputs[1][0] for word in ("mesh:", "model:", "eval", "done in", "preparing"))
-  assert "preparing" in outputs[0][0]  # Process 0 alone wrote the dataset files.
+  assert "mesh:" in out0 and "done in" in out0
+  assert not any(word in out1 for word in ("mesh:", "model:", "eval", "done in", "preparing"))
+  assert "preparing" in out0  # Process 0 alone wrote the dataset files.
   np.testing.assert_allclose(_losses(workdir), one_device[:6], **LOSS_TOL)
   # The two processes' checkpoint restores in one process on one device.
   result = _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=STEPS)
   assert "resumed from the checkpoint at step 6" in result.stdout
   np.testing.assert_allclose(_losses(workdir), one_device, **LOSS_TOL)
+
+
+def test_two_processes_refuse_bad_input_together(tmp_path):
+  """Each process stops with one line and exit 2: no traceback, no hang."""
+  # A mesh that leaves process 1's device out.
+  for code, _, err in _finish(_workers(tmp_path / "a", tmp_path / "d", *_mesh_flags(1, 1), devices=1)):
+    assert code == 2 and "error: config mesh.data: with 2 processes the mesh must use all 2 devices" in err, err
+    assert "Traceback" not in err
+  # Process 0 cannot prepare the dataset (its data dir is a file): it says why, process 1 says so.
+  (tmp_path / "file").write_text("")
+  (code0, _, err0), (code1, _, err1) = _finish(_workers(tmp_path / "b", tmp_path / "file" / "d", devices=1))
+  assert code0 == 2 and code1 == 2, (err0[-2000:], err1[-2000:])
+  assert "error: " in err0 and "Traceback" not in err0
+  assert "error: process 0 could not prepare the dataset" in err1
+  assert not (tmp_path / "b").exists()
+
+
+def test_signal_on_one_process_stops_both_at_one_step(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  workers = _workers(workdir, data_dir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000",
+                     *_mesh_flags(2, 4))
+  deadline = time.time() + 180
+  while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 3):
+    time.sleep(0.2)
+  workers[1].send_signal(signal.SIGTERM)
+  (code0, out0, err0), (code1, _, err1) = _finish(workers)
+  assert code0 == 0 and code1 == 0, (err0[-2000:], err1[-2000:])
+  assert "a signal (on another process) received: saved a checkpoint at step" in out0
+  saved = int(out0.split("saved a checkpoint at step ")[1].split(";")[0])
+  assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [saved]
