@@ -39,6 +39,8 @@ def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dic
       elif name == "expert_load":
         metrics[prefix + "max_over_mean_load"] = value.max() / value.mean()
         metrics[prefix + "min_over_mean_load"] = value.min() / value.mean()
+        for e in range(value.shape[0]):  # Each expert's share of the kept assignments.
+          metrics[prefix + f"load_e{e:03d}"] = value[e]
       elif value.ndim == 0:
         metrics[prefix + name] = value
   return total, metrics

@@ -102,7 +102,8 @@ class Trainer:
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
              "opt_state": self.tx.init(params),
-             "steps_without_tokens": jnp.zeros((self.num_moe_layers, cfg.moe.num_experts), jnp.int32)}
+             # One row even without MoE layers: orbax cannot save an empty array.
+             "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32)}
     self.state_sharding = state_sharding(self.mesh, state, fsdp=cfg.mesh.fsdp)
     self.state = jax.device_put(state, self.state_sharding)
     self._noise_key = jax.random.key(cfg.seed + 1)  # Router noise of step s: fold_in(key, s).
@@ -260,6 +261,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> in
         progress.start(step)  # Exclude compilation from the rates.
       if step % t.log_every == 0 or step == t.num_steps:
         last_metrics = _scalars(metrics)
+        last_metrics["wall_time_s"] = time.time() - started  # Since this run (not the workdir) started.
         writer.write(step, "train", last_metrics)
         say(progress.report(step, loss))
       if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:

@@ -201,7 +201,10 @@ def one_device(tmp_path_factory, data_dir):
   return _losses(workdir)
 
 
-@pytest.mark.parametrize("data,expert,fsdp", [(d, e, False) for d, e in MESHES] + [(4, 2, True)])
+# (8, 1) and (1, 8) are slow-marked: test_every_mesh_equals_one_device covers those meshes per step.
+@pytest.mark.parametrize("data,expert,fsdp", [
+    pytest.param(8, 1, False, marks=pytest.mark.slow), (2, 4, False),
+    pytest.param(1, 8, False, marks=pytest.mark.slow), (4, 2, True)])
 def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert, fsdp):
   result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert), f"--config.mesh.fsdp={fsdp}")
   assert f"mesh: {{'data': {data}, 'expert': {expert}}} over 8 cpu device(s)" in result.stdout

@@ -1,0 +1,419 @@
+"""Declarative multi-seed experiments: train every (variant, seed), then tables and plots.
+
+An experiment file in `experiments/` defines one `Experiment` and ends with
+
+  if __name__ == "__main__":
+    sys.exit(framework.main(EXPERIMENT))
+
+so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [--seeds 0,1,2]`
+trains every variant for every seed into `<out>/runs/<variant>/seed<k>/` (a normal moejax
+workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished and
+resuming runs that were interrupted, then writes into `<out>/`:
+
+  results.csv         one row per (variant, seed): final losses, steps to the baseline's loss,
+                      parameters, FLOPs, wall time, expert balance
+  results.md          mean ± std over seeds per variant, and what the paper found
+  results.tex         the same table as a LaTeX tabular (booktabs)
+  loss_vs_step.png, loss_vs_flops.png, loss_vs_time.png   train loss (mean over seeds, ± std band)
+  expert_load.png     share of tokens per expert over training, per MoE layer (seed 0 of each MoE variant)
+
+Scales: 'smoke' (a few steps of a tiny model: what the test suite runs, so no experiment rots),
+'quick' (2 CPU cores, about 15 minutes or less per experiment) and 'paper' (accelerators).
+Default output: experiments/results/<name>/<scale>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCALES = ("smoke", "quick", "paper")
+SMOOTH = 5  # Train losses are averaged over this many logged steps before comparing runs.
+
+# A tiny model for the 'smoke' scale (overrides, applied after the experiment's own).
+SMOKE_LM = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
+            "train.seq_len": 16, "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1,
+            "train.eval_every": 0, "train.checkpoint_every": 3, "optim.warmup_steps": 1,
+            "data.markov.vocab_size": 16, "data.markov.num_train": 64, "data.markov.num_validation": 16,
+            "data.num_eval_batches": 1}
+SMOKE_VIT = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
+             "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1, "train.eval_every": 0,
+             "train.checkpoint_every": 3, "optim.warmup_steps": 1, "data.num_eval_batches": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One arm of an experiment: a config file (with its preset) and overrides."""
+
+  label: str
+  config: str  # 'configs/<file>.py[:preset]', relative to the repository
+  overrides: dict = dataclasses.field(default_factory=dict)
+  note: str = ""  # Shown in the table (e.g. "not causal: sees the future").
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What to train and how to report it."""
+
+  name: str
+  title: str
+  variants: tuple[Variant, ...]
+  scales: dict  # scale -> overrides applied to every variant (smoke: on top of SMOKE_LM / SMOKE_VIT)
+  seeds: tuple[int, ...] = (0, 1, 2)
+  baseline: str | None = None  # label whose final loss defines "steps to reach it"
+  paper: str = ""  # What the literature found, for the table's note.
+  metric: str = "eval_cross_entropy"  # summary.json field the table leads with
+
+  def variant(self, label: str) -> Variant:
+    return next(v for v in self.variants if v.label == label)
+
+
+def load_config(spec: str):
+  """get_config(arg) of 'configs/file.py[:arg]' (as --config does)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(f"_moejax_config_{abs(hash(path))}", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int):
+  """The full config of one run."""
+  from moejax.config import override
+
+  cfg = load_config(variant.config)
+  values = dict(experiment.scales.get(scale, {}))
+  if scale == "smoke":
+    values = {**(SMOKE_LM if cfg.task == "lm" else SMOKE_VIT), **values}
+  values.update(variant.overrides)
+  if scale == "smoke":  # Whatever the variant sets, smoke runs stay tiny.
+    values.update({k: v for k, v in (SMOKE_LM if cfg.task == "lm" else SMOKE_VIT).items()
+                   if k.startswith(("train.", "data.")) or k == "optim.warmup_steps"})
+  values["seed"] = seed
+  return override(cfg, values)
+
+
+def train_run(cfg, workdir: str) -> dict:
+  """Trains (or resumes, or skips) one run; returns its summary.json."""
+  import jax
+
+  from moejax import config as config_lib
+  from moejax import tasks, train
+
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    if summary.get("step") == cfg.train.num_steps:
+      return summary  # Finished earlier: skipped.
+  config_lib.validate(cfg, jax.device_count())
+  data = tasks.make_data(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  code = train.train_and_evaluate(cfg, workdir, data)
+  if code != 0:
+    raise RuntimeError(f"training in {workdir} stopped with status {code}")
+  with open(summary_path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _curve(workdir: str) -> dict[str, np.ndarray]:
+  """Train curves of one run: step, loss, wall time, per-layer expert loads."""
+  from moejax.metric_writer import read_metrics
+
+  rows = [row for _, row in sorted(read_metrics(workdir).items())]
+  curve = {"step": np.array([r["step"] for r in rows], float),
+           "loss": np.array([r.get("cross_entropy", r["loss"]) for r in rows], float),
+           "time": np.array([r.get("wall_time_s", np.nan) for r in rows], float)}
+  layers = sorted({k.split("/")[0] for r in rows[:1] for k in r if k.startswith("moe_layer") and "/load_e" in k})
+  for layer in layers:
+    experts = sorted(k for k in rows[0] if k.startswith(layer + "/load_e"))
+    curve[layer] = np.array([[r[k] for k in experts] for r in rows], float)  # [steps, E]
+  balance = [k for k in rows[-1] if k.endswith("/max_over_mean_load")]
+  curve["max_over_mean_load"] = float(np.mean([rows[-1][k] for k in balance])) if balance else float("nan")
+  return curve
+
+
+def _smooth(values: np.ndarray) -> np.ndarray:
+  """Trailing mean over SMOOTH logged steps."""
+  out = np.empty_like(values)
+  for i in range(len(values)):
+    out[i] = values[max(0, i - SMOOTH + 1): i + 1].mean()
+  return out
+
+
+def steps_to_reach(curve: dict, target: float) -> float:
+  """First logged step whose smoothed train loss is <= target; nan if never."""
+  hit = np.flatnonzero(_smooth(curve["loss"]) <= target)
+  return float(curve["step"][hit[0]]) if hit.size else float("nan")
+
+
+COLUMNS = ("variant", "seed", "eval_cross_entropy", "eval_accuracy", "final_train_loss", "steps_to_baseline",
+           "speedup_vs_baseline", "total_params", "active_params_per_token", "train_flops_per_token",
+           "tokens", "wall_time_s", "max_over_mean_load")
+
+
+def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[dict], dict]:
+  """results.csv rows and the curves, from the runs' workdirs."""
+  rows, curves = [], {}
+  for variant in experiment.variants:
+    for seed in seeds:
+      workdir = os.path.join(out, "runs", variant.label, f"seed{seed}")
+      with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+      curves[variant.label, seed] = curve = _curve(workdir)
+      rows.append({"variant": variant.label, "seed": seed,
+                   "eval_cross_entropy": summary.get("eval_cross_entropy", float("nan")),
+                   "eval_accuracy": summary.get("eval_accuracy", float("nan")),
+                   "final_train_loss": float(_smooth(curve["loss"])[-1]),
+                   "total_params": summary["total_params"],
+                   "active_params_per_token": summary["active_params_per_token"],
+                   "train_flops_per_token": summary["train_flops_per_token"],
+                   "tokens": summary["tokens_this_run"], "wall_time_s": summary["wall_time_s"],
+                   "max_over_mean_load": curve["max_over_mean_load"]})
+  if experiment.baseline:
+    for row in rows:
+      base = next(r for r in rows if r["variant"] == experiment.baseline and r["seed"] == row["seed"])
+      steps = steps_to_reach(curves[row["variant"], row["seed"]], base["final_train_loss"])
+      base_steps = steps_to_reach(curves[experiment.baseline, row["seed"]], base["final_train_loss"])
+      row["steps_to_baseline"] = steps
+      row["speedup_vs_baseline"] = base_steps / steps if steps == steps else float("nan")
+  else:
+    for row in rows:
+      row["steps_to_baseline"] = row["speedup_vs_baseline"] = float("nan")
+  return rows, curves
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray([v for v in values if v == v], float)  # nan (never reached): left out
+  if not values.size:
+    return float("nan"), float("nan")
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
+
+
+def _pm(values, digits: int, latex: bool = False, missing_means: str = "–") -> str:
+  """'mean ± std' of the finite values, '(n/N)' when some are nan; missing_means if all are."""
+  mean, std = _mean_std(values)
+  if mean != mean:
+    return missing_means
+  missing = sum(1 for v in values if v != v)
+  sign = r"\pm" if latex else "±"
+  text = f"{mean:.{digits}f} {sign} {std:.{digits}f}" if std == std else f"{mean:.{digits}f}"  # 1 value: no std
+  text = f"${text}$" if latex else text
+  return text + (f" ({len(values) - missing}/{len(values)})" if missing else "")
+
+
+def summary_table(experiment: Experiment, rows: list[dict]) -> list[dict]:
+  """Per-variant aggregates (mean ± std strings and raw numbers)."""
+  table = []
+  for variant in experiment.variants:
+    mine = [r for r in rows if r["variant"] == variant.label]
+    table.append({"variant": variant, "rows": mine,
+                  "params": mine[0]["total_params"], "active": mine[0]["active_params_per_token"],
+                  "flops": mine[0]["train_flops_per_token"]})
+  return table
+
+
+def _fields(experiment: Experiment, rows: list[dict]):
+  """(header, getter(rows, latex) -> str) pairs of the table's columns."""
+  metric = experiment.metric
+  digits = 4 if "cross_entropy" in metric else 3
+  fields = [(metric.replace("_", " "), lambda rs, tex: _pm([r[metric] for r in rs], digits, tex)),
+            ("final train loss", lambda rs, tex: _pm([r["final_train_loss"] for r in rs], 4, tex))]
+  if experiment.baseline:
+    fields.append((f"speed-up vs {experiment.baseline}",
+                   lambda rs, tex: _pm([r["speedup_vs_baseline"] for r in rs], 2, tex, missing_means="never")))
+  fields += [("params", lambda rs, tex: f"{rs[0]['total_params'] / 1e6:.2f}M"),
+             ("active/token", lambda rs, tex: f"{rs[0]['active_params_per_token'] / 1e6:.2f}M"),
+             ("train GFLOPs/token", lambda rs, tex: f"{rs[0]['train_flops_per_token'] / 1e9:.4f}"),
+             ("max/mean load", lambda rs, tex: _pm([r["max_over_mean_load"] for r in rs], 2, tex)),
+             ("wall s", lambda rs, tex: f"{np.mean([r['wall_time_s'] for r in rs]):.0f}")]
+  return fields
+
+
+def header_lines(experiment: Experiment, scale: str, seeds) -> list[str]:
+  import jax
+
+  device = jax.devices()[0]
+  return [f"experiment: {experiment.name} ({experiment.title}), scale {scale}, seeds {list(seeds)}",
+          f"device: {device.platform} ({getattr(device, 'device_kind', '')}), {jax.device_count()} device(s), "
+          f"{os.cpu_count()} CPU cores",
+          f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+          f"jax {jax.__version__}, python {platform.python_version()}"]
+
+
+def markdown(experiment: Experiment, rows, scale: str, seeds) -> str:
+  fields = _fields(experiment, rows)
+  lines = [f"# {experiment.title}", ""] + [f"- {h}" for h in header_lines(experiment, scale, seeds)] + [""]
+  lines.append("Mean ± std over seeds (sample std); train loss smoothed over the last "
+               f"{SMOOTH} logged steps." + (f" Speed-up: the {experiment.baseline} run's steps to its final "
+                                            "train loss / this variant's (same seed; 'never': not reached)."
+                                            if experiment.baseline else ""))
+  lines += ["", "| variant | " + " | ".join(h for h, _ in fields) + " | note |",
+            "|:---|" + "---:|" * len(fields) + ":---|"]
+  for variant in experiment.variants:
+    mine = [r for r in rows if r["variant"] == variant.label]
+    lines.append(f"| {variant.label} | " + " | ".join(get(mine, False) for _, get in fields) + f" | {variant.note} |")
+  if experiment.paper:
+    lines += ["", f"Published: {experiment.paper}"]
+  return "\n".join(lines) + "\n"
+
+
+def latex(experiment: Experiment, rows) -> str:
+  fields = _fields(experiment, rows)
+  escape = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
+  lines = [r"\begin{tabular}{l" + "r" * len(fields) + "}", r"\toprule",
+           "variant & " + " & ".join(escape(h) for h, _ in fields) + r" \\", r"\midrule"]
+  for variant in experiment.variants:
+    mine = [r for r in rows if r["variant"] == variant.label]
+    lines.append(escape(variant.label) + " & " + " & ".join(get(mine, True) for _, get in fields) + r" \\")
+  lines += [r"\bottomrule", r"\end{tabular}"]
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str, rows: list[dict], header: list[str]) -> None:
+  with open(path, "w", newline="") as f:
+    for line in header:
+      f.write(f"# {line}\n")
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:
+  """Writes the PNGs; returns their names ([] without matplotlib)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return []
+  written = []
+  by = {r["variant"]: r for r in rows}
+  tokens_per_step = {label: by[label]["tokens"] / max(1.0, curves[label, seeds[0]]["step"][-1])
+                     for label in by}
+  axes_of = {"step": ("training step", lambda label, c: c["step"]),
+             "flops": ("training FLOPs (active)", lambda label, c: c["step"] * tokens_per_step[label]
+                       * by[label]["train_flops_per_token"]),
+             "time": ("wall-clock seconds", lambda label, c: c["time"])}
+  for name, (xlabel, x_of) in axes_of.items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for variant in experiment.variants:
+      runs = [curves[variant.label, s] for s in seeds]
+      n = min(len(c["loss"]) for c in runs)
+      losses = np.stack([_smooth(c["loss"])[:n] for c in runs])
+      x = np.nanmean(np.stack([x_of(variant.label, c)[:n] for c in runs]), axis=0)
+      mean, std = losses.mean(0), losses.std(0)
+      ax.plot(x, mean, label=variant.label)
+      ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"train loss (smoothed over {SMOOTH} logs)")
+    if name == "flops":
+      ax.set_xscale("log")
+    ax.set_title(experiment.title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"loss_vs_{name}.png"), dpi=120)
+    plt.close(fig)
+    written.append(f"loss_vs_{name}.png")
+  moe = [v for v in experiment.variants if any(k.startswith("moe_layer") for k in curves[v.label, seeds[0]])]
+  if moe:
+    layers = max(sum(k.startswith("moe_layer") for k in curves[v.label, seeds[0]]) for v in moe)
+    fig, grid = plt.subplots(len(moe), layers, figsize=(3.2 * layers, 2.2 * len(moe)), squeeze=False)
+    for i, variant in enumerate(moe):
+      curve = curves[variant.label, seeds[0]]
+      names = sorted(k for k in curve if k.startswith("moe_layer"))
+      for j in range(layers):
+        ax = grid[i, j]
+        if j >= len(names):
+          ax.axis("off")
+          continue
+        load = curve[names[j]]  # [steps, E], shares summing to 1
+        image = ax.imshow(load.T * load.shape[1], aspect="auto", cmap="viridis", vmin=0, vmax=2,
+                          extent=(curve["step"][0], curve["step"][-1], load.shape[1] - 0.5, -0.5))
+        ax.set_title(f"{variant.label} {names[j]}", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("expert", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.colorbar(image, ax=grid, shrink=0.6, label="load / mean load")
+    fig.savefig(os.path.join(out, "expert_load.png"), dpi=110)
+    plt.close(fig)
+    written.append("expert_load.png")
+  return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=experiment.title)
+  parser.add_argument("--scale", default="quick", choices=SCALES)
+  parser.add_argument("--out", help=f"output directory (default experiments/results/{experiment.name}/<scale>)")
+  parser.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, experiment.seeds))})")
+  parser.add_argument("--only", help="comma-separated variant labels to train (tables need all of them)")
+  args = parser.parse_args(argv)
+  args.out = args.out or os.path.join(REPO, "experiments", "results", experiment.name, args.scale)
+  try:
+    args.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else experiment.seeds
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  labels = [v.label for v in experiment.variants]
+  args.only = args.only.split(",") if args.only else labels
+  unknown = [label for label in args.only if label not in labels]
+  if unknown:
+    parser.error(f"--only: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
+  return args
+
+
+def main(experiment: Experiment, argv=None) -> int:
+  """Trains what is missing, then writes the tables and plots; returns an exit status."""
+  from moejax.config import ConfigError
+
+  args = parse_args(experiment, argv)
+  started = time.time()
+  runs = [(v, s) for v in experiment.variants if v.label in args.only for s in args.seeds]
+  try:
+    configs = [(v, s, run_config(experiment, v, args.scale, s)) for v, s in runs]
+  except (ConfigError, ValueError, KeyError) as e:
+    print(f"error: {experiment.name}: {e}", file=sys.stderr)
+    return 2
+  for i, (variant, seed, cfg) in enumerate(configs):
+    workdir = os.path.join(args.out, "runs", variant.label, f"seed{seed}")
+    print(f"[{i + 1}/{len(configs)}] {variant.label} seed {seed} -> {workdir}", flush=True)
+    try:
+      train_run(cfg, workdir)
+    except ConfigError as e:
+      print(f"error: {experiment.name} {variant.label}: config {e}", file=sys.stderr)
+      return 2
+  if len(args.only) < len(experiment.variants):
+    print("trained the selected variants; run without --only for the tables")
+    return 0
+  rows, curves = collect(experiment, args.out, args.scale, args.seeds)
+  header = header_lines(experiment, args.scale, args.seeds) + [f"wall time of this command: {time.time() - started:.0f} s"]
+  write_csv(os.path.join(args.out, "results.csv"), rows, header)
+  report = markdown(experiment, rows, args.scale, args.seeds)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(report)
+  with open(os.path.join(args.out, "results.tex"), "w") as f:
+    f.write(latex(experiment, rows))
+  pictures = plots(experiment, rows, curves, args.out, args.seeds)
+  print(report)
+  print(f"wrote results.csv, results.md, results.tex{', ' + ', '.join(pictures) if pictures else ''} to {args.out} "
+        f"in {time.time() - started:.0f} s")
+  return 0
