@@ -10,7 +10,7 @@ drops fewer tokens but pads more buffer rows (compute that the FLOP count does n
 
 import sys
 
-from experiments.framework import Experiment, Variant, main
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 ROUTERS = "configs/lm_routers.py"
 
@@ -24,12 +24,7 @@ EXPERIMENT = Experiment(
         Variant("cf2.0", f"{ROUTERS}:switch", {"moe.capacity_factor": 2.0}),
         Variant("dropless", f"{ROUTERS}:switch", {"moe.dispatcher": "dropless"}),
     ),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
-                      "train.checkpoint_every": 300},
-            "paper": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "train.seq_len": 512,
-                      "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-                      "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000,
-                      "train.checkpoint_every": 5000}},
+    scales={"quick": QUICK_LM, "paper": PAPER_LM},
     baseline="dense",
     paper=("Switch Table 1: cf 1.0 reaches the quality threshold fastest (62.8 h), then 1.25 (65.0 h), "
            "then 2.0 (72.8 h). MegaBlocks (125M, 64 experts, top-1): cf 1 gives −0.15 validation loss "

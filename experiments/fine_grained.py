@@ -12,7 +12,7 @@ all with softmax scores, renormalized weights and α = 1e-2.
 
 import sys
 
-from experiments.framework import Experiment, Variant, main
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 ROUTERS = "configs/lm_routers.py"
 F = 384
@@ -30,12 +30,7 @@ EXPERIMENT = Experiment(
         Variant("fine_shared", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 32, "moe.top_k": 7,
                                                    "moe.d_expert": F // 4, "moe.num_shared_experts": 1}),
     ),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
-                      "train.checkpoint_every": 300},
-            "paper": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "train.seq_len": 512,
-                      "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-                      "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000,
-                      "train.checkpoint_every": 5000}},
+    scales={"quick": QUICK_LM, "paper": PAPER_LM},
     baseline="dense",
     paper=("DeepSeekMoE 2B (Table 1): fine-grained segmentation and shared-expert isolation each lower the "
            "loss at the same active and total parameters; together they match GShard ×1.5 experts."),

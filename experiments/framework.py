@@ -41,6 +41,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = ("smoke", "quick", "paper")
 SMOOTH = 5  # Train losses are averaged over this many logged steps before comparing runs.
 
+# The 'quick' scale of the LM experiments: the configs/lm_routers.py model (4 blocks, d = 96), 250
+# steps of 16 sequences of 64 tokens: about 40 s per run on 2 CPU cores, so 3 seeds of 6
+# variants fit in about 15 minutes. Eval once, at the end.
+QUICK_LM = {"train.batch_size": 16, "train.num_steps": 250, "train.log_every": 5, "train.eval_every": 0,
+            "train.checkpoint_every": 250}
+# The 'paper' scale of the LM experiments: a 12-block d = 768 decoder on C4 (prepared with TFDS,
+# byte-tokenized), 100k steps of 256 × 512 tokens; for an accelerator pod (set mesh.* too).
+PAPER_LM = {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.d_ff": 3072,
+            "train.seq_len": 512, "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
+            "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000, "train.checkpoint_every": 5000}
+
 # A tiny model for the 'smoke' scale (overrides, applied after the experiment's own).
 SMOKE_LM = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
             "train.seq_len": 16, "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1,

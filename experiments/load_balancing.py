@@ -10,7 +10,7 @@ load, α = 0). Balance is reported as max/mean expert load at the end of trainin
 
 import sys
 
-from experiments.framework import Experiment, Variant, main
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 ROUTERS = "configs/lm_routers.py"
 
@@ -24,12 +24,7 @@ EXPERIMENT = Experiment(
                                                      "moe.bias_update_rate": 1e-3,
                                                      "moe.load_balance_loss_weight": 0.0}),
     ),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
-                      "train.checkpoint_every": 300},
-            "paper": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "train.seq_len": 512,
-                      "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-                      "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000,
-                      "train.checkpoint_every": 5000}},
+    scales={"quick": QUICK_LM, "paper": PAPER_LM},
     paper=("Switch: α = 1e-2 balances without hurting quality; ST-MoE: the z-loss (1e-3) stabilises training "
            "at no quality cost; DeepSeek-V3: the aux-loss-free bias balances as well as the loss, with better "
            "quality."),

@@ -10,7 +10,7 @@ with a router gate in the MoE blocks.
 
 import sys
 
-from experiments.framework import Experiment, Variant, main
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 ROUTERS = "configs/lm_routers.py"
 QUICK_EXPERTS = (1, 2, 8, 32, 64)
@@ -20,12 +20,7 @@ EXPERIMENT = Experiment(
     title="Number of experts at fixed active FLOPs (Switch top-1)",
     variants=(Variant("dense", f"{ROUTERS}:dense"),) + tuple(
         Variant(f"E{e}", f"{ROUTERS}:switch", {"moe.num_experts": e}) for e in QUICK_EXPERTS),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
-                      "train.checkpoint_every": 300},
-            "paper": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "train.seq_len": 512,
-                      "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-                      "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000,
-                      "train.checkpoint_every": 5000}},
+    scales={"quick": QUICK_LM, "paper": PAPER_LM},
     baseline="dense",
     paper=("Switch Fig. 4: at equal FLOPs per token, loss falls monotonically with the number of experts "
            "(2 to 256); with little data the gains of few experts can vanish."),

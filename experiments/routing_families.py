@@ -17,7 +17,7 @@ command to reproduce; the docstring below is updated from it).
 
 import sys
 
-from experiments.framework import Experiment, Variant, main
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 F = 384  # configs/lm_routers.py model.d_ff
 E = 8
@@ -37,12 +37,7 @@ EXPERIMENT = Experiment(
         Variant("dense_total_params", f"{ROUTERS}:dense", {"model.d_ff": (E + 1) * F // 2},
                 note=f"{(E + 1) / 2:.1f}× the FLOPs"),
     ),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
-                      "train.checkpoint_every": 300},
-            "paper": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "train.seq_len": 512,
-                      "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-                      "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000,
-                      "train.checkpoint_every": 5000}},
+    scales={"quick": QUICK_LM, "paper": PAPER_LM},
     baseline="dense",
     paper=("Switch Table 1: every MoE beats the FLOP-matched dense model; top-1 reaches a fixed quality "
            "faster than top-2. Expert choice: EC-CF2 reaches GShard top-2's perplexity in under half the "

@@ -25,7 +25,7 @@ EXPERIMENT = Experiment(
         Variant("soft_moe", f"{VIT}:soft_moe"),
         Variant("soft_moe_unnormalized", f"{VIT}:soft_moe_unnormalized"),
     ),
-    scales={"quick": {"train.num_steps": 300, "train.log_every": 10, "train.eval_every": 0,
+    scales={"quick": {"train.num_steps": 300, "train.log_every": 5, "train.eval_every": 0,
                       "train.checkpoint_every": 300},
             "paper": {"data.source": "tfds", "data.tfds.name": "mnist", "model.num_layers": 8,
                       "model.d_model": 256, "model.d_ff": 1024, "model.patch_size": 4, "train.batch_size": 256,

@@ -9,7 +9,6 @@ import csv
 import importlib
 import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest

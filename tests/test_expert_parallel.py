@@ -214,13 +214,11 @@ def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, 
 
 
 def test_checkpoints_restore_across_meshes(tmp_path, data_dir, one_device):
-  """Save on 8 devices (2×4), resume on 1, then on 8 again (1×8): the one-device trajectory."""
+  """Save on 1 device, resume on 8 (1×8): the one-device trajectory. (8 -> 1: the two-process test.)"""
   workdir = tmp_path / "run"
-  _train(workdir, data_dir, *_mesh_flags(2, 4), steps=4)
-  result = _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=8)
-  assert "resumed from the checkpoint at step 4" in result.stdout
+  _train(workdir, data_dir, *_mesh_flags(1, 1), devices=1, steps=6)
   result = _train(workdir, data_dir, *_mesh_flags(1, 8), steps=STEPS)
-  assert "resumed from the checkpoint at step 8" in result.stdout
+  assert "resumed from the checkpoint at step 6" in result.stdout
   np.testing.assert_allclose(_losses(workdir), one_device, **LOSS_TOL)
 
 
