@@ -84,6 +84,7 @@ class Experiment:
   seeds: tuple[int, ...] = (0, 1, 2)
   baseline: str | None = None  # label whose final loss defines "steps to reach it"
   paper: str = ""  # What the literature found, for the table's note.
+  found: str = ""  # What the quick scale found here, and where it disagrees with the paper.
   metric: str = "eval_cross_entropy"  # summary.json field the table leads with
 
   def variant(self, label: str) -> Variant:
@@ -282,6 +283,8 @@ def markdown(experiment: Experiment, rows, scale: str, seeds) -> str:
     lines.append(f"| {variant.label} | " + " | ".join(get(mine, False) for _, get in fields) + f" | {variant.note} |")
   if experiment.paper:
     lines += ["", f"Published: {experiment.paper}"]
+  if experiment.found and scale == "quick":
+    lines += ["", f"Found here (quick scale, recorded in experiments/{experiment.name}.py): {experiment.found}"]
   return "\n".join(lines) + "\n"
 
 
