@@ -3,9 +3,8 @@
   python -m experiments.num_experts [--scale quick|paper|smoke] [--seeds 0,1,2]
 
 Switch top-1 on `configs/lm_routers.py` (Markov mixture, MoE every other block, experts of the
-dense hidden size f, so active FLOPs do not change with E) with E = 1, 2, 8, 32 and 64 experts
-(quick scale; the paper scale adds 4 and 16), against the dense model. E = 1 is the dense model
-with a router gate in the MoE blocks.
+dense hidden size f, so active FLOPs do not change with E) with E = 1, 2, 8, 32 and 64 experts,
+against the dense model. E = 1 is the dense model with a router gate in the MoE blocks.
 """
 
 import sys

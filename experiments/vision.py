@@ -1,7 +1,8 @@
 """Vision: ViT dense vs top-k vs expert choice vs soft MoE, with and without normalization.
 
   python -m experiments.vision [--scale quick|paper|smoke] [--seeds 0,1,2]
-  # TFDS images you have prepared: add --config overrides in a copy, or the paper scale (mnist)
+
+The paper scale trains on TFDS 'mnist' (prepare it first; moejax never downloads).
 
 Presets of `configs/vit_digits.py` on scikit-learn's embedded 8×8 digits (no download): dense,
 top-2 token choice, expert choice (cf 2), soft MoE (1 slot per expert, last 2 blocks) and the
