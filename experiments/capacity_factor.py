@@ -36,8 +36,9 @@ EXPERIMENT = Experiment(
     found=("Agrees with MegaBlocks: cf 1.0 beats dense (−0.08 nats) and dropless beats it by more (−0.13), "
            "with the capacity factors in between in order. Disagrees with Switch Table 1's wall-clock "
            "ranking: here a larger capacity factor is better per step and, at 10-15% more time per run on "
-           "2 CPU cores, also per second; cf 1.0 drops too many tokens in this small, unbalanced early "
-           "training (max/mean load 1.1-1.4)."),
+           "2 CPU cores, also per second. Early in training the load is uneven (max/mean 1.1-1.4), and at "
+           "step 250 cf 1.0 still drops 17-19% of the tokens per MoE layer (cf 1.25: 10%, cf 2.0: under "
+           "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl)."),
     paper=("Switch Table 1: cf 1.0 reaches the quality threshold fastest (62.8 h), then 1.25 (65.0 h), "
            "then 2.0 (72.8 h). MegaBlocks (125M, 64 experts, top-1): cf 1 gives −0.15 validation loss "
            "vs dense, dropless −0.26."),
