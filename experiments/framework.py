@@ -116,8 +116,8 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int):
   return override(cfg, values)
 
 
-def train_run(cfg, workdir: str) -> dict:
-  """Trains (or resumes, or skips) one run; returns its summary.json."""
+def train_run(cfg, workdir: str) -> bool:
+  """Trains (or resumes) one run; False if it had already finished (skipped)."""
   import jax
 
   from moejax import config as config_lib
@@ -128,7 +128,7 @@ def train_run(cfg, workdir: str) -> dict:
     with open(summary_path) as f:
       summary = json.load(f)
     if summary.get("step") == cfg.train.num_steps:
-      return summary  # Finished earlier: skipped.
+      return False  # Finished earlier: skipped.
   config_lib.validate(cfg, jax.device_count())
   data = tasks.make_data(cfg)
   os.makedirs(workdir, exist_ok=True)
@@ -137,8 +137,7 @@ def train_run(cfg, workdir: str) -> dict:
   code = train.train_and_evaluate(cfg, workdir, data)
   if code != 0:
     raise RuntimeError(f"training in {workdir} stopped with status {code}")
-  with open(summary_path) as f:
-    return json.load(f)
+  return True
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -407,11 +406,12 @@ def main(experiment: Experiment, argv=None) -> int:
   except (ConfigError, ValueError, KeyError) as e:
     print(f"error: {experiment.name}: {e}", file=sys.stderr)
     return 2
+  trained = 0
   for i, (variant, seed, cfg) in enumerate(configs):
     workdir = os.path.join(args.out, "runs", variant.label, f"seed{seed}")
     print(f"[{i + 1}/{len(configs)}] {variant.label} seed {seed} -> {workdir}", flush=True)
     try:
-      train_run(cfg, workdir)
+      trained += train_run(cfg, workdir)
     except ConfigError as e:
       print(f"error: {experiment.name} {variant.label}: config {e}", file=sys.stderr)
       return 2
@@ -419,7 +419,9 @@ def main(experiment: Experiment, argv=None) -> int:
     print("trained the selected variants; run without --only for the tables")
     return 0
   rows, curves = collect(experiment, args.out, args.scale, args.seeds)
-  header = header_lines(experiment, args.scale, args.seeds) + [f"wall time of this command: {time.time() - started:.0f} s"]
+  header = header_lines(experiment, args.scale, args.seeds) + [
+      f"this command trained {trained} of {len(configs)} runs (the others had finished) in {time.time() - started:.0f} s; "
+      f"each run's wall time is in its summary.json"]
   write_csv(os.path.join(args.out, "results.csv"), rows, header)
   report = markdown(experiment, rows, args.scale, args.seeds)
   with open(os.path.join(args.out, "results.md"), "w") as f:
