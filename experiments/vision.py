@@ -8,6 +8,12 @@ Presets of `configs/vit_digits.py` on scikit-learn's embedded 8×8 digits (no do
 top-2 token choice, expert choice (cf 2), soft MoE (1 slot per expert, last 2 blocks) and the
 same without L2 normalization (Soft MoE Table 2 / Fig. 3 at toy scale). The table leads with eval
 accuracy (chance 0.10).
+
+Result at the quick scale (2026-11-29, the 2-core CPU dev VM, jax 0.10.2, 2 min 40 s for 15
+runs of 300 steps; eval accuracy on the 360 held-out digits, mean ± std over seeds 0-2):
+  dense 0.970 ± 0.005; top2 0.965 ± 0.013; expert_choice 0.967 ± 0.009; soft_moe 0.966 ± 0.006;
+  soft_moe_unnormalized 0.960 ± 0.009.
+Table, CSV, LaTeX and plots: experiments/results/vision/quick/.
 """
 
 import sys
@@ -34,6 +40,11 @@ EXPERIMENT = Experiment(
                       "train.checkpoint_every": 2000}},
     baseline="dense",
     metric="eval_accuracy",
+    found=("Does not reproduce the ordering: on 8×8 digits every model reaches 96-97% and the differences "
+           "are within one seed standard deviation. The MoE models fit the ~1,440 training images more "
+           "closely (final train loss 0.005-0.009 vs dense 0.010) without generalizing better: the task is "
+           "too small and too easy to separate Soft MoE, expert choice, token choice and dense. Soft MoE "
+           "without normalization is the lowest (0.960), as in the paper's ablation, but within the noise."),
     paper=("Soft MoE (S/14, JFT / ImageNet 10-shot): Soft MoE 54.3/74.8 > uniform mixing 51.8/70.0 > identity "
            "routing 51.5/69.1 > dense ViT 48.3/62.3; Soft > EC > token choice > dense at matched cost."),
 )
