@@ -10,7 +10,8 @@ same without L2 normalization (Soft MoE Table 2 / Fig. 3 at toy scale). The tabl
 accuracy (chance 0.10).
 
 Result at the quick scale (2026-11-29, the 2-core CPU dev VM, jax 0.10.2, 2 min 40 s for 15
-runs of 300 steps; eval accuracy on held-out digits (20% of the 1797), mean ± std over seeds 0-2):
+runs of 300 steps; eval accuracy on the held-out 20% of the 1797 digits, mean ± std over seeds
+0-2):
   dense 0.970 ± 0.005; top2 0.965 ± 0.013; expert_choice 0.967 ± 0.009; soft_moe 0.966 ± 0.006;
   soft_moe_unnormalized 0.960 ± 0.009.
 Table, CSV, LaTeX and plots: experiments/results/vision/quick/.
