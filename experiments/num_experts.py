@@ -5,6 +5,13 @@
 Switch top-1 on `configs/lm_routers.py` (Markov mixture, MoE every other block, experts of the
 dense hidden size f, so active FLOPs do not change with E) with E = 1, 2, 8, 32 and 64 experts,
 against the dense model. E = 1 is the dense model with a router gate in the MoE blocks.
+
+Result at the quick scale (2026-11-29, the 2-core CPU dev VM, jax 0.10.2, 6 min 51 s for 18
+runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1.110):
+  dense 1.693 ± 0.020; E1 1.688 ± 0.018; E2 1.652 ± 0.023; E8 1.588 ± 0.016; E32 1.578 ± 0.018;
+  E64 1.618 ± 0.019 (speed-up in steps to dense's loss: 1.04 (1 of 3 seeds), 1.12, 1.18, 1.20,
+  1.21; max/mean load at the end 1.00, 1.08, 1.18, 1.65, 2.35).
+Table, CSV, LaTeX and plots: experiments/results/num_experts/quick/.
 """
 
 import sys
@@ -21,6 +28,10 @@ EXPERIMENT = Experiment(
         Variant(f"E{e}", f"{ROUTERS}:switch", {"moe.num_experts": e}) for e in QUICK_EXPERTS),
     scales={"quick": QUICK_LM, "paper": PAPER_LM},
     baseline="dense",
+    found=("Agrees up to 32 experts: eval loss falls monotonically from E = 1 (dense-like) to E = 32, and "
+           "the train-loss speed-up keeps growing to E = 64. Disagrees at E = 64: its eval loss is worse "
+           "than E = 8's. With groups of 64 tokens, E = 64 leaves about 1-2 slots per expert and the loads "
+           "are uneven (max/mean 2.35), so many tokens are dropped; Switch's experts see far more tokens."),
     paper=("Switch Fig. 4: at equal FLOPs per token, loss falls monotonically with the number of experts "
            "(2 to 256); with little data the gains of few experts can vanish."),
 )
