@@ -51,6 +51,14 @@ def _loss_and_grads(cfg: MoEConfig, mesh, x, ids):
   return y, loss, aux, nnx.state(grads)
 
 
+def _assert_same(got, want, label):
+  """(output, loss, aux, grads) of a mesh equal one device's: same trees, leaves to TOL."""
+  for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
+    assert jax.tree.structure(a) == jax.tree.structure(b), f"{label} {name}"
+    for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"{label} {name}")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_mesh_equals_one_device(case):
   cfg = MoEConfig(num_experts=8, d_expert=16, capacity_factor=1.0, **CASES[case])
@@ -59,11 +67,7 @@ def test_every_mesh_equals_one_device(case):
   want = _loss_and_grads(cfg, make_mesh(1, 1), x, ids)
   assert np.abs(np.asarray(want[0])).max() > 0.1
   for data, expert in MESHES:
-    got = _loss_and_grads(cfg, make_mesh(data, expert), x, ids)
-    for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
-      assert jax.tree.structure(a) == jax.tree.structure(b), name
-      for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"{case} mesh ({data}, {expert}) {name}")
+    _assert_same(_loss_and_grads(cfg, make_mesh(data, expert), x, ids), want, f"{case} mesh ({data}, {expert})")
 
 
 def test_experts_live_on_their_devices():
@@ -145,11 +149,7 @@ def test_ragged_exchange_equals_one_device(monkeypatch, data, expert):
   cfg = MoEConfig(num_experts=8, d_expert=16, expert_exchange="ragged", **CASES["top2_dropless"])
   x = jax.random.normal(jax.random.key(0), (16, 8, 8))
   want = _loss_and_grads(cfg, make_mesh(1, 1), x, None)
-  got = _loss_and_grads(cfg, make_mesh(data, expert), x, None)
-  for name, a, b in zip(("output", "loss", "aux", "grads"), got, want):
-    assert jax.tree.structure(a) == jax.tree.structure(b), name
-    for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_allclose(leaf_a, leaf_b, **TOL, err_msg=f"mesh ({data}, {expert}) {name}")
+  _assert_same(_loss_and_grads(cfg, make_mesh(data, expert), x, None), want, f"mesh ({data}, {expert})")
 
 
 def test_ragged_exchange_lowers_for_gpu():
