@@ -114,6 +114,9 @@ class MoELayer(nnx.Module):
     # Shared experts (DeepSeekMoE): always on, so n of them are one FFN of hidden size n·f.
     self.shared = (FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
                    if cfg.num_shared_experts else None)
+    # When True, an eval-mode forward pass also sows its routing decision (nnx.Intermediate
+    # 'routing'): `moejax.analysis.routing_decisions` sets it to ask which tokens each expert takes.
+    self.capture_routing = False
 
   def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
                token_ids: jax.Array | None = None):
@@ -139,6 +142,13 @@ class MoELayer(nnx.Module):
       raise ValueError(f"router_noise={self.cfg.router_noise!r} / second_expert_policy="
                        f"{self.cfg.second_expert_policy!r} need an rng during training")
     rng = jax.random.key(0) if rng is None else rng
+    if self.capture_routing:
+      if train:
+        raise ValueError("capture_routing records eval-mode decisions: call with train=False")
+      # The decision every device takes for its own groups, for all groups at once (routing is
+      # per group, so this is the decision the experts below receive).
+      decision, _ = self.router(tokens, capacity=capacity, train=False, rng=rng, token_ids=ids)
+      self.sow(nnx.Intermediate, "routing", decision)
 
     def per_device(tokens, ids, router_state, weights, rng):
       # Each device draws its own noise.
