@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import ml_collections
 
-from moejax import dispatch, dropless, kernels, losses, routers, routing
+from moejax import dispatch, distributed, dropless, kernels, losses, routers, routing
 from moejax.data.config import SOURCES, default_data_config
 from moejax.layers import ffn, moe
 from moejax.models import decoder
@@ -318,10 +318,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
     _check(0 < cfg.data.digits.eval_fraction < 1, "data.digits.eval_fraction",
            f"must be in (0, 1), got {cfg.data.digits.eval_fraction}")
 
-  _check(not (e.expert_exchange == "ragged" and jax.default_backend() == "cpu"), "moe.expert_exchange",
-         "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); use 'auto' or 'padded'")
-  _one_of(cfg, "distributed.initialize", ("auto", "yes", "no"))
+  distributed.check(cfg)
   data_devices, expert_devices = mesh_shape(cfg, num_devices)
+  # The exchange runs only between several expert devices; with one, 'ragged' is simply unused.
+  _check(not (e.expert_exchange == "ragged" and expert_devices > 1 and jax.default_backend() == "cpu"),
+         "moe.expert_exchange", "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); "
+         "use 'auto' or 'padded'")
   mesh_devices = data_devices * expert_devices
   _check(num_processes == 1 or mesh_devices == num_devices, "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
          f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "

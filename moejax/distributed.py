@@ -36,12 +36,8 @@ def cluster_detected() -> bool:
   return len(hosts) > 1 or _int_env("SLURM_NTASKS") > 1 or _int_env("OMPI_COMM_WORLD_SIZE") > 1
 
 
-def initialize(cfg: ml_collections.ConfigDict) -> bool:
-  """Calls jax.distributed.initialize when the config asks for it; returns whether it did.
-
-  Must run before anything asks JAX for its devices. Raises config.ConfigError for values that
-  cannot work.
-  """
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """Raises config.ConfigError for distributed.* values that cannot work (also run by config.validate)."""
   from moejax.config import ConfigError  # Local: keeps this module importable on its own.
 
   d = cfg.distributed
@@ -55,6 +51,18 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
   if (d.process_id >= 0) != (d.num_processes > 0):
     raise ConfigError("distributed.process_id" if d.num_processes else "distributed.num_processes",
                       "set distributed.num_processes and distributed.process_id together (or neither)")
+
+
+def initialize(cfg: ml_collections.ConfigDict) -> bool:
+  """Calls jax.distributed.initialize when the config asks for it; returns whether it did.
+
+  Must run before anything asks JAX for its devices. Raises config.ConfigError for values that
+  cannot work.
+  """
+  from moejax.config import ConfigError  # Local: keeps this module importable on its own.
+
+  check(cfg)
+  d = cfg.distributed
   address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if d.initialize == "no":
     return False

@@ -36,6 +36,9 @@ BAD_VALUES = [
     ({"mesh.expert": 0}, "mesh.expert"),
     ({"mesh.data": 1, "mesh.expert": 8, "train.batch_size": 4}, "train.batch_size"),
     ({"distributed.initialize": "maybe"}, "distributed.initialize"),
+    ({"distributed.num_processes": 2}, "distributed.process_id"),  # It must come with num_processes.
+    ({"distributed.num_processes": 2, "distributed.process_id": 2}, "distributed.process_id"),
+    ({"mesh.expert": 2, "moe.dispatcher": "dropless", "moe.expert_exchange": "ragged"}, "moe.expert_exchange"),
     ({"data.markov.branching": 100}, "data.markov.branching"),
     ({"model.positions": "alibi"}, "model.positions"),
     ({"model.dtype": "float16"}, "model.dtype"),
@@ -63,6 +66,9 @@ def test_base_config_and_allowed_settings_validate():
   config_lib.validate(cfg, num_devices=8)
   with cfg.unlocked():
     cfg.moe.priority, cfg.moe.allow_noncausal = "choice_major", True
+  config_lib.validate(cfg, num_devices=8)
+  # With one expert device no exchange runs, so 'ragged' is allowed on CPU too.
+  cfg.moe.dispatcher, cfg.moe.expert_exchange = "dropless", "ragged"
   config_lib.validate(cfg, num_devices=8)
 
 
