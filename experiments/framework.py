@@ -5,7 +5,8 @@ An experiment file in `experiments/` defines one `Experiment` and ends with
   if __name__ == "__main__":
     sys.exit(framework.main(EXPERIMENT))
 
-so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [--seeds 0,1,2]`
+so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [--seeds 0,1,2]
+[--only LABELS] [--set FIELD=VALUE ...]`
 trains every variant for every seed into `<out>/runs/<variant>/seed<k>/` (a normal moejax
 workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished and
 resuming runs that were interrupted, then writes into `<out>/`:
@@ -25,6 +26,7 @@ Default output: experiments/results/<name>/<scale>.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import dataclasses
 import datetime
@@ -100,9 +102,9 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int):
-  """The full config of one run."""
-  from moejax.config import override
+def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, extra: dict | None = None):
+  """The full config of one run; `extra` (--set) is applied last, to every variant."""
+  from moejax.config import ConfigError, override
 
   cfg = load_config(variant.config)
   values = dict(experiment.scales.get(scale, {}))
@@ -113,7 +115,15 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int):
     values.update({k: v for k, v in (SMOKE_LM if cfg.task == "lm" else SMOKE_VIT).items()
                    if k.startswith(("train.", "data.")) or k == "optim.warmup_steps"})
   values["seed"] = seed
-  return override(cfg, values)
+  cfg = override(cfg, values)
+  for field, value in (extra or {}).items():
+    try:
+      override(cfg, {field: value})
+    except KeyError:
+      raise ConfigError(field, "unknown config field (--set)") from None
+    except TypeError:
+      raise ConfigError(field, f"--set value {value!r} does not fit the field's type") from None
+  return cfg
 
 
 def train_run(cfg, workdir: str) -> bool:
@@ -123,6 +133,10 @@ def train_run(cfg, workdir: str) -> bool:
   from moejax import config as config_lib
   from moejax import tasks, train
 
+  differ, _ = config_lib.differences_from_saved(workdir, cfg.to_dict())
+  if differ:
+    raise config_lib.ConfigError("--out", f"{workdir} holds a run of another config ({', '.join(differ[:3])}); "
+                                 "use another --out, or delete that run")
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
     with open(summary_path) as f:
@@ -380,6 +394,10 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
   parser.add_argument("--out", help=f"output directory (default experiments/results/{experiment.name}/<scale>)")
   parser.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, experiment.seeds))})")
   parser.add_argument("--only", help="comma-separated variant labels to train (tables need all of them)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="set a config field of every run, after the scale's and the variant's own settings "
+                           "(repeatable), e.g. --set data.tfds.name=cifar10 --set mesh.expert=8; "
+                           "use a new --out for results of a changed setting")
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join(REPO, "experiments", "results", experiment.name, args.scale)
   try:
@@ -391,7 +409,21 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
   unknown = [label for label in args.only if label not in labels]
   if unknown:
     parser.error(f"--only: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
+  args.set = dict(_field_value(parser, item) for item in args.set)
   return args
+
+
+def _field_value(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
+  """'group.field=value' -> (field, value): numbers, booleans and lists as Python literals, else a string."""
+  field, sep, text = item.partition("=")
+  if not sep or not field or " " in field:
+    parser.error(f"--set takes FIELD=VALUE (e.g. mesh.expert=8), got {item!r}")
+  if text.lower() in ("true", "false"):
+    return field, text.lower() == "true"
+  try:
+    return field, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return field, text
 
 
 def main(experiment: Experiment, argv=None) -> int:
@@ -402,7 +434,7 @@ def main(experiment: Experiment, argv=None) -> int:
   started = time.time()
   runs = [(v, s) for v in experiment.variants if v.label in args.only for s in args.seeds]
   try:
-    configs = [(v, s, run_config(experiment, v, args.scale, s)) for v, s in runs]
+    configs = [(v, s, run_config(experiment, v, args.scale, s, args.set)) for v, s in runs]
   except (ConfigError, ValueError, KeyError) as e:
     print(f"error: {experiment.name}: {e}", file=sys.stderr)
     return 2
@@ -413,7 +445,7 @@ def main(experiment: Experiment, argv=None) -> int:
     try:
       trained += train_run(cfg, workdir)
     except ConfigError as e:
-      print(f"error: {experiment.name} {variant.label}: config {e}", file=sys.stderr)
+      print(f"error: {experiment.name} {variant.label}: {'' if e.field == '--out' else 'config '}{e}", file=sys.stderr)
       return 2
   if len(args.only) < len(experiment.variants):
     print("trained the selected variants; run without --only for the tables")

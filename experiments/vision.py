@@ -2,7 +2,8 @@
 
   python -m experiments.vision [--scale quick|paper|smoke] [--seeds 0,1,2]
 
-The paper scale trains on TFDS 'mnist' (prepare it first; moejax never downloads).
+The paper scale trains on TFDS 'mnist' (prepare it first; moejax never downloads); for CIFAR-10,
+  python -m experiments.vision --scale paper --set data.tfds.name=cifar10 --out experiments/results/vision/cifar10
 
 Presets of `configs/vit_digits.py` on scikit-learn's embedded 8×8 digits (no download): dense,
 top-2 token choice, expert choice (cf 2), soft MoE (1 slot per expert, last 2 blocks) and the

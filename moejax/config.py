@@ -10,6 +10,8 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import ml_collections
@@ -151,6 +153,43 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+# Fields that may change when a run is resumed in the same workdir (they change neither what the
+# checkpoint holds nor the training that follows it); any other difference from the workdir's
+# config.json is refused. train.num_steps may change only under a constant learning rate: the
+# cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "data.data_dir", "mesh.data", "mesh.expert", "mesh.fsdp", "distributed.initialize",
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'group.field': value} of a nested dict (a config's to_dict())."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tuple[str, ...]]:
+  """(['field=saved->new', ...], the fields allowed to differ) against <workdir>/config.json.
+
+  Empty when the workdir holds no config.json or one that only differs in fields a resumed run
+  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule).
+  """
+  saved_path = os.path.join(workdir, "config.json")
+  new = flatten(json.loads(json.dumps(resolved)))
+  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if new.get("optim.schedule") == "constant" else ())
+  if not os.path.exists(saved_path):
+    return [], resumable
+  with open(saved_path) as f:
+    saved = flatten(json.load(f))
+  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in resumable)
+  return [f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ], resumable
 
 
 def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:

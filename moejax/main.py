@@ -16,14 +16,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
-# Fields that may change when a run is resumed in the same workdir (they change neither what the
-# checkpoint holds nor the training that follows it); any other difference from the workdir's
-# config.json is refused. train.num_steps may change only under a constant learning rate: the
-# cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
-RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "data.data_dir", "mesh.data", "mesh.expert", "mesh.fsdp", "distributed.initialize",
-                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
@@ -95,31 +87,15 @@ def _one_line(error: BaseException) -> str:
   return text
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def _check_workdir(workdir: str, resolved: dict) -> None:
   """Refuses a workdir that is a file, or that holds a run of a different config."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     _fail(f"--workdir {workdir!r} exists and is not a directory")
-  saved_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(saved_path):
-    return
-  with open(saved_path) as f:
-    saved = _flatten(json.load(f))
-  new = _flatten(json.loads(json.dumps(resolved)))
-  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if new.get("optim.schedule") == "constant" else ())
-  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in resumable)
+  from moejax import config as config_lib
+
+  differ, resumable = config_lib.differences_from_saved(workdir, resolved)
   if differ:
-    shown = ", ".join(f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ[:4])
-    _fail(f"--workdir {workdir!r} holds a run with a different config ({shown}); "
+    _fail(f"--workdir {workdir!r} holds a run with a different config ({', '.join(differ[:4])}); "
           f"use a new workdir, or change only {', '.join(resumable)}")
 
 

@@ -19,7 +19,7 @@ EXPERIMENTS = ["routing_families", "capacity_factor", "num_experts", "vision", "
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch):
+def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch, capsys):
   monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path.parent / "tfds"))  # Shared by the experiments.
   experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
   seeds = "0,1" if name == "fine_grained" else "0"
@@ -49,6 +49,13 @@ def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch):
   mtimes = {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")}
   assert framework.main(experiment, ["--scale", "smoke", "--out", str(out), "--seeds", seeds]) == 0
   assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")} == mtimes
+  if name == "capacity_factor":  # A changed setting never reuses (or overwrites) the runs of another.
+    capsys.readouterr()
+    assert framework.main(experiment, ["--scale", "smoke", "--out", str(out), "--seeds", seeds,
+                                       "--set", "model.d_ff=48"]) == 2
+    err = capsys.readouterr().err
+    assert "--out:" in err and "model.d_ff=64->48" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")} == mtimes
 
 
 def test_bad_arguments_are_refused(capsys):
@@ -57,6 +64,15 @@ def test_bad_arguments_are_refused(capsys):
     framework.main(experiment, ["--only", "cf9"])
   assert exit_info.value.code == 2
   assert "unknown variant(s) cf9" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
+    framework.main(experiment, ["--set", "mesh.expert"])
+  assert exit_info.value.code == 2 and "--set takes FIELD=VALUE" in capsys.readouterr().err
+  for bad, says in ((["--set", "model.no_such=1"], "unknown config field"),
+                    (["--set", "nogroup.x=1"], "unknown config field"),
+                    (["--set", "model.d_ff=wide"], "model.d_ff: --set value 'wide' does not fit")):
+    assert framework.main(experiment, ["--scale", "smoke", "--only", "dense", "--out", "/nonexistent"] + bad) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
 
 
 def test_steps_to_reach_and_smoothing_by_hand():
