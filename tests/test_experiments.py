@@ -81,3 +81,19 @@ def test_steps_to_reach_and_smoothing_by_hand():
   np.testing.assert_allclose(framework._smooth(curve["loss"]), [5, 4.5, 4, 3.5, 3, 2.2])
   assert framework.steps_to_reach(curve, 3.5) == 40
   assert np.isnan(framework.steps_to_reach(curve, 1.0))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_paper_scale_configs_are_valid(name):
+  """The accelerator-scale configs are never trained here; they must at least stay valid configs."""
+  from moejax import config as config_lib
+  from moejax.count_params import cost_of
+
+  experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
+  assert "paper" in experiment.scales
+  for variant in experiment.variants:
+    cfg = framework.run_config(experiment, variant, "paper", seed=0)
+    config_lib.validate(cfg, num_devices=8)
+    if cfg.task == "lm":  # A paper-scale LM is bigger than its quick-scale counterpart.
+      quick = framework.run_config(experiment, variant, "quick", seed=0)
+      assert cost_of(cfg).active_params > 10 * cost_of(quick).active_params
