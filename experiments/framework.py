@@ -8,8 +8,10 @@ An experiment file in `experiments/` defines one `Experiment` and ends with
 so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [--seeds 0,1,2]
 [--only LABELS] [--set FIELD=VALUE ...]`
 trains every variant for every seed into `<out>/runs/<variant>/seed<k>/` (a normal moejax
-workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished and
-resuming runs that were interrupted, then writes into `<out>/`:
+workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished,
+resuming runs that were interrupted, and copying a run whose exact config another experiment
+has already trained (next to `<out>`, as `../../<experiment>/<scale>/runs/...`: the experiments
+share baselines), then writes into `<out>/`:
 
   results.csv         one row per (variant, seed): final losses, steps to the baseline's loss,
                       parameters, FLOPs, wall time, expert balance
@@ -30,10 +32,12 @@ import ast
 import csv
 import dataclasses
 import datetime
+import glob
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -126,8 +130,38 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
   return cfg
 
 
-def train_run(cfg, workdir: str) -> bool:
-  """Trains (or resumes) one run; False if it had already finished (skipped)."""
+def finished_twin(cfg, search_root: str, exclude: str = "") -> str | None:
+  """A finished run in <search_root>/<experiment>/<scale>/runs/<label>/<seed>/ of exactly `cfg`, or None.
+
+  The experiments share baselines (the quick-scale dense model is one config in four of them):
+  such a run is trained once and copied.
+  """
+  from moejax import config as config_lib
+
+  want = config_lib.flatten(json.loads(json.dumps(cfg.to_dict())))
+  for config_path in sorted(glob.glob(os.path.join(search_root, "*", "*", "runs", "*", "*", "config.json"))):
+    run = os.path.dirname(config_path)
+    if exclude and os.path.abspath(run) == os.path.abspath(exclude):
+      continue
+    try:
+      with open(config_path) as f:
+        saved = config_lib.flatten(json.load(f))
+      with open(os.path.join(run, "summary.json")) as f:
+        finished = json.load(f).get("step") == cfg.train.num_steps
+    except (OSError, ValueError):  # Unreadable or unfinished: not a twin.
+      continue
+    if finished and saved == want:
+      return run
+  return None
+
+
+def train_run(cfg, workdir: str, reuse_from: str | None = None) -> bool:
+  """Trains (or resumes) one run; False if it had already finished (skipped).
+
+  reuse_from: a results root (see `finished_twin`); a finished run there with exactly this
+  config is copied into `workdir` (metrics, summary, config; not its checkpoints) instead of
+  trained again.
+  """
   import jax
 
   from moejax import config as config_lib
@@ -144,6 +178,14 @@ def train_run(cfg, workdir: str) -> bool:
     if summary.get("step") == cfg.train.num_steps:
       return False  # Finished earlier: skipped.
   config_lib.validate(cfg, jax.device_count())
+  twin = None if os.path.exists(os.path.join(workdir, "config.json")) or not reuse_from else (
+      finished_twin(cfg, reuse_from, exclude=workdir))
+  if twin:
+    shutil.copytree(twin, workdir, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+    with open(os.path.join(workdir, "copied_from.txt"), "w") as f:
+      f.write(f"{os.path.relpath(twin, workdir)}\n")
+    print(f"the finished run {twin} has exactly this config: copied, not trained again", flush=True)
+    return True
   data = tasks.make_data(cfg)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -443,7 +485,7 @@ def main(experiment: Experiment, argv=None) -> int:
     workdir = os.path.join(args.out, "runs", variant.label, f"seed{seed}")
     print(f"[{i + 1}/{len(configs)}] {variant.label} seed {seed} -> {workdir}", flush=True)
     try:
-      trained += train_run(cfg, workdir)
+      trained += train_run(cfg, workdir, reuse_from=os.path.dirname(os.path.dirname(os.path.abspath(args.out))))
     except ConfigError as e:
       print(f"error: {experiment.name} {variant.label}: {'' if e.field == '--out' else 'config '}{e}", file=sys.stderr)
       return 2
@@ -452,7 +494,7 @@ def main(experiment: Experiment, argv=None) -> int:
     return 0
   rows, curves = collect(experiment, args.out, args.scale, args.seeds)
   header = header_lines(experiment, args.scale, args.seeds) + [
-      f"this command trained {trained} of {len(configs)} runs (the others had finished) in {time.time() - started:.0f} s; "
+      f"this command trained or copied {trained} of {len(configs)} runs (the others had finished) in {time.time() - started:.0f} s; "
       f"each run's wall time is in its summary.json"]
   write_csv(os.path.join(args.out, "results.csv"), rows, header)
   report = markdown(experiment, rows, args.scale, args.seeds)

@@ -97,3 +97,25 @@ def test_paper_scale_configs_are_valid(name):
     if cfg.task == "lm":  # A paper-scale LM is bigger than its quick-scale counterpart.
       quick = framework.run_config(experiment, variant, "quick", seed=0)
       assert cost_of(cfg).active_params > 10 * cost_of(quick).active_params
+
+
+def test_a_finished_run_of_the_same_config_is_copied_not_retrained(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path / "tfds"))
+  first = importlib.import_module("experiments.capacity_factor").EXPERIMENT
+  second = importlib.import_module("experiments.routing_families").EXPERIMENT
+  common = ["--scale", "smoke", "--only", "dense", "--seeds", "0"]
+  assert framework.main(first, common + ["--out", str(tmp_path / "results" / "a" / "smoke")]) == 0
+  trained = tmp_path / "results" / "a" / "smoke" / "runs" / "dense" / "seed0"
+  capsys.readouterr()
+  assert framework.main(second, common + ["--out", str(tmp_path / "results" / "b" / "smoke")]) == 0
+  copy = tmp_path / "results" / "b" / "smoke" / "runs" / "dense" / "seed0"
+  assert "copied, not trained again" in capsys.readouterr().out
+  assert (copy / "copied_from.txt").read_text().strip() == "../../../../../a/smoke/runs/dense/seed0"
+  for name in ("config.json", "metrics.jsonl", "summary.json"):
+    assert (copy / name).read_bytes() == (trained / name).read_bytes()
+  assert not (copy / "checkpoints").exists()
+  # Another config is trained, not copied.
+  assert framework.main(second, common + ["--out", str(tmp_path / "results" / "c" / "smoke"),
+                                          "--set", "model.d_ff=48"]) == 0
+  assert "copied" not in capsys.readouterr().out
+  assert (tmp_path / "results" / "c" / "smoke" / "runs" / "dense" / "seed0" / "checkpoints").is_dir()
