@@ -122,12 +122,25 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
   cfg = override(cfg, values)
   for field, value in (extra or {}).items():
     try:
-      override(cfg, {field: value})
+      override(cfg, {field: _as_type_of(cfg, field, value)})
     except KeyError:
       raise ConfigError(field, "unknown config field (--set)") from None
-    except TypeError:
+    except (TypeError, ValueError):
       raise ConfigError(field, f"--set value {value!r} does not fit the field's type") from None
   return cfg
+
+
+def _as_type_of(cfg, field: str, value):
+  """value, or its text where the field holds a string (e.g. a dataset named 2024), or a float
+  where it holds a float (nan, inf)."""
+  node = cfg
+  for part in field.split("."):
+    node = node[part]
+  if isinstance(node, str) and not isinstance(value, str):
+    return str(value)
+  if isinstance(node, float) and isinstance(value, str):
+    return float(value)
+  return value
 
 
 def finished_twin(cfg, search_root: str, exclude: str = "") -> str | None:
@@ -155,8 +168,8 @@ def finished_twin(cfg, search_root: str, exclude: str = "") -> str | None:
   return None
 
 
-def train_run(cfg, workdir: str, reuse_from: str | None = None) -> bool:
-  """Trains (or resumes) one run; False if it had already finished (skipped).
+def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
+  """Trains (or resumes) one run: 'trained', 'copied' (see reuse_from) or 'skipped' (finished earlier).
 
   reuse_from: a results root (see `finished_twin`); a finished run there with exactly this
   config is copied into `workdir` (metrics, summary, config; not its checkpoints) instead of
@@ -176,7 +189,7 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> bool:
     with open(summary_path) as f:
       summary = json.load(f)
     if summary.get("step") == cfg.train.num_steps:
-      return False  # Finished earlier: skipped.
+      return "skipped"
   config_lib.validate(cfg, jax.device_count())
   twin = None if os.path.exists(os.path.join(workdir, "config.json")) or not reuse_from else (
       finished_twin(cfg, reuse_from, exclude=workdir))
@@ -185,7 +198,7 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> bool:
     with open(os.path.join(workdir, "copied_from.txt"), "w") as f:
       f.write(f"{os.path.relpath(twin, workdir)}\n")
     print(f"the finished run {twin} has exactly this config: copied, not trained again", flush=True)
-    return True
+    return "copied"
   data = tasks.make_data(cfg)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -193,7 +206,7 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> bool:
   code = train.train_and_evaluate(cfg, workdir, data)
   if code != 0:
     raise RuntimeError(f"training in {workdir} stopped with status {code}")
-  return True
+  return "trained"
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -313,20 +326,21 @@ def _fields(experiment: Experiment, rows: list[dict]):
   return fields
 
 
-def header_lines(experiment: Experiment, scale: str, seeds) -> list[str]:
+def header_lines(experiment: Experiment, scale: str, seeds, settings: dict | None = None) -> list[str]:
   import jax
 
   device = jax.devices()[0]
-  return [f"experiment: {experiment.name} ({experiment.title}), scale {scale}, seeds {list(seeds)}",
+  changed = [f"settings changed with --set: {', '.join(f'{k}={v!r}' for k, v in settings.items())}"] if settings else []
+  return [f"experiment: {experiment.name} ({experiment.title}), scale {scale}, seeds {list(seeds)}"] + changed + [
           f"device: {device.platform} ({getattr(device, 'device_kind', '')}), {jax.device_count()} device(s), "
           f"{os.cpu_count()} CPU cores",
           f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
           f"jax {jax.__version__}, python {platform.python_version()}"]
 
 
-def markdown(experiment: Experiment, rows, scale: str, seeds) -> str:
+def markdown(experiment: Experiment, rows, scale: str, seeds, settings: dict | None = None) -> str:
   fields = _fields(experiment, rows)
-  lines = [f"# {experiment.title}", ""] + [f"- {h}" for h in header_lines(experiment, scale, seeds)] + [""]
+  lines = [f"# {experiment.title}", ""] + [f"- {h}" for h in header_lines(experiment, scale, seeds, settings)] + [""]
   lines.append("Mean ± std over seeds (sample std); train loss smoothed over the last "
                f"{SMOOTH} logged steps." + (f" Speed-up: the {experiment.baseline} run's steps to its final "
                                             "train loss / this variant's (same seed; 'never': not reached)."
@@ -338,7 +352,7 @@ def markdown(experiment: Experiment, rows, scale: str, seeds) -> str:
     lines.append(f"| {variant.label} | " + " | ".join(get(mine, False) for _, get in fields) + f" | {variant.note} |")
   if experiment.paper:
     lines += ["", f"Published: {experiment.paper}"]
-  if experiment.found and scale == "quick":
+  if experiment.found and scale == "quick" and not settings:  # Recorded for the default settings only.
     lines += ["", f"Found here (quick scale, recorded in experiments/{experiment.name}.py): {experiment.found}"]
   return "\n".join(lines) + "\n"
 
@@ -436,6 +450,9 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
   parser.add_argument("--out", help=f"output directory (default experiments/results/{experiment.name}/<scale>)")
   parser.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, experiment.seeds))})")
   parser.add_argument("--only", help="comma-separated variant labels to train (tables need all of them)")
+  parser.add_argument("--reuse-from", default=os.path.join(REPO, "experiments", "results"), metavar="DIR",
+                      help="copy a finished run of exactly the same config from DIR/<experiment>/<scale>/runs/ "
+                           "instead of training it again (default: experiments/results; '' turns this off)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="set a config field of every run, after the scale's and the variant's own settings "
                            "(repeatable), e.g. --set data.tfds.name=cifar10 --set mesh.expert=8; "
@@ -452,6 +469,8 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
   if unknown:
     parser.error(f"--only: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(labels)}")
   args.set = dict(_field_value(parser, item) for item in args.set)
+  if "seed" in args.set:
+    parser.error("--set seed=...: the seeds come from --seeds")
   return args
 
 
@@ -480,12 +499,12 @@ def main(experiment: Experiment, argv=None) -> int:
   except (ConfigError, ValueError, KeyError) as e:
     print(f"error: {experiment.name}: {e}", file=sys.stderr)
     return 2
-  trained = 0
+  done = {"trained": 0, "copied": 0, "skipped": 0}
   for i, (variant, seed, cfg) in enumerate(configs):
     workdir = os.path.join(args.out, "runs", variant.label, f"seed{seed}")
     print(f"[{i + 1}/{len(configs)}] {variant.label} seed {seed} -> {workdir}", flush=True)
     try:
-      trained += train_run(cfg, workdir, reuse_from=os.path.dirname(os.path.dirname(os.path.abspath(args.out))))
+      done[train_run(cfg, workdir, reuse_from=args.reuse_from)] += 1
     except ConfigError as e:
       print(f"error: {experiment.name} {variant.label}: {'' if e.field == '--out' else 'config '}{e}", file=sys.stderr)
       return 2
@@ -493,11 +512,12 @@ def main(experiment: Experiment, argv=None) -> int:
     print("trained the selected variants; run without --only for the tables")
     return 0
   rows, curves = collect(experiment, args.out, args.scale, args.seeds)
-  header = header_lines(experiment, args.scale, args.seeds) + [
-      f"this command trained or copied {trained} of {len(configs)} runs (the others had finished) in {time.time() - started:.0f} s; "
-      f"each run's wall time is in its summary.json"]
+  header = header_lines(experiment, args.scale, args.seeds, args.set) + [
+      f"this command trained {done['trained']} and copied {done['copied']} of {len(configs)} runs (the others had "
+      f"finished) in {time.time() - started:.0f} s; each run's wall time is in its summary.json (a copied run, "
+      "with copied_from.txt, keeps its original's)"]
   write_csv(os.path.join(args.out, "results.csv"), rows, header)
-  report = markdown(experiment, rows, args.scale, args.seeds)
+  report = markdown(experiment, rows, args.scale, args.seeds, args.set)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(report)
   with open(os.path.join(args.out, "results.tex"), "w") as f:

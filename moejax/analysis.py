@@ -78,15 +78,19 @@ def load_run(workdir: str, step: int | None = None) -> Run:
                                     options=ocp.CheckpointManagerOptions(read_only=True))
   finally:
     absl_logger.setLevel(level)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint")
-  cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 1, False
-  data = tasks.make_data(cfg)
-  trainer = train.Trainer(cfg, tasks.make_task(cfg, data))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state)
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  manager.close()
+  try:
+    steps = manager.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(f"{workdir} holds no checkpoint" + (f" of step {step} (it has {sorted(steps)})"
+                                                                 if steps else ""))
+    step = max(steps) if step is None else step
+    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 1, False
+    data = tasks.make_data(cfg)
+    trainer = train.Trainer(cfg, tasks.make_task(cfg, data))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state)
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  finally:
+    manager.close()
   model = nnx.merge(trainer.graphdef, state["params"], state["model_state"])
   return Run(cfg=cfg, model=model, step=int(step), data=data)
 
@@ -168,13 +172,15 @@ def assignment_counts(decisions: Sequence, labels, num_labels: int, choices: str
 def mutual_information(counts: np.ndarray) -> np.ndarray:
   """Bits of I(label; expert) of joint count tables <[..., num_labels, E]> -> <[...]>.
 
-  0 when experts take every label in the same proportions; at most min(log2 labels, log2 E).
+  0 when experts take every label in the same proportions; at most min(log2 labels, log2 E); nan
+  for an empty table (every token dropped).
   """
-  joint = counts / counts.sum(axis=(-2, -1), keepdims=True)
-  outer = joint.sum(-1, keepdims=True) * joint.sum(-2, keepdims=True)
+  total = counts.sum(axis=(-2, -1), keepdims=True)
   with np.errstate(divide="ignore", invalid="ignore"):
+    joint = counts / total
+    outer = joint.sum(-1, keepdims=True) * joint.sum(-2, keepdims=True)
     terms = np.where(joint > 0, joint * np.log2(joint / outer), 0.0)
-  return terms.sum(axis=(-2, -1))
+  return np.where(total[..., 0, 0] > 0, terms.sum(axis=(-2, -1)), np.nan)
 
 
 def byte_classes(tokens) -> np.ndarray:

@@ -179,7 +179,8 @@ def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tup
   """(['field=saved->new', ...], the fields allowed to differ) against <workdir>/config.json.
 
   Empty when the workdir holds no config.json or one that only differs in fields a resumed run
-  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule).
+  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule). A field the saved
+  config lacks (added to moejax after the run) counts only if it is set to other than its default.
   """
   saved_path = os.path.join(workdir, "config.json")
   new = flatten(json.loads(json.dumps(resolved)))
@@ -188,7 +189,10 @@ def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tup
     return [], resumable
   with open(saved_path) as f:
     saved = flatten(json.load(f))
-  differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and k not in resumable)
+  defaults = flatten(json.loads(json.dumps(base_config(new.get("task", "lm")).to_dict())))
+  added_as_default = {k for k in set(new) - set(saved) if k in defaults and new[k] == defaults[k]}
+  differ = sorted(k for k in set(saved) | set(new)
+                  if saved.get(k) != new.get(k) and k not in resumable and k not in added_as_default)
   return [f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ], resumable
 
 

@@ -7,16 +7,20 @@ start (through the environment), compiles each distinct program once per session
 skips recompiling identical programs; what runs is the same.
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _OWN_CACHE:  # The first process (pytest itself, before its workers start) makes it.
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moejax-test-xla-cache-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+_CACHE_DIR = None  # Set in the first process only, the one that removes it at the end.
+# A user's own cache is left alone. With a size limit jax locks the cache with `filelock` (a test
+# extra), so that concurrent processes never read a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock"):
+  _CACHE_DIR = tempfile.mkdtemp(prefix="moejax-test-xla-cache-")
+  os.environ.update({"JAX_COMPILATION_CACHE_DIR": _CACHE_DIR, "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
 import jax  # noqa: E402
 
@@ -24,5 +28,5 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE and not hasattr(config, "workerinput"):
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  if _CACHE_DIR and not hasattr(config, "workerinput"):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)

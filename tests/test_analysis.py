@@ -86,6 +86,22 @@ def test_routing_decisions_are_what_the_layer_routes(router, mesh_shape):
       model.moe_layers()[0].capture_routing = False
 
 
+def test_captured_decisions_line_up_with_the_tokens():
+  # The hash router's expert is a function of the token id alone: token by token, on a 2×4 mesh.
+  cfg = DecoderConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, max_len=8, moe_every=1,
+                      moe=MoEConfig(num_experts=4, top_k=1, d_expert=16, router="hash", group_size=4,
+                                    capacity_factor=4.0, eval_capacity_factor=4.0))
+  model = DecoderLM(cfg, mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 32, (8, 8)), jnp.int32)
+  (decision,) = analysis.routing_decisions(model, tokens)
+  assert decision.expert_index.shape == (16, 4, 1)  # 16 groups of 4 tokens
+  np.testing.assert_array_equal(analysis.expert_mass(decision).argmax(-1),
+                                np.asarray(routing.hash_experts(tokens, 4)).reshape(-1))
+  counts = analysis.assignment_counts([decision], tokens, 32)[0]  # [token id, E]: one expert per id
+  assert np.all((counts > 0).sum(-1) <= 1)
+  assert analysis.mutual_information(np.zeros((3, 4))) != analysis.mutual_information(np.zeros((3, 4)))  # nan
+
+
 def test_load_run_restores_the_trained_model(tmp_path, monkeypatch):
   monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path / "tfds"))
   cfg = framework.run_config(framework.Experiment("t", "t", (), {}), framework.Variant("moe", "configs/quickstart.py"),
@@ -93,7 +109,9 @@ def test_load_run_restores_the_trained_model(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   with pytest.raises(FileNotFoundError, match="no config.json"):
     analysis.load_run(str(workdir))
-  assert framework.train_run(cfg, str(workdir))
+  assert framework.train_run(cfg, str(workdir)) == "trained"
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 1"):
+    analysis.load_run(str(workdir), step=1)
   run = analysis.load_run(str(workdir))
   summary = json.loads((workdir / "summary.json").read_text())
   assert run.step == summary["step"] == cfg.train.num_steps

@@ -1,5 +1,6 @@
 """Bad input is refused at start-up: one line naming the field, exit code 2, nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -187,3 +188,15 @@ def test_cosine_run_refuses_a_new_horizon(tmp_path):
   assert run_cli(workdir, "--config.train.num_steps=2", data_dir=tmp_path / "d").returncode == 0
   longer = run_cli(workdir, "--config.train.num_steps=4", data_dir=tmp_path / "d")
   assert longer.returncode == 2 and "train.num_steps=2->4" in longer.stderr
+
+
+def test_a_saved_config_from_before_a_new_field_still_matches(tmp_path):
+  cfg = config_lib.base_config()
+  saved = cfg.to_dict()
+  del saved["model"]["qk_norm"]  # A run saved before the field existed.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert config_lib.differences_from_saved(str(tmp_path), cfg.to_dict())[0] == []
+  cfg.model.qk_norm = True  # Set to other than its default: a different model.
+  assert config_lib.differences_from_saved(str(tmp_path), cfg.to_dict())[0] == ["model.qk_norm=None->True"]
+  cfg.model.qk_norm, cfg.model.d_model = False, 64
+  assert config_lib.differences_from_saved(str(tmp_path), cfg.to_dict())[0] == ["model.d_model=128->64"]

@@ -24,7 +24,9 @@ def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch, capsys):
   experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
   seeds = "0,1" if name == "fine_grained" else "0"
   out = tmp_path / "out"
-  assert framework.main(experiment, ["--scale", "smoke", "--out", str(out), "--seeds", seeds]) == 0
+  # No copying from sibling tests' runs: each test trains its own variants.
+  common = ["--scale", "smoke", "--out", str(out), "--seeds", seeds, "--reuse-from", ""]
+  assert framework.main(experiment, common) == 0
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
   assert len(rows) == len(experiment.variants) * len(seeds.split(","))
@@ -47,12 +49,11 @@ def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch, capsys):
       assert (out / picture).stat().st_size > 0, picture
   # Running again trains nothing: every run is skipped.
   mtimes = {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")}
-  assert framework.main(experiment, ["--scale", "smoke", "--out", str(out), "--seeds", seeds]) == 0
+  assert framework.main(experiment, common) == 0
   assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")} == mtimes
   if name == "capacity_factor":  # A changed setting never reuses (or overwrites) the runs of another.
     capsys.readouterr()
-    assert framework.main(experiment, ["--scale", "smoke", "--out", str(out), "--seeds", seeds,
-                                       "--set", "model.d_ff=48"]) == 2
+    assert framework.main(experiment, common + ["--set", "model.d_ff=48"]) == 2
     err = capsys.readouterr().err
     assert "--out:" in err and "model.d_ff=64->48" in err and err.count("\n") == 1
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/summary.json")} == mtimes
@@ -64,9 +65,11 @@ def test_bad_arguments_are_refused(capsys):
     framework.main(experiment, ["--only", "cf9"])
   assert exit_info.value.code == 2
   assert "unknown variant(s) cf9" in capsys.readouterr().err
-  with pytest.raises(SystemExit) as exit_info:
-    framework.main(experiment, ["--set", "mesh.expert"])
-  assert exit_info.value.code == 2 and "--set takes FIELD=VALUE" in capsys.readouterr().err
+  for bad, says in ((["--set", "mesh.expert"], "--set takes FIELD=VALUE"),
+                    (["--set", "seed=3"], "the seeds come from --seeds")):
+    with pytest.raises(SystemExit) as exit_info:
+      framework.main(experiment, bad)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
   for bad, says in ((["--set", "model.no_such=1"], "unknown config field"),
                     (["--set", "nogroup.x=1"], "unknown config field"),
                     (["--set", "model.d_ff=wide"], "model.d_ff: --set value 'wide' does not fit")):
@@ -103,7 +106,7 @@ def test_a_finished_run_of_the_same_config_is_copied_not_retrained(tmp_path, mon
   monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path / "tfds"))
   first = importlib.import_module("experiments.capacity_factor").EXPERIMENT
   second = importlib.import_module("experiments.routing_families").EXPERIMENT
-  common = ["--scale", "smoke", "--only", "dense", "--seeds", "0"]
+  common = ["--scale", "smoke", "--only", "dense", "--seeds", "0", "--reuse-from", str(tmp_path / "results")]
   assert framework.main(first, common + ["--out", str(tmp_path / "results" / "a" / "smoke")]) == 0
   trained = tmp_path / "results" / "a" / "smoke" / "runs" / "dense" / "seed0"
   capsys.readouterr()
@@ -119,3 +122,15 @@ def test_a_finished_run_of_the_same_config_is_copied_not_retrained(tmp_path, mon
                                           "--set", "model.d_ff=48"]) == 0
   assert "copied" not in capsys.readouterr().out
   assert (tmp_path / "results" / "c" / "smoke" / "runs" / "dense" / "seed0" / "checkpoints").is_dir()
+
+
+def test_set_values_take_the_field_type_and_are_recorded():
+  experiment = importlib.import_module("experiments.vision").EXPERIMENT
+  variant = experiment.variant("dense")
+  cfg = framework.run_config(experiment, variant, "paper", 0,
+                             {"data.tfds.name": 2024, "optim.learning_rate": "inf", "model.num_layers": 2,
+                              "mesh.fsdp": True})
+  assert cfg.data.tfds.name == "2024" and cfg.optim.learning_rate == float("inf")
+  assert cfg.model.num_layers == 2 and cfg.mesh.fsdp is True
+  header = framework.header_lines(experiment, "paper", (0,), {"data.tfds.name": "cifar10"})
+  assert "settings changed with --set: data.tfds.name='cifar10'" in header
