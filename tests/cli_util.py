@@ -31,3 +31,9 @@ def start_cli(workdir, *overrides, data_dir, config="configs/quickstart.py"):
           f"--config.data.data_dir={data_dir}", *TINY, *overrides]
   return subprocess.Popen(args, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def without_compilation_cache(env: dict) -> dict:
+  """`env` for processes that run at the same time as each other: no persistent compilation cache
+  (jax writes its entries without a lock; see conftest.py)."""
+  return {k: v for k, v in env.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "MOEJAX_TEST_XLA_CACHES")}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cli_util import REPO, TINY, run_cli
+from cli_util import REPO, TINY, run_cli, without_compilation_cache
 from moejax.layers.moe import MoEConfig, MoELayer, make_mesh
 from moejax.metric_writer import read_metrics
 
@@ -234,7 +234,7 @@ def _workers(workdir, data_dir, *flags, devices=4, n=2):
           f"--config.data.data_dir={data_dir}", *TINY, *RUN, *flags,
           f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
           f"--config.distributed.num_processes={n}"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+  env = without_compilation_cache({**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)})
   return [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
 
