@@ -10,8 +10,8 @@ so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [-
 trains every variant for every seed into `<out>/runs/<variant>/seed<k>/` (a normal moejax
 workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished,
 resuming runs that were interrupted, and copying a run whose exact config another experiment
-has already trained (next to `<out>`, as `../../<experiment>/<scale>/runs/...`: the experiments
-share baselines), then writes into `<out>/`:
+has already finished (under --reuse-from, default experiments/results: the experiments share
+baselines), then writes into `<out>/`:
 
   results.csv         one row per (variant, seed): final losses, steps to the baseline's loss,
                       parameters, FLOPs, wall time, expert balance
