@@ -369,14 +369,17 @@ def latex(experiment: Experiment, rows) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: list[dict], header: list[str]) -> None:
+def write_csv(path: str, rows: list[dict], header: list[str], columns=COLUMNS, float_format: str = "") -> None:
+  """A CSV of `columns` (missing ones empty) after '# ' header lines; floats in float_format if given."""
   with open(path, "w", newline="") as f:
     for line in header:
       f.write(f"# {line}\n")
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-      writer.writerow({k: row.get(k, "") for k in COLUMNS})
+      values = {k: row.get(k, "") for k in columns}
+      writer.writerow({k: format(v, float_format) if float_format and isinstance(v, float) else v
+                       for k, v in values.items()})
 
 
 def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import framework
 from moejax import dispatch as dispatch_lib
 from moejax import dropless, kernels, routing
 from moejax.layers import moe
@@ -263,20 +264,6 @@ def header_lines(args, wall_s: float | None = None, spread: float | None = None)
   return lines
 
 
-def _fmt(value, spec):
-  return "" if value == "" else format(value, spec)
-
-
-def write_csv(path: str, rows: list[dict], header: list[str]) -> None:
-  with open(path, "w", newline="") as f:
-    for line in header:
-      f.write(f"# {line}\n")
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({c: (_fmt(row[c], ".4g") if isinstance(row[c], float) else row[c]) for c in COLUMNS})
-
-
 def read_csv(path: str) -> list[dict]:
   """The rows of a results.csv (comment lines skipped), values as strings."""
   with open(path) as f:
@@ -415,7 +402,7 @@ def main(argv=None) -> list[dict]:
   header = header_lines(args, wall, spread)
   summary = target_summary(rows, args)
   os.makedirs(args.out, exist_ok=True)
-  write_csv(os.path.join(args.out, "results.csv"), rows, header)
+  framework.write_csv(os.path.join(args.out, "results.csv"), rows, header, COLUMNS, float_format=".4g")
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(markdown(rows, header, summary))
   plotted = plot(os.path.join(args.out, "ratios.png"), rows, args)
