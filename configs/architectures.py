@@ -24,7 +24,7 @@ tokens per sequence, dropless routing, a TFDS text dataset you have prepared, by
 set mesh.expert, train.batch_size and the data for your machine.
 """
 
-from moejax.config import base_config, override
+from moejax.config import base_config, common
 
 # (published total, published active), in parameters, at the precision they were published.
 PUBLISHED = {
@@ -58,12 +58,10 @@ PRESETS = {
 
 
 def get_config(preset="mixtral_8x7b"):
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
   config = base_config("lm")
   config.model.dtype = "bfloat16"
   config.train.seq_len = 4096
   config.train.batch_size = 256
   config.data.source = "tfds"
   config.data.tfds.name = "lm1b"
-  return override(config, PRESETS[preset])
+  return common.with_preset(config, PRESETS, preset)

@@ -21,7 +21,7 @@ Presets (the quickstart model, 4 blocks with MoE in blocks 2 and 4, unless said 
   bpr             top-2 with batch-prioritized routing (not causal: allowed explicitly)
 """
 
-from moejax.config import base_config, override
+from moejax.config import common
 
 PRESETS = {
     "dense": {"model.moe_every": 0},
@@ -32,7 +32,7 @@ PRESETS = {
     "noisy_top_k": {"moe.router_noise": "noisy_top_k", "moe.load_balance_loss_weight": 0.0,
                     "moe.importance_loss_weight": 1e-2, "moe.load_loss_weight": 1e-2},
     "dropless": {"moe.dispatcher": "dropless"},
-    "hash": {"moe.router": "hash", "moe.top_k": 1, "moe.load_balance_loss_weight": 0.0},
+    "hash": {"moe.router": "hash", "moe.top_k": 1},  # Nothing is learned: no balance loss.
     "dense_gated": {"moe.router": "dense"},
     "deepseek": {"moe.router": "deepseek", "moe.score_function": "sigmoid",
                  "moe.combine_weights": "renormalized", "moe.num_experts": 16, "moe.top_k": 4,
@@ -49,15 +49,4 @@ PRESETS = {
 
 
 def get_config(preset="top2"):
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-  config = base_config("lm")
-  config.model.d_model = 96
-  config.model.d_ff = 384
-  config.train.num_steps = 600
-  config.train.batch_size = 32
-  config.train.seq_len = 64
-  config.train.log_every = 50
-  config.train.eval_every = 200
-  config.train.checkpoint_every = 200
-  return override(config, PRESETS[preset])
+  return common.with_preset(common.small_lm(), PRESETS, preset)

@@ -13,7 +13,7 @@ Presets (4 blocks, d = 64, 16 patches of 2×2 pixels; MoE in blocks 2 and 4 unle
   soft_moe_unnormalized  the same without L2 normalization (the paper's ablation)
 """
 
-from moejax.config import base_config, override
+from moejax.config import common
 
 PRESETS = {
     "dense": {"model.moe_every": 0},
@@ -29,17 +29,4 @@ PRESETS = {
 
 
 def get_config(preset="expert_choice"):
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-  config = base_config("vit")
-  config.model.d_model = 64
-  config.model.num_heads = 4
-  config.model.d_ff = 128
-  config.model.patch_size = 2
-  config.train.batch_size = 64
-  config.train.num_steps = 300
-  config.train.log_every = 50
-  config.train.eval_every = 100
-  config.train.checkpoint_every = 100
-  config.optim.warmup_steps = 30
-  return override(config, PRESETS[preset])
+  return common.with_preset(common.small_vit(), PRESETS, preset)

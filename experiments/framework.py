@@ -6,7 +6,7 @@ An experiment file in `experiments/` defines one `Experiment` and ends with
     sys.exit(framework.main(EXPERIMENT))
 
 so that `python -m experiments.<name> [--scale quick|paper|smoke] [--out DIR] [--seeds 0,1,2]
-[--only LABELS] [--set FIELD=VALUE ...]`
+[--only LABELS] [--config.FIELD=VALUE ...]` (`--set FIELD=VALUE` is the same)
 trains every variant for every seed into `<out>/runs/<variant>/seed<k>/` (a normal moejax
 workdir: metrics.jsonl, checkpoints, summary.json), skipping runs that already finished,
 resuming runs that were interrupted, and copying a run whose exact config another experiment
@@ -298,17 +298,6 @@ def _pm(values, digits: int, latex: bool = False, missing_means: str = "–") ->
   return text + (f" ({len(values) - missing}/{len(values)})" if missing else "")
 
 
-def summary_table(experiment: Experiment, rows: list[dict]) -> list[dict]:
-  """Per-variant aggregates (mean ± std strings and raw numbers)."""
-  table = []
-  for variant in experiment.variants:
-    mine = [r for r in rows if r["variant"] == variant.label]
-    table.append({"variant": variant, "rows": mine,
-                  "params": mine[0]["total_params"], "active": mine[0]["active_params_per_token"],
-                  "flops": mine[0]["train_flops_per_token"]})
-  return table
-
-
 def _fields(experiment: Experiment, rows: list[dict]):
   """(header, getter(rows, latex) -> str) pairs of the table's columns."""
   metric = experiment.metric
@@ -447,8 +436,27 @@ def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:
 # ----------------------------------------------------------------------------- command line
 
 
+def _config_flags_as_set(argv: list[str]) -> list[str]:
+  """moejax.main's `--config.a.b=v` (or `--config.a.b v`) as the equivalent `--set a.b=v`."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.") and "=" in arg:
+      out += ["--set", arg[len("--config."):]]
+    elif arg.startswith("--config.") and i + 1 < len(argv):
+      out += ["--set", f"{arg[len('--config.'):]}={argv[i + 1]}"]
+      i += 1
+    else:
+      out.append(arg)
+    i += 1
+  return out
+
+
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=experiment.title)
+  argv = _config_flags_as_set(sys.argv[1:] if argv is None else list(argv))
+  parser = argparse.ArgumentParser(description=experiment.title,
+                                   epilog="--config.FIELD=VALUE sets a field of every run, as for moejax.main "
+                                          "(the same as --set FIELD=VALUE).")
   parser.add_argument("--scale", default="quick", choices=SCALES)
   parser.add_argument("--out", help=f"output directory (default experiments/results/{experiment.name}/<scale>)")
   parser.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, experiment.seeds))})")
@@ -458,8 +466,8 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
                            "instead of training it again (default: experiments/results; '' turns this off)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="set a config field of every run, after the scale's and the variant's own settings "
-                           "(repeatable), e.g. --set data.tfds.name=cifar10 --set mesh.expert=8; "
-                           "use a new --out for results of a changed setting")
+                           "(repeatable), e.g. --config.data.tfds.name=cifar10 --config.mesh.expert=8 (or "
+                           "--set mesh.expert=8); use a new --out for results of a changed setting")
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join(REPO, "experiments", "results", experiment.name, args.scale)
   try:

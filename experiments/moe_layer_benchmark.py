@@ -4,21 +4,21 @@
       [--tokens 4096,16384] [--d 256] [--f 1024] [--group_size 1024] [--dtype float32|bfloat16]
       [--repeats N] [--quick]
 
-For every (E, K, T) it times one `jax.value_and_grad` step of a scalar loss, sum(cotangent · y),
-with respect to the tokens and every weight, of:
-  sort       router logits -> softmax -> `routing.top_k_route` (cf, 'token_major', raw weights:
-             the MoEConfig defaults) -> SortDispatcher.dispatch -> `ffn_apply` on [E, G, C, d]
-             -> SortDispatcher.combine. The path `MoELayer` runs per device, without its aux
-             metrics and shard_map (a 1×1 mesh adds nothing to the computation).
-  einsum     the same with GShard's one-hot EinsumDispatcher.
-  dropless   the same router (capacity S, as MoELayer uses for dropless: nobody is dropped)
-             -> `dropless.dropless_expert_ffn` (impl 'auto': 'blocks' on CPU, B = 64).
+For every (E, K, T) it times one `jax.value_and_grad` step, w.r.t. the tokens and every
+parameter, of sum(cotangent · y) plus the aux losses, where y is the library's own
+`moejax.layers.moe.MoELayer` in training mode (router 'top_k' with its defaults: softmax,
+token-major slots, raw weights, capacity factor --capacity_factor; one routing group per
+--group_size tokens; the 1×1 mesh's shard_map; the aux losses and metrics), with
+  sort       moe.dispatcher='sort': row gathers into [E, G, C, d] capacity buffers and back;
+  einsum     moe.dispatcher='einsum': GShard's one-hot einsums;
+  dropless   moe.dispatcher='dropless': `dropless.dropless_expert_ffn` (impl 'auto': 'blocks' on
+             CPU, B = --block_size), nobody dropped;
 and, measured in the same interleaved rounds,
   dense_active   a dense FFN of hidden K·f on the T tokens: the MoE layer's active FLOPs;
   dense_padded   a dense FFN of hidden cf·K·f: the FLOPs of the capacity path's E·C rows per
                  group (E·C = S·K·cf exactly when E divides S·K·cf).
-routing_share = time of the same variant with the experts replaced by the identity (router,
-slot assignment, dispatch, combine and their backward) / time of the full variant. Subtracting
+routing_share = time of the same layer with its expert FFNs replaced by the identity (router,
+slot assignment, dispatch, combine, aux and their backward) / time of the full layer. Subtracting
 timed pieces is approximate (XLA fuses differently in the two programs), so it is a share of
 time, not a profile.
 
@@ -52,19 +52,20 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import functools
 import os
 import platform
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from experiments import framework
-from moejax import dispatch as dispatch_lib
-from moejax import dropless, kernels, routing
+from moejax import dropless
 from moejax.layers import moe
 from moejax.layers.ffn import ffn_apply
 
@@ -74,7 +75,6 @@ COLUMNS = ("E", "k", "tokens", "variant", "ms", "ratio_to_dense_active", "ratio_
            "ratio_to_einsum", "routing_share")
 DEFAULT_OUT = os.path.join("experiments", "results", "moe_layer_benchmark")
 ACTIVATION = "gelu"  # MoEConfig's default.
-PRIORITY = "token_major"  # MoEConfig's default.
 
 # Issue #4's CPU targets (thresholds).
 SORT_VS_PADDED = 1.10
@@ -122,41 +122,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the timed programs
 
 
-def _route(tokens, router_kernel, *, top_k, capacity):
-  """Router as in `moejax.routers.Router` ('top_k', no noise): float32 logits -> softmax -> decision."""
-  logits = jnp.einsum("gsd,de->gse", tokens.astype(jnp.float32), router_kernel.astype(jnp.float32))
-  probs = jax.nn.softmax(logits, axis=-1)
-  return routing.top_k_route(probs, top_k=top_k, capacity=capacity, priority=PRIORITY)
+def moe_layer_step(e: int, k: int, variant: str, args, x, cotangent, *, experts: bool = True) -> callable:
+  """A compiled value_and_grad step of the library's `MoELayer` on x [T, d], in training mode.
 
-
-def moe_layer(x, router_kernel, wi, wo, *, variant, top_k, group_size, capacity_factor, block_size,
-              experts=True):
-  """[T, d] -> [T, d]: the per-device MoE layer through `variant`; identity experts unless `experts`."""
+  The loss is sum(cotangent · y) plus the layer's load-balance and z-losses at their default
+  coefficients, as a training step computes it; gradients w.r.t. the tokens and every parameter.
+  With experts=False the expert FFNs are replaced by the identity (`capacity_expert_ffn` and
+  dropless's block FFN patched while the step is traced): what remains is routing, dispatch,
+  combine and their backward.
+  """
   t, d = x.shape
-  e = router_kernel.shape[-1]
-  tokens = x.reshape(-1, group_size, d)  # [G, S, d]
-  if variant == "dropless":
-    decision = _route(tokens, router_kernel, top_k=top_k, capacity=group_size)
-    expert_index = decision.expert_index.reshape(t, top_k)
-    combine_weight = decision.combine_weight.reshape(t, top_k)
-    if experts:
-      return dropless.dropless_expert_ffn(x, expert_index, combine_weight, wi, wo, None, ACTIVATION,
-                                          block_size=block_size)
-    return _dropless_identity(x, expert_index, combine_weight, e, block_size)
-  capacity = routing.compute_capacity(group_size, e, top_k, capacity_factor)
-  decision = _route(tokens, router_kernel, top_k=top_k, capacity=capacity)
-  dispatcher = dispatch_lib.get_dispatcher(variant)
-  expert_in = dispatcher.dispatch(decision, tokens)  # [E, G, C, d]
-  expert_out = moe.capacity_expert_ffn(expert_in, wi, wo, None, ACTIVATION) if experts else expert_in
-  return dispatcher.combine(decision, expert_out).reshape(t, d).astype(x.dtype)
+  cfg = moe.MoEConfig(num_experts=e, top_k=k, d_expert=args.f, capacity_factor=args.capacity_factor,
+                      dispatcher=variant, dropless_block_size=args.block_size, group_size=args.group_size,
+                      activation=ACTIVATION)
+  layer = moe.MoELayer(d, cfg, rngs=nnx.Rngs(args.seed))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p.astype(x.dtype) if p.ndim == 3 else p, params)  # Experts in --dtype.
 
+  def loss(x, params):
+    y, aux = nnx.merge(graphdef, params, rest)(x.reshape(-1, args.group_size, d), train=True)
+    main = jnp.sum(cotangent.astype(jnp.float32) * y.reshape(t, d).astype(jnp.float32))
+    return main + cfg.load_balance_loss_weight * aux["load_balance_loss"] + cfg.z_loss_weight * aux["z_loss"]
 
-def _dropless_identity(x, expert_index, combine_weight, num_experts, block_size):
-  """`dropless_expert_ffn`'s data movement with identity experts: sort into blocks, back, combine."""
-  # The layout is private to moejax.dropless; reusing it times exactly the permutation it does.
-  row_map, _, _ = dropless._block_layout(expert_index, num_experts, block_size)
-  rows = kernels.permute(x, row_map)  # [NB·B, d]
-  return kernels.unpermute(rows, row_map, combine_weight).astype(x.dtype)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  if experts:
+    jax.block_until_ready(step(x, params))
+  else:
+    with mock.patch.object(moe, "capacity_expert_ffn", lambda expert_in, *_: expert_in), \
+         mock.patch.object(dropless, "_block_ffn", lambda x, *_: x):
+      jax.block_until_ready(step(x, params))  # Traced (and cached) with identity experts.
+  return lambda: jax.block_until_ready(step(x, params))
 
 
 def dense_ffn(x, wi, wo):
@@ -192,16 +187,11 @@ def build_steps(args, t: int, rng: np.random.Generator) -> list[Step]:
     for variant, hidden in (("dense_active", k * f), ("dense_padded", round(cf * k * f))):
       steps.append(Step((None, k, variant), _compile(dense_ffn, cotangent, [x, normal(d, hidden), normal(hidden, d)])))
   for e in args.experts:
-    # Router kernel of std 1/sqrt(d): logits of std ~1, a mildly uneven, realistic load.
-    router_kernel = jnp.asarray(rng.normal(size=(d, e)) / np.sqrt(d), jnp.float32)
-    wi, wo = normal(e, d, f), normal(e, f, d)
     for k in args.top_k:
       for variant in MOE_VARIANTS:
-        layer = functools.partial(moe_layer, variant=variant, top_k=k, group_size=args.group_size,
-                                  capacity_factor=cf, block_size=args.block_size)
-        steps.append(Step((e, k, variant), _compile(layer, cotangent, [x, router_kernel, wi, wo])))
-        identity = lambda x, kernel, layer=layer: layer(x, kernel, None, None, experts=False)
-        steps.append(Step((e, k, variant + "_routing"), _compile(identity, cotangent, [x, router_kernel])))
+        steps.append(Step((e, k, variant), moe_layer_step(e, k, variant, args, x, cotangent)))
+        steps.append(Step((e, k, variant + "_routing"), moe_layer_step(e, k, variant, args, x, cotangent,
+                                                                      experts=False)))
   return steps
 
 

@@ -1,7 +1,8 @@
 """Parameter and FLOP accounting from a model's shapes (no weights are allocated).
 
 Active parameters per token count each MoE layer's experts (experts per token)/E times: a token
-is processed by K of the E experts under top-k routing (see `experts_per_token` for the others). Training FLOPs per token follow Kaplan et al. (2020): 6 per active matmul
+is processed by K of the E experts under top-k routing (`experts_per_token`: each router family's
+rule). Training FLOPs per token follow Kaplan et al. (2020): 6 per active matmul
 parameter (forward 2, backward 4) plus 6·n_layers·L·d for attention scores and values, with no
 saving from the causal mask. The input embedding lookup costs no FLOPs; a tied unembedding
 does. Capacity padding and dropped tokens are not counted: these are *active* FLOPs, the
@@ -15,7 +16,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from moejax import routing
+from moejax import routers
 from moejax.layers.moe import MoEConfig
 from moejax.models.decoder import DecoderConfig, DecoderLM
 
@@ -39,18 +40,10 @@ def _num_params(module: nnx.Module, min_ndim: int = 0) -> int:
 def experts_per_token(cfg: MoEConfig, group_size: int) -> float:
   """How many experts process one token on average (what makes expert parameters "active").
 
-  top-k / DeepSeek: K; hash: 1; dense-gated: E; expert choice: cf (E·C = S·cf slots shared by S
-  tokens); soft MoE: E·p slots of mixed tokens per S tokens.
+  The router family's rule: top-k / DeepSeek K; hash 1; dense-gated E; expert choice cf (E·C =
+  S·cf slots shared by S tokens); soft MoE E·p slots of mixed tokens per S tokens.
   """
-  if cfg.router in ("top_k", "deepseek"):
-    return cfg.top_k
-  if cfg.router == "hash":
-    return 1
-  if cfg.router == "dense":
-    return cfg.num_experts
-  if cfg.router == "expert_choice":
-    return cfg.num_experts * routing.compute_capacity(group_size, cfg.num_experts, 1, cfg.capacity_factor) / group_size
-  return cfg.num_experts * cfg.slots_per_expert / group_size
+  return routers.get(cfg.router).experts_per_token(cfg, group_size)
 
 
 def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: int, seq_len: int,

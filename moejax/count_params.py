@@ -24,14 +24,15 @@ def cost_of(cfg):
   """The ModelCost of the model `cfg` describes (LM, or ViT on the digits)."""
   from moejax import accounting
   from moejax import config as config_lib
+  from moejax.models import build
 
   if cfg.task == "lm":
     vocab = cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
-    return accounting.decoder_cost(config_lib.decoder_config(cfg, vocab))
+    return accounting.decoder_cost(build.decoder_config(cfg, vocab))
   if cfg.data.source != "digits":
     raise config_lib.ConfigError("data.source", "count_params knows the image shape of 'digits' only; "
                                  "training prints the counts for other image datasets")
-  return accounting.vit_cost(config_lib.vit_config(cfg, (8, 8, 1), 10))
+  return accounting.vit_cost(build.vit_config(cfg, (8, 8, 1), 10))
 
 
 def main(argv) -> int:

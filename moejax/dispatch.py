@@ -1,17 +1,22 @@
-"""Dispatchers: move tokens to expert buffers and back, following a `RoutingDecision`.
+"""Dispatchers: move tokens to the experts and back, following a routing decision.
 
 Every dispatcher implements
-  dispatch(decision, x: [G, S, d]) -> [E, G, C, d]   expert buffers (empty slots are zero)
-  combine(decision, y: [E, G, C, d]) -> [G, S, d]    Σ_k combine_weight · y[expert, slot]
-and all give the same result for the same decision (tests/test_dispatch.py checks this).
-'einsum' is GShard's one-hot form; 'sort' moves rows with `moejax.kernels` (XLA gathers or
-Pallas kernels, chosen by `moe.permute_backend`).
+  dispatch(decision, x: [G, S, d]) -> what the experts receive
+  combine(decision, y) -> [G, S, d]    Σ_k combine_weight · the expert output of choice k
+and all give the same result for the same decision (tests/test_dispatch.py, tests/test_routers.py).
+  'einsum'    GShard's one-hot form, capacity buffers [E, G, C, d]; also Soft MoE's dense decision.
+  'sort'      the same buffers by row gathers through `moejax.kernels` (XLA or Pallas).
+  'dropless'  no capacity: `Rows` (the tokens and their K choices); the experts' grouped matmul
+              (`moejax.dropless`) sorts the rows into expert order itself.
+The MoE layer (`moejax.layers.moe`) runs route -> dispatch -> experts -> combine with any of them;
+the expert-parallel exchange between dispatch and experts is `moejax.parallel`'s.
 
 Legend: G groups, S tokens per group, E experts, C capacity, K choices per token, d model dim.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -22,13 +27,16 @@ DISPATCHERS = ("einsum", "sort", "dropless")
 
 
 class EinsumDispatcher:
-  """GShard's one-hot dispatch/combine einsums: O(G·S·E·C·d) FLOPs, the reference."""
+  """GShard's one-hot dispatch/combine einsums: O(G·S·E·C·d) FLOPs, the reference.
 
-  def dispatch(self, decision: RoutingDecision, x: jax.Array) -> jax.Array:
+  Works on any decision with dense views (`dispatch_mask`, `combine_array`), Soft MoE's included.
+  """
+
+  def dispatch(self, decision, x: jax.Array) -> jax.Array:
     mask = decision.dispatch_mask().astype(x.dtype)  # [G, S, E, C]
     return jnp.einsum("gsec,gsd->egcd", mask, x)
 
-  def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
+  def combine(self, decision, y: jax.Array) -> jax.Array:
     weights = decision.combine_array().astype(y.dtype)  # [G, S, E, C]
     return jnp.einsum("gsec,egcd->gsd", weights, y)
 
@@ -68,6 +76,35 @@ class SortDispatcher:
     return out.reshape(g, s, d)
 
 
+@flax.struct.dataclass
+class Rows:
+  """What the dropless experts receive: every token with its K choices, none dropped.
+
+  Attributes:
+    tokens: [T, d], T = G·S.
+    expert_index: <int32>[T, K] the chosen experts.
+    combine_weight: <float32>[T, K] the weight of each choice's expert output.
+  """
+
+  tokens: jax.Array
+  expert_index: jax.Array
+  combine_weight: jax.Array
+
+
+class DroplessDispatcher:
+  """No capacity (MegaBlocks): every choice reaches its expert; the experts return the weighted sum."""
+
+  def dispatch(self, decision: RoutingDecision, x: jax.Array) -> Rows:
+    g, s, d = x.shape
+    k = decision.expert_index.shape[-1]
+    return Rows(x.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
+                decision.combine_weight.reshape(g * s, k))
+
+  def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
+    """y: [T, d], already Σ_k weight · expert output (the dropless experts combine as they go)."""
+    return y.reshape(decision.expert_index.shape[:2] + y.shape[-1:])
+
+
 def get_dispatcher(name: str, permute_backend: str = "auto"):
   """The dispatcher called `name` (one of DISPATCHERS); permute_backend for 'sort'."""
   if name == "einsum":
@@ -75,5 +112,5 @@ def get_dispatcher(name: str, permute_backend: str = "auto"):
   if name == "sort":
     return SortDispatcher(permute_backend)
   if name == "dropless":
-    raise ValueError("'dropless' runs the experts itself (moejax.dropless); it has no dispatch/combine")
+    return DroplessDispatcher()
   raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {name!r}")

@@ -22,6 +22,8 @@ import os
 
 import ml_collections
 
+from moejax.errors import ConfigError
+
 
 def _int_env(name: str) -> int:
   try:
@@ -37,9 +39,7 @@ def cluster_detected() -> bool:
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:
-  """Raises config.ConfigError for distributed.* values that cannot work (also run by config.validate)."""
-  from moejax.config import ConfigError  # Local: keeps this module importable on its own.
-
+  """Raises ConfigError for distributed.* values that cannot work (also run by config.validate)."""
   d = cfg.distributed
   if d.initialize not in ("auto", "yes", "no"):
     raise ConfigError("distributed.initialize", f"{d.initialize!r} is not allowed; choose one of 'auto', 'yes', 'no'")
@@ -56,11 +56,9 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 def initialize(cfg: ml_collections.ConfigDict) -> bool:
   """Calls jax.distributed.initialize when the config asks for it; returns whether it did.
 
-  Must run before anything asks JAX for its devices. Raises config.ConfigError for values that
+  Must run before anything asks JAX for its devices. Raises ConfigError for values that
   cannot work.
   """
-  from moejax.config import ConfigError  # Local: keeps this module importable on its own.
-
   check(cfg)
   d = cfg.distributed
   address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")

@@ -22,15 +22,12 @@ Cost of impl='blocks' (the CPU path):
 impl='ragged_dot' runs `jax.lax.ragged_dot` on the sorted rows (no padding): the accelerator
 path. On XLA:CPU ragged_dot lowers to a dense dot masked per group, E× the ideal FLOPs.
 
-Timings: `python -m moejax.dropless [--activation swiglu] [--ragged_dot]` times forward+backward
-(value_and_grad) against a dense FFN of hidden size K·f on the same tokens, i.e. the same ideal
-FLOPs. 2026-11-29, the 2-core CPU dev VM (candidates timed in interleaved rounds; only ratios
-are quoted), T=4096, K=2, d=256, f=1024, uniform routing: E=8: 1.65× dense at B=64, 1.45× at
-B=128; E=64: 2.47× at B=64, 2.33× at B=128. (On 2026-11-23 the same command gave 1.08-1.27× at
-E=8 and 1.6× at E=64, when the dense FFN ran 1.4× slower on that machine: the ratio moves with
-the machine.) The gap is the backward pass: its weight-gradient matmuls contract over only B
-rows per block. Plain autodiff through a per-block weight gather with a batched einsum, or
-through a lax.scan over blocks, was slower (measured in a scratch benchmark, not kept).
+Timings: `python -m experiments.moe_layer_benchmark` times the MoE layer with the dropless
+dispatcher (block loop on CPU) against a dense FFN of hidden size K·f on the same tokens, i.e.
+the same ideal FLOPs (README "Performance"). The gap on CPU is the backward pass: its weight-
+gradient matmuls contract over only B rows per block. Plain autodiff through a per-block weight
+gather with a batched einsum, or through a lax.scan over blocks, was slower (measured in a
+scratch benchmark, not kept).
 """
 
 from __future__ import annotations
@@ -274,65 +271,3 @@ def _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permut
   gate = None if wg is None else jax.lax.ragged_dot(x, wg, group_sizes)
   y = jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)  # [N, d]
   return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
-
-
-def _benchmark():
-  """Prints forward+backward wall times of dropless_expert_ffn and of a dense FFN of hidden K·f."""
-  import argparse
-  import time
-
-  import numpy as np
-
-  from moejax.layers.ffn import ffn_apply
-
-  parser = argparse.ArgumentParser(description=_benchmark.__doc__)
-  parser.add_argument("--tokens", type=int, default=4096)
-  parser.add_argument("--top_k", type=int, default=2)
-  parser.add_argument("--experts", default="8,64", help="comma-separated E values")
-  parser.add_argument("--d", type=int, default=256)
-  parser.add_argument("--f", type=int, default=1024)
-  parser.add_argument("--activation", default="gelu", choices=ACTIVATIONS)
-  parser.add_argument("--block_sizes", default="64,128", help="comma-separated B values for 'blocks'")
-  parser.add_argument("--ragged_dot", action="store_true", help="also time impl='ragged_dot'")
-  parser.add_argument("--repeats", type=int, default=5, help="best of this many runs")
-  args = parser.parse_args()
-  t, k, d, f, act = args.tokens, args.top_k, args.d, args.f, args.activation
-  rng = np.random.default_rng(0)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[-2]), jnp.float32)  # fan-in
-  tokens, cotangent = (jnp.asarray(rng.normal(size=(t, d)), jnp.float32) for _ in range(2))
-
-  def compiled(loss, params):
-    # value_and_grad, as in training: the forward output is needed, so XLA cannot drop w_o's matmul.
-    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(params)))))
-    jax.block_until_ready(step(*params))
-    return lambda: jax.block_until_ready(step(*params))
-
-  dense_params = [tokens, normal(d, k * f), normal(k * f, d)] + ([normal(d, k * f)] if act == "swiglu" else [])
-  steps = {"dense FFN, hidden K·f": compiled(lambda x, wi, wo, *wg: jnp.sum(cotangent * ffn_apply(
-      x, wi, wo, wg[0] if wg else None, act, "td,df->tf", "tf,fd->td")), dense_params)}
-  for e in map(int, args.experts.split(",")):
-    expert_index = jnp.asarray(np.argsort(rng.random((t, e)), axis=1)[:, :k], jnp.int32)  # K distinct
-    params = [tokens, jnp.asarray(rng.random((t, k)), jnp.float32), normal(e, d, f), normal(e, f, d)]
-    params += [normal(e, d, f)] if act == "swiglu" else []
-    runs = [("blocks", int(b)) for b in args.block_sizes.split(",")] + [("ragged_dot", 64)] * args.ragged_dot
-    for impl, block_size in runs:
-      loss = lambda x, cw, wi, wo, *wg, ei=expert_index, impl=impl, block_size=block_size: jnp.sum(
-          cotangent * dropless_expert_ffn(x, ei, cw, wi, wo, wg[0] if wg else None, act, impl=impl,
-                                          block_size=block_size))
-      steps[f"E={e} {impl}" + (f" B={block_size}" if impl == "blocks" else "")] = compiled(loss, params)
-
-  # Rounds interleave the candidates, so that load from other processes hits them alike.
-  best = dict.fromkeys(steps, float("inf"))
-  for _ in range(args.repeats):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      best[name] = min(best[name], time.perf_counter() - start)
-  dense = best["dense FFN, hidden K·f"]
-  print(f"{jax.devices()[0].device_kind} T={t} K={k} d={d} f={f} {act}: forward+backward, best of {args.repeats}")
-  for name, seconds in best.items():
-    print(f"  {name:22s} {seconds * 1e3:8.1f} ms  {seconds / dense:5.2f}× dense")
-
-
-if __name__ == "__main__":
-  _benchmark()

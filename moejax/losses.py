@@ -59,15 +59,6 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(log_z))
 
 
-def importance_cv_squared(probs: jax.Array) -> jax.Array:
-  """Shazeer's importance loss CV²(Σ_tokens probs) (population variance).
-
-  Args:
-    probs: <float32>[..., E] router probabilities.
-  """
-  return cv_squared(probs.reshape(-1, probs.shape[-1]).sum(axis=0))
-
-
 def cv_squared(values: jax.Array) -> jax.Array:
   """Squared coefficient of variation (population variance) of a vector."""
   values = values.astype(jnp.float32)

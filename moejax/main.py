@@ -149,9 +149,12 @@ def main(argv: list[str]) -> int:
   _check_workdir(workdir, resolved)
   try:
     data = _make_data_once(cfg)
-    if cfg.task == "vit":  # Checks that the images fit the model and the mesh.
-      data_devices, expert_devices = config_lib.mesh_shape(cfg, jax.device_count())
-      config_lib.vit_config(cfg, data.image_shape, data.num_classes, data_devices * expert_devices)
+    from moejax import tasks
+
+    data_devices, expert_devices = config_lib.mesh_shape(cfg, jax.device_count())
+    # Built once, here, so that a model that does not fit the data or the mesh is refused before
+    # anything is written (the ViT's patches and routing groups depend on the images).
+    task = tasks.make_task(cfg, data, data_devices * expert_devices)
   except config_lib.ConfigError as e:
     _fail(f"config {e}")
   except (ValueError, OSError) as e:
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> int:
     if data.info.get("manifest"):
       with open(os.path.join(workdir, "data_manifest.json"), "w") as f:
         json.dump(data.info["manifest"], f, indent=1)
-  return train.train_and_evaluate(cfg, workdir, data)
+  return train.train_and_evaluate(cfg, workdir, data, task=task)
 
 
 def run() -> None:

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from moejax import accounting
-from moejax import config as config_lib
+from moejax.models import build
 
 TASKS = ("lm", "vit")
 
@@ -60,7 +60,7 @@ class LMTask:
 
   def __init__(self, cfg: ml_collections.ConfigDict, data):
     self.cfg, self.data = cfg, data
-    self.model_cfg = config_lib.decoder_config(cfg, data.vocab_size)
+    self.model_cfg = build.decoder_config(cfg, data.vocab_size)
     self.tokens_per_example = cfg.train.seq_len
 
   def make_model(self, mesh, rngs):
@@ -95,9 +95,9 @@ class LMTask:
 class ViTTask:
   """Image classification with a ViT."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, data):
+  def __init__(self, cfg: ml_collections.ConfigDict, data, num_mesh_devices: int = 1):
     self.cfg, self.data = cfg, data
-    self.model_cfg = config_lib.vit_config(cfg, data.image_shape, data.num_classes)
+    self.model_cfg = build.vit_config(cfg, data.image_shape, data.num_classes, num_mesh_devices)
     self.tokens_per_example = self.model_cfg.num_tokens
 
   def make_model(self, mesh, rngs):
@@ -136,5 +136,6 @@ def make_data(cfg: ml_collections.ConfigDict, process_index: int = 0, process_co
                                seed=cfg.seed, process_index=process_index, process_count=process_count)
 
 
-def make_task(cfg: ml_collections.ConfigDict, data):
-  return ViTTask(cfg, data) if cfg.task == "vit" else LMTask(cfg, data)
+def make_task(cfg: ml_collections.ConfigDict, data, num_mesh_devices: int = 1):
+  """The task of `cfg` on `data`; raises ConfigError if the model does not fit the data or the mesh."""
+  return ViTTask(cfg, data, num_mesh_devices) if cfg.task == "vit" else LMTask(cfg, data)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
 from moejax import tasks
-from moejax.layers.moe import MESH_AXES, make_mesh
+from moejax.parallel import MESH_AXES, make_mesh, state_sharding
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
 EXIT_OK, EXIT_NONFINITE = 0, 1
@@ -55,33 +55,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   if optim.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
   return adamw, schedule
-
-
-EXPERT_WEIGHTS = ("wi", "wo", "wg")  # MoELayer's [E, ...] expert weights (dense FFNs' are 2-D).
-
-
-def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
-  """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert') mesh.
-
-  Expert weights [E, d, f] (and their optimizer moments) are split over 'expert' on E. Other
-  arrays are replicated; with fsdp, each is also split over 'data' on its largest dimension
-  that the data axis divides (expert weights on d or f), and jit gathers them where used.
-  """
-  num_data = mesh.shape["data"]
-
-  def spec(path, leaf):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    axes = [None] * leaf.ndim
-    expert = leaf.ndim == 3 and bool(names) and names[-1] in EXPERT_WEIGHTS
-    if expert:
-      axes[0] = "expert"
-    if fsdp and num_data > 1:
-      free = [i for i in range(leaf.ndim) if axes[i] is None and leaf.shape[i] % num_data == 0]
-      if free:
-        axes[max(free, key=lambda i: leaf.shape[i])] = "data"
-    return NamedSharding(mesh, P(*axes))
-
-  return jax.tree_util.tree_map_with_path(spec, state)
 
 
 class Trainer:
@@ -209,15 +182,17 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data) -> int:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=None) -> int:
   """Trains `cfg` in `workdir` on `data` (from `tasks.make_data`), resuming if a checkpoint exists.
+
+  task: the `tasks.make_task` of cfg and data, if the caller has built it.
 
   Returns the process exit code: 0 when finished or interrupted cleanly, 1 on a non-finite loss.
   """
   t = cfg.train
   is_writer = jax.process_index() == 0
   say = (lambda *a: print(*a, flush=True)) if is_writer else (lambda *a: None)  # Process 0 speaks.
-  task = tasks.make_task(cfg, data)
+  task = task or tasks.make_task(cfg, data)  # moejax.main builds it (and refuses a misfit) first.
   trainer = Trainer(cfg, task)
   cost = task.cost()
   baselines = task.baselines()

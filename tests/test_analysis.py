@@ -11,7 +11,8 @@ from flax import nnx
 from experiments import framework
 from moejax import analysis, routing
 from moejax.data import markov
-from moejax.layers.moe import MoEConfig, make_mesh
+from moejax.layers.moe import MoEConfig
+from moejax.parallel import make_mesh
 from moejax.models.decoder import DecoderConfig, DecoderLM
 
 

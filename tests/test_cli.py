@@ -9,6 +9,7 @@ import pytest
 
 from cli_util import REPO, run_cli
 from moejax import config as config_lib
+from moejax.models import build
 
 # (override, the field the message must name): checked in-process against `validate`.
 BAD_VALUES = [
@@ -176,11 +177,11 @@ def test_vit_groups_must_fit_the_batch_and_mesh():
   cfg = config_lib.override(config_lib.base_config("vit"), {"moe.group_size": 32, "train.batch_size": 3})
   config_lib.validate(cfg, num_devices=1)
   with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
-    config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=1)  # 3 images × 16 tokens / 32.
+    build.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=1)  # 3 images × 16 tokens / 32.
   cfg.train.batch_size = 8
-  config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=4)  # 4 groups on 4 devices: fine.
+  build.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=4)  # 4 groups on 4 devices: fine.
   with pytest.raises(config_lib.ConfigError, match="moe.group_size"):
-    config_lib.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=8)
+    build.vit_config(cfg, (8, 8, 1), 10, num_mesh_devices=8)
 
 
 def test_cosine_run_refuses_a_new_horizon(tmp_path):

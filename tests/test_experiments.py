@@ -134,3 +134,10 @@ def test_set_values_take_the_field_type_and_are_recorded():
   assert cfg.model.num_layers == 2 and cfg.mesh.fsdp is True
   header = framework.header_lines(experiment, "paper", (0,), {"data.tfds.name": "cifar10"})
   assert "settings changed with --set: data.tfds.name='cifar10'" in header
+
+
+def test_config_flags_are_accepted_as_for_moejax_main():
+  experiment = importlib.import_module("experiments.capacity_factor").EXPERIMENT
+  args = framework.parse_args(experiment, ["--config.mesh.expert=8", "--config.model.d_ff", "48",
+                                           "--set", "data.tfds.name=c4"])
+  assert args.set == {"mesh.expert": 8, "model.d_ff": 48, "data.tfds.name": "c4"}

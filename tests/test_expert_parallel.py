@@ -19,7 +19,8 @@ import pytest
 from flax import nnx
 
 from cli_util import REPO, TINY, run_cli, without_compilation_cache
-from moejax.layers.moe import MoEConfig, MoELayer, make_mesh
+from moejax.layers.moe import MoEConfig, MoELayer
+from moejax.parallel import make_mesh
 from moejax.metric_writer import read_metrics
 
 MESHES = [(8, 1), (2, 4), (1, 8)]
@@ -81,9 +82,11 @@ def test_experts_live_on_their_devices():
 
 
 def test_state_sharding_splits_experts_and_optionally_the_rest():
-  from moejax.train import state_sharding
-  state = {"params": {"blocks": {0: {"ffn": {"wi": jnp.zeros((8, 16, 32)), "wo": jnp.zeros((8, 32, 16))}},
-                                 1: {"ffn": {"wi": jnp.zeros((16, 64))}}},
+  from moejax.parallel import expert_param, state_sharding
+  # Expert weights are known by their sharding metadata (as MoELayer creates them), not by name.
+  state = {"params": {"blocks": {0: {"ffn": {"wi": expert_param(jnp.zeros((8, 16, 32))),
+                                             "wo": expert_param(jnp.zeros((8, 32, 16)))}},
+                                 1: {"ffn": {"wi": nnx.Param(jnp.zeros((16, 64)))}}},
                       "embed": jnp.zeros((50, 16))},
            "step": jnp.zeros((), jnp.int32)}
   specs = lambda fsdp: jax.tree.map(lambda s: tuple(s.spec), state_sharding(make_mesh(2, 4), state, fsdp=fsdp))
@@ -144,8 +147,8 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 @pytest.mark.parametrize("data,expert", [(2, 4), (1, 8)])
 def test_ragged_exchange_equals_one_device(monkeypatch, data, expert):
   """Dropless over 'expert' with the ragged layout (sizes, offsets, the way back) == one device."""
-  from moejax.layers import moe
-  monkeypatch.setattr(moe, "_ragged_all_to_all", _emulated_ragged_all_to_all)
+  from moejax import parallel
+  monkeypatch.setattr(parallel, "_ragged_all_to_all", _emulated_ragged_all_to_all)
   cfg = MoEConfig(num_experts=8, d_expert=16, expert_exchange="ragged", **CASES["top2_dropless"])
   x = jax.random.normal(jax.random.key(0), (16, 8, 8))
   want = _loss_and_grads(cfg, make_mesh(1, 1), x, None)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax.kernels import RowMap, inverse_map, permute, permute_by_token, unpermute, unpermute_by_token
-from moejax.layers.moe import make_mesh
+from by_token import inverse_map, permute_by_token, unpermute_by_token
+from moejax.kernels import RowMap, permute, unpermute
+from moejax.parallel import make_mesh
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 # (backend, platform): the XLA path and the two Pallas kernel variants, with small blocks so

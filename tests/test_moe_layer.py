@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.layers.moe import MoEConfig, MoELayer, make_mesh
+from moejax.layers.moe import MoEConfig, MoELayer
+from moejax.parallel import make_mesh
 
 
 def _gelu(x):

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax.models import build
 from moejax import routers, tasks
 from moejax.train import Trainer
 
@@ -78,8 +79,8 @@ def test_each_vit_preset_trains_on_digits(preset):
 def test_causal_routers_do_not_leak_the_future(preset, data_dir):
   """Perturb tokens after position t: a causal router's decoder outputs at <= t stay put."""
   cfg = _lm_config(data_dir, preset, **{"moe.capacity_factor": 1.0})  # Tight: experts overflow.
-  model_cfg = config_lib.decoder_config(cfg, 16)
-  assert routers.is_causal(cfg.moe.router, cfg.moe.top_k, cfg.moe.priority, cfg.moe.dispatcher)
+  model_cfg = build.decoder_config(cfg, 16)
+  assert routers.get(cfg.moe.router).is_causal(cfg.moe)
   from moejax.models.decoder import DecoderLM
   model = DecoderLM(model_cfg, rngs=nnx.Rngs(0))
   forward = nnx.jit(lambda m, x: m(x, train=True, rng=jax.random.key(5))[0])
@@ -98,7 +99,7 @@ def test_noncausal_routers_leak_and_are_refused_in_a_decoder(preset, extra, data
     config_lib.validate(cfg, jax.device_count())
   # And they really leak: some output at or before t moves when only later tokens change.
   from moejax.models.decoder import DecoderLM
-  model = DecoderLM(config_lib.decoder_config(cfg, 16), rngs=nnx.Rngs(0))
+  model = DecoderLM(build.decoder_config(cfg, 16), rngs=nnx.Rngs(0))
   forward = nnx.jit(lambda m, x: m(x, train=True)[0])
   leaked = False
   for seed in range(4):

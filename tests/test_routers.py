@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from moejax import losses
-from moejax.layers.moe import MoEConfig, MoELayer, make_mesh
+from moejax.layers.moe import MoEConfig, MoELayer
+from moejax.parallel import make_mesh
 
 BASE = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0)
 ROUTER_CASES = {

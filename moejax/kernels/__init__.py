@@ -4,7 +4,6 @@ Nothing here knows about routers or layers; dispatchers (`moejax.dispatch`) and 
 path (`moejax.dropless`) call these.
 """
 
-from moejax.kernels.permute import (BACKENDS, RowMap, inverse_map, permute, permute_by_token, unpermute,
-                                    unpermute_by_token)
+from moejax.kernels.permute import BACKENDS, RowMap, permute, unpermute
 
-__all__ = ["BACKENDS", "RowMap", "inverse_map", "permute", "permute_by_token", "unpermute", "unpermute_by_token"]
+__all__ = ["BACKENDS", "RowMap", "permute", "unpermute"]

@@ -15,33 +15,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.config.schema import DTYPES, POSITIONS, defaults
 from moejax.layers.attention import CausalSelfAttention
 from moejax.layers.ffn import FeedForward
 from moejax.layers.moe import MoEConfig, MoELayer
 
-POSITIONS = ("rope", "learned")
-DTYPES = ("float32", "bfloat16")
+_MODEL = defaults("lm", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Static shape and options of the decoder (field meanings as in `moejax.config`)."""
+  """Static shape and options of the decoder: the config's model.* fields (meanings in moejax/config/schema.py).
+
+  Built from a config by `moejax.models.build.decoder_config`; max_len is train.seq_len.
+  """
 
   vocab_size: int
-  num_layers: int = 4
-  d_model: int = 128
-  num_heads: int = 4
-  num_kv_heads: int = 0  # 0: num_heads (multi-head); fewer: grouped-query attention.
-  head_dim: int = 0  # 0: d_model / num_heads.
-  qk_norm: bool = False
-  d_ff: int = 512
-  max_len: int = 128
-  positions: str = "rope"
-  activation: str = "gelu"
-  moe_every: int = 2
-  tie_embeddings: bool = False
-  init_scale: float = 1.0
-  dtype: str = "float32"
+  num_layers: int = _MODEL["num_layers"]
+  d_model: int = _MODEL["d_model"]
+  num_heads: int = _MODEL["num_heads"]
+  num_kv_heads: int = _MODEL["num_kv_heads"]
+  head_dim: int = _MODEL["head_dim"]
+  qk_norm: bool = _MODEL["qk_norm"]
+  d_ff: int = _MODEL["d_ff"]
+  max_len: int = defaults("lm", "train")["seq_len"]
+  positions: str = _MODEL["positions"]
+  activation: str = _MODEL["activation"]
+  moe_every: int = _MODEL["moe_every"]
+  tie_embeddings: bool = _MODEL["tie_embeddings"]
+  init_scale: float = _MODEL["init_scale"]
+  dtype: str = _MODEL["dtype"]
   moe: MoEConfig = MoEConfig()
 
   def is_moe_layer(self, index: int) -> bool:

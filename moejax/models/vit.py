@@ -22,16 +22,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.config.schema import DTYPES, POOLINGS, defaults
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.moe import MoEConfig, MoELayer
-from moejax.models.decoder import DTYPES, TransformerBlock
+from moejax.models.decoder import TransformerBlock
 
-POOLINGS = ("gap", "cls")
+_MODEL = defaults("vit", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Static shape and options of the ViT.
+  """Static shape and options of the ViT: the config's model.* fields and the images' shape.
+
+  Built from a config and the dataset by `moejax.models.build.vit_config`.
 
   Attributes:
     image_size: H = W, divisible by patch_size.
@@ -47,17 +50,17 @@ class ViTConfig:
   image_size: int
   channels: int
   num_classes: int
-  patch_size: int = 4
-  num_layers: int = 4
-  d_model: int = 128
-  num_heads: int = 4
-  d_ff: int = 512
-  activation: str = "gelu"
-  moe_every: int = 2
-  moe_last: int = 0
-  pooling: str = "gap"
-  init_scale: float = 1.0
-  dtype: str = "float32"
+  patch_size: int = _MODEL["patch_size"]
+  num_layers: int = _MODEL["num_layers"]
+  d_model: int = _MODEL["d_model"]
+  num_heads: int = _MODEL["num_heads"]
+  d_ff: int = _MODEL["d_ff"]
+  activation: str = _MODEL["activation"]
+  moe_every: int = _MODEL["moe_every"]
+  moe_last: int = _MODEL["moe_last"]
+  pooling: str = _MODEL["pooling"]
+  init_scale: float = _MODEL["init_scale"]
+  dtype: str = _MODEL["dtype"]
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):

@@ -1,0 +1,37 @@
+"""Which config changes a resumed run may make, and the differences from a workdir's saved config."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from moejax.config.schema import base_config, flatten
+
+# Fields that may change when a run is resumed in the same workdir (they change neither what the
+# checkpoint holds nor the training that follows it); any other difference from the workdir's
+# config.json is refused. train.num_steps may change only under a constant learning rate: the
+# cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "data.data_dir", "mesh.data", "mesh.expert", "mesh.fsdp", "distributed.initialize",
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
+
+
+def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tuple[str, ...]]:
+  """(['field=saved->new', ...], the fields allowed to differ) against <workdir>/config.json.
+
+  Empty when the workdir holds no config.json or one that only differs in fields a resumed run
+  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule). A field the saved
+  config lacks (added to moejax after the run) counts only if it is set to other than its default.
+  """
+  saved_path = os.path.join(workdir, "config.json")
+  new = flatten(json.loads(json.dumps(resolved)))
+  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if new.get("optim.schedule") == "constant" else ())
+  if not os.path.exists(saved_path):
+    return [], resumable
+  with open(saved_path) as f:
+    saved = flatten(json.load(f))
+  defaults = flatten(json.loads(json.dumps(base_config(new.get("task", "lm")).to_dict())))
+  added_as_default = {k for k in set(new) - set(saved) if k in defaults and new[k] == defaults[k]}
+  differ = sorted(k for k in set(saved) | set(new)
+                  if saved.get(k) != new.get(k) and k not in resumable and k not in added_as_default)
+  return [f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ], resumable

@@ -1,0 +1,225 @@
+"""The config schema: every field and its default, in one place. Imports neither JAX nor Flax.
+
+Config files in `configs/` start from `base_config()` (usually through `configs/common.py`) and
+override fields. The returned ConfigDict is locked, so a misspelled field is refused, never
+silently ignored. The `moe` section holds the fields every router family reads, the dispatchers'
+options, and every registered family's own options (`moejax.routers`, each family declares its
+own with their defaults); the layer and model dataclasses (`MoEConfig`, `DecoderConfig`,
+`ViTConfig`) take their defaults from here (`defaults`).
+
+Which fields are active depends on other fields (`ACTIVE` below, checked by `moejax.config.validate`):
+the options of the selected router family and dispatcher, the data source's subsection, the
+cosine schedule's end value. A field of an inactive part set away from its default is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+
+from moejax import routers
+from moejax.data.config import default_data_config
+from moejax.errors import ConfigError
+
+TASKS = ("lm", "vit")
+POSITIONS = ("rope", "learned")
+DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+POOLINGS = ("gap", "cls")
+
+# The dispatchers' own options (moe.dispatcher selects one; moejax.dispatch implements them).
+DISPATCHER_OPTIONS = {
+    "einsum": (),
+    "sort": ("permute_backend",),
+    "dropless": ("permute_backend", "dropless_impl", "dropless_block_size", "expert_exchange"),
+}
+PERMUTE_BACKENDS = ("auto", "xla", "pallas")
+DROPLESS_IMPLS = ("auto", "blocks", "ragged_dot")
+EXCHANGES = ("auto", "padded", "ragged")
+# data.source -> the data subsection it reads (the other subsections are inactive).
+DATA_SUBSECTIONS = {"markov_mixture": "markov", "text_bytes": "text", "tfds": "tfds", "digits": "digits"}
+
+
+def base_config(task: str = "lm") -> ml_collections.ConfigDict:
+  """All fields with their defaults.
+
+  task 'lm': a small MoE decoder on the synthetic Markov mixture; task 'vit': a small MoE ViT
+  on scikit-learn's embedded digits. The two share the moe, optim, train and mesh sections.
+  """
+  if task not in TASKS:
+    raise ConfigError("task", f"{task!r} is not allowed; choose one of 'lm', 'vit'")
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.model = _model(task)
+  c.moe = _moe()
+  if task == "lm":
+    c.data = default_data_config()
+  else:
+    from moejax.data.images import default_image_data_config  # numpy + ml_collections only.
+    c.data = default_image_data_config()
+  c.optim = _optim()
+  c.train = _train(task)
+  c.mesh, c.distributed = _mesh(), _distributed()
+  c.lock()
+  return c
+
+
+def _model(task: str) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  if task == "lm":
+    m.vocab_size = 0  # 0: the dataset's vocabulary size.
+  else:
+    m.patch_size = 2  # Patches of p×p pixels (8×8 digits: 16 patches).
+    m.pooling = "gap"  # 'gap' (mean of the final tokens) | 'cls' (class token)
+    m.moe_last = 0  # MoE in the last N blocks instead of every P-th (Soft MoE paper).
+  m.num_layers = 4
+  m.d_model = 128
+  m.num_heads = 4
+  if task == "lm":
+    m.num_kv_heads = 0  # 0: num_heads; fewer: grouped-query attention (Mixtral, Qwen3).
+    m.head_dim = 0  # 0: d_model / num_heads (Qwen3 sets 128 with d_model 2048, 32 heads).
+    m.qk_norm = False  # RMSNorm on each query and key head (OLMoE, Qwen3).
+  m.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
+  if task == "lm":
+    m.positions = "rope"  # 'rope' | 'learned'
+  m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu'
+  m.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
+  if task == "lm":
+    m.tie_embeddings = False
+  m.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
+  m.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
+  return m
+
+
+def _moe() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  # The router family: one of moejax.routers.names() ('top_k', 'deepseek', 'expert_choice',
+  # 'soft_moe', 'hash', 'dense', and any registered since).
+  e.router = "top_k"
+  e.num_experts = 8
+  e.d_expert = 0  # 0: model.d_ff. Fine-grained experts: many experts, small d_expert, larger K.
+  e.num_shared_experts = 0  # Always-on experts of hidden size d_expert (DeepSeekMoE).
+  e.group_size = 0  # Tokens per routing group; 0 = one sequence (or image) per group.
+  e.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
+  e.dead_expert_steps = 100  # An expert with no tokens for this many steps counts as dead.
+  # Options of the dispatchers (DISPATCHER_OPTIONS). Token permutation of 'sort' and 'dropless':
+  # 'auto' (XLA until the Pallas kernels are measured on hardware) | 'xla' | 'pallas' (Triton on
+  # GPU, Mosaic on TPU, interpreted on CPU: slow).
+  e.permute_backend = "auto"
+  e.dropless_impl = "auto"  # 'auto' | 'blocks' (B-row block loop) | 'ragged_dot' (grouped matmul)
+  e.dropless_block_size = 64  # Rows per block of dropless_impl='blocks'.
+  # Dropless with mesh.expert > 1: 'auto' (ragged on GPU/TPU, padded on CPU) | 'padded' (all_to_all
+  # of N rows per device pair, runs anywhere) | 'ragged' (jax.lax.ragged_all_to_all; GPU/TPU only).
+  e.expert_exchange = "auto"
+  # Every router family's options (top_k, capacity_factor, priority, slots_per_expert, ...): their
+  # defaults and meanings are in the family modules, moejax/routers/*.py.
+  for option in routers.options().values():
+    e[option.name] = option.default
+  return e
+
+
+def _optim() -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-3  # Peak, after linear warm-up.
+  o.warmup_steps = 100
+  o.schedule = "cosine"  # 'cosine' (decay to end_lr_fraction·peak at the last step) | 'constant'
+  o.end_lr_fraction = 0.1  # Cosine only.
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
+  return o
+
+
+def _train(task: str) -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.batch_size = 32  # Global, in sequences or images.
+  if task == "lm":
+    t.seq_len = 128
+  t.num_steps = 1000
+  t.log_every = 50
+  t.eval_every = 250  # 0: evaluate only at the end.
+  t.checkpoint_every = 250
+  t.keep_checkpoints = 3
+  return t
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  # Devices: a ('data', 'expert') mesh. Batches (and MoE groups) are split over all of its
+  # devices; expert weights over 'expert' (E/expert experts per device), other weights replicated
+  # or, with fsdp, split over 'data' too. See README "Scaling out".
+  m = ml_collections.ConfigDict()
+  m.data = -1  # Devices on the data axis; -1: all devices / mesh.expert.
+  m.expert = 1  # Devices on the expert axis (expert parallelism); must divide moe.num_experts.
+  m.fsdp = False  # Also split non-expert weights and optimizer state over 'data' (ZeRO-3 style).
+  return m
+
+
+def _distributed() -> ml_collections.ConfigDict:
+  # Multi-host (one process per host or per GPU): `jax.distributed.initialize` before JAX starts.
+  d = ml_collections.ConfigDict()
+  # 'auto': initialize when a coordinator address is given (here or $JAX_COORDINATOR_ADDRESS) or a
+  # multi-process cluster is detected (Cloud TPU pod slice, SLURM, Open MPI); 'yes' | 'no'.
+  d.initialize = "auto"
+  d.coordinator_address = ""  # host:port of process 0; '': from the cluster / environment.
+  d.num_processes = 0  # 0: from the cluster / environment.
+  d.process_id = -1  # -1: from the cluster / environment.
+  return d
+
+
+def defaults(task: str, section: str) -> dict:
+  """{field: default} of one section of `base_config(task)` (what the model dataclasses default to)."""
+  return _defaults(task, tuple(routers.names()))[section]
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(task: str, families: tuple[str, ...]) -> dict:
+  return base_config(task).to_dict()
+
+
+def active_fields(cfg) -> set[str]:
+  """The 'section.field' names that the run reads, given the selectors (router, dispatcher, source, ...).
+
+  Every field of model, train, mesh, distributed and the top level is always active, as are the
+  moe fields every family reads; the rest depends on:
+    moe.router       its family's options (moejax.routers) — all of moe when the model has no MoE layer
+    moe.dispatcher   DISPATCHER_OPTIONS of the dispatcher the family uses
+    data.source      its subsection (data.markov, data.text, data.tfds, data.digits)
+    optim.schedule   optim.end_lr_fraction under 'cosine'
+  """
+  flat = set(flatten(cfg))
+  family_options = {o.name for family_name in routers.names() for o in routers.get(family_name).options}
+  dispatcher_options = {name for names in DISPATCHER_OPTIONS.values() for name in names}
+  data_subsections = {k for k, v in cfg.data.items() if isinstance(v, (ml_collections.ConfigDict, dict))}
+  inactive = {f"moe.{name}" for name in family_options | dispatcher_options}
+  inactive |= {f for f in flat if f.startswith("data.") and f.split(".")[1] in data_subsections}
+  inactive.add("optim.end_lr_fraction")
+  active = flat - inactive
+  has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+  if not has_moe:
+    active -= {f for f in flat if f.startswith("moe.")}
+  elif cfg.moe.router in routers.names():
+    family = routers.get(cfg.moe.router)
+    active |= {f"moe.{o.name}" for o in family.options}
+    if any(o.name == "dispatcher" for o in family.options):
+      active |= {f"moe.{name}" for name in DISPATCHER_OPTIONS.get(cfg.moe.dispatcher, ())}
+  source_section = DATA_SUBSECTIONS.get(cfg.data.source)
+  if source_section in data_subsections:
+    active |= {f for f in flat if f.startswith(f"data.{source_section}.")}
+  if cfg.optim.schedule == "cosine":
+    active.add("optim.end_lr_fraction")
+  return active
+
+
+def flatten(tree, prefix: str = "") -> dict:
+  """{'section.field': value} of a config or a nested dict (a config's to_dict())."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat

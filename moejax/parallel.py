@@ -1,0 +1,196 @@
+"""Parallelism beside the layers: the mesh, parameter shardings, and the expert-parallel exchanges.
+
+Legend: E experts, n devices on the 'expert' axis, G groups, C capacity, d model dim, T tokens,
+K choices per token, N = T·K choices of one device.
+
+The devices form a ('data', 'expert') mesh. Batches, and the MoE layers' token groups, are split
+over both axes; expert weights over 'expert' (E/n experts per device); other weights are
+replicated, or with FSDP also split over 'data'. Which weights are expert weights is the
+parameters' own metadata: the MoE layer creates them with `out_sharding=EXPERT_SHARDING`, and
+`state_sharding` reads that through `nnx.get_partition_spec` (for the optimizer moments too).
+
+Inside the MoE layer (per device, in `jax.shard_map`), tokens reach the device holding their
+expert in one of two ways:
+  capacity buffers  [E, G, C, d] -> all_to_all over 'expert' -> [E/n, n·G, C, d] on the expert's
+                    device, and back (`to_expert_devices`, `from_expert_devices`). Every router's
+                    capacity path ends in such buffers.
+  dropless rows     each choice goes to its expert's device (`RowExchange`): 'padded' sends N rows
+                    per destination, a plain all_to_all that runs on CPU too; 'ragged' sends
+                    exactly the routed rows with `jax.lax.ragged_all_to_all` (GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax import kernels
+from moejax.kernels.varying import _zeros_varying_like
+from moejax.routers.base import BatchReduce
+
+MESH_AXES = ("data", "expert")  # Tokens are split over both axes, experts over 'expert'.
+EXPERT_SHARDING = ("expert", None, None)  # The out_sharding (NNX sharding names) of an [E, ...] expert weight.
+EXCHANGES = ("auto", "padded", "ragged")
+BATCH = BatchReduce(MESH_AXES)  # Means and sums over every device, for per-device code.
+
+
+def make_mesh(num_data: int = 1, num_expert: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'expert') mesh over the first num_data·num_expert devices.
+
+  Devices are taken in `jax.devices()` order (process by process), so the devices of an
+  'expert' row are neighbours: on one host when num_expert ≤ its local devices.
+  """
+  devices = jax.devices() if devices is None else devices
+  n = num_data * num_expert
+  grid = np.asarray(devices[:n]).reshape(num_data, num_expert)
+  return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+  return make_mesh(devices=jax.devices()[:1])
+
+
+def expert_param(value: jax.Array) -> nnx.Param:
+  """An [E, ...] expert weight, marked to be split over 'expert' on E."""
+  return nnx.Param(value, out_sharding=EXPERT_SHARDING[:value.ndim], eager_sharding=False)
+
+
+def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
+  """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert') mesh.
+
+  Each array takes the partition spec of its variable's `out_sharding` metadata (expert
+  weights: 'expert' on E; optimizer moments inherit their parameter's), unannotated arrays are
+  replicated. With fsdp, each array is also split over 'data' on its largest dimension that the
+  data axis divides and the spec leaves free, and jit gathers it where it is used.
+  """
+  num_data = mesh.shape["data"]
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  unwrap = lambda x: x.get_value() if is_variable(x) else x
+
+  def sharding(leaf, spec):
+    leaf, spec = unwrap(leaf), unwrap(spec)
+    axes = list(spec) + [None] * (leaf.ndim - len(spec))
+    if fsdp and num_data > 1:
+      free = [i for i in range(leaf.ndim) if axes[i] is None and leaf.shape[i] % num_data == 0]
+      if free:
+        axes[max(free, key=lambda i: leaf.shape[i])] = "data"
+    return NamedSharding(mesh, P(*axes))
+
+  # One NamedSharding per variable or array: a prefix of the state's tree, as jit and device_put take.
+  return jax.tree.map(sharding, state, nnx.get_partition_spec(state), is_leaf=is_variable)
+
+
+def per_device(fn, mesh: jax.sharding.Mesh, *, sharded, replicated, experts):
+  """jax.shard_map of fn(*sharded, *replicated, *experts) over every device of the mesh.
+
+  sharded: arrays split on their first axis over both mesh axes (token groups); replicated:
+  trees every device sees whole; experts: trees of [E, ...] arrays split over 'expert'. fn
+  returns (per-device output split like `sharded`, a tree replicated over the mesh).
+  """
+  spec = lambda tree, s: jax.tree.map(lambda _: s, tree)
+  in_specs = (tuple(P(MESH_AXES) for _ in sharded) + tuple(spec(t, P()) for t in replicated)
+              + tuple(spec(t, P("expert")) for t in experts))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(MESH_AXES), P()))(
+      *sharded, *replicated, *experts)
+
+
+def to_expert_devices(buffers: jax.Array) -> jax.Array:
+  """[E, G, C, d] capacity buffers -> [E/n, n·G, C, d]: each device gets its experts' buffers from its row."""
+  return jax.lax.all_to_all(buffers, "expert", split_axis=0, concat_axis=1, tiled=True)
+
+
+def from_expert_devices(buffers: jax.Array) -> jax.Array:
+  """The inverse of `to_expert_devices`: [E/n, n·G, C, d] -> [E, G, C, d]."""
+  return jax.lax.all_to_all(buffers, "expert", split_axis=1, concat_axis=0, tiled=True)
+
+
+def resolve_exchange(exchange: str) -> str:
+  """'padded' or 'ragged' for moe.expert_exchange ('auto': ragged on GPU/TPU, padded on CPU)."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f"expert_exchange must be one of {EXCHANGES}, got {exchange!r}")
+  if exchange == "auto":
+    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
+  return exchange
+
+
+class RowExchange:
+  """Dropless choices to the devices of their experts and back, for one routing.
+
+  With n devices on 'expert' (E/n experts each), each of this device's N = T·K choices goes to
+  the device holding its expert, with that device's local expert id; a receiver holds at most
+  n·N rows (every choice of every device of its row). Rows that hold no choice carry the local
+  id E/n, which `moejax.dropless.dropless_expert_ffn` skips.
+    'padded'  N rows per destination, a plain all_to_all (any backend, CPU included): sends
+              n·N rows whatever the routing.
+    'ragged'  the choices sorted by destination, `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU
+              has no lowering): sends exactly N rows.
+  """
+
+  def __init__(self, expert_index: jax.Array, num_experts: int, n_shards: int, exchange: str,
+               permute_backend: str = "auto"):
+    """expert_index: <int32>[T, K] chosen experts (global ids) of this device's tokens; n_shards: n."""
+    t, k = expert_index.shape
+    n = t * k
+    self.local_experts = num_experts // n_shards
+    self.permute_backend = permute_backend
+    flat = expert_index.reshape(-1)
+    destination = flat // self.local_experts
+    sent_before = jnp.cumsum(jax.nn.one_hot(destination, n_shards, dtype=jnp.int32), axis=0)
+    rank = sent_before[jnp.arange(n), destination] - 1  # among the choices for the same device
+    if resolve_exchange(exchange) == "padded":
+      self.row_map = kernels.RowMap.from_rows((destination * n + rank).reshape(t, k), n_shards * n)
+      self._there = self._back = lambda x, fill: jax.lax.all_to_all(x, "expert", split_axis=0, concat_axis=0,
+                                                                     tiled=True)
+    else:
+      send_sizes = sent_before[-1]  # [n]
+      input_offsets = jnp.cumsum(send_sizes) - send_sizes
+      self.row_map = kernels.RowMap.from_rows((input_offsets[destination] + rank).reshape(t, k), n)
+      self._there, self._back = _ragged_exchange(send_sizes, input_offsets, n, n_shards * n)
+    local_id = jnp.concatenate([flat % self.local_experts, jnp.full((1,), self.local_experts, flat.dtype)])
+    self._local_id = local_id[self.row_map.choice_of_row]  # empty rows: no expert
+
+  def there(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows [R, d], local expert id <int32>[R]) on the receiving devices, from tokens [T, d]."""
+    rows = kernels.permute(tokens, self.row_map, backend=self.permute_backend)
+    return self._there(rows, 0), self._there(self._local_id, self.local_experts)
+
+  def back(self, rows: jax.Array, combine_weight: jax.Array) -> jax.Array:
+    """[T, d] Σ_k combine_weight[t, k] · the computed row of choice (t, k), from the receivers' rows."""
+    return kernels.unpermute(self._back(rows, 0), self.row_map, combine_weight, backend=self.permute_backend)
+
+
+# The collective behind 'ragged'; tests swap in an emulation built from all_gather, because
+# XLA:CPU cannot run ragged_all_to_all.
+_ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+def _ragged_exchange(send_sizes, input_offsets, num_rows: int, out_rows: int):
+  """(there, back): ragged_all_to_all to the expert devices and back again, for one routing.
+
+  send_sizes, input_offsets: <int32>[n] this device's rows for each device of its 'expert' row,
+  contiguous in destination order, num_rows (N) in all. there(x, fill) sends them and returns
+  out_rows rows: those from device 0 first, then device 1's, ..., `fill` after. back(y, fill)
+  returns the rows that the receivers computed to where they came from ([N, ...]).
+  """
+  me = jax.lax.axis_index("expert")
+  sizes = jax.lax.all_gather(send_sizes, "expert")  # [n, n]: sizes[i, j] rows from i to j
+  # Where i's rows for j land on j: after the rows that devices before i send to j.
+  landing = jnp.cumsum(sizes, axis=0) - sizes  # [n, n]
+  # Where j's rows from i start on i (i's input_offsets).
+  starts = jnp.cumsum(sizes, axis=1) - sizes  # [n, n]
+  recv_sizes = sizes[:, me]
+  recv_offsets = landing[:, me]
+
+  def there(x, fill):
+    output = _zeros_varying_like((out_rows, *x.shape[1:]), x.dtype, x) + fill  # varies as x does
+    return _ragged_all_to_all(x, output, input_offsets, send_sizes, landing[me], recv_sizes, axis_name="expert")
+
+  def back(y, fill):
+    output = _zeros_varying_like((num_rows, *y.shape[1:]), y.dtype, y) + fill
+    return _ragged_all_to_all(y, output, recv_offsets, recv_sizes, starts[:, me], send_sizes, axis_name="expert")
+
+  return there, back

@@ -1,0 +1,81 @@
+"""DeepSeek-style token choice (DeepSeekMoE, V2, V3): affinities, a balancing bias, group limits.
+
+Scores are sigmoid (V3) or softmax (V2) affinities; a per-expert bias, which is state and not a
+parameter, is added only to *choose* experts (aux-loss-free balancing, V3) and moves after each
+training step by γ·sign(mean load − load). Group-limited routing keeps each token's experts in
+its best `top_expert_groups` of `num_expert_groups` groups. Shared experts (`num_shared_experts`)
+and fine-grained experts (`num_experts`, `d_expert`, `top_k`) are layer options every family has.
+"""
+
+from __future__ import annotations
+
+from moejax.errors import ConfigError
+from moejax.lazy import jax, jnp
+from moejax.routers import base
+from moejax.routers.base import Option, routing
+from moejax.routers.registry import register
+from moejax.routers.top_k import TopK, check_top_k
+
+SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid' (V3).",
+                        allowed=("softmax", "sigmoid"))
+BIAS_UPDATE_RATE = Option("bias_update_rate", 1e-3, "Aux-loss-free balancing γ (V3); 0 = off.", minimum=0)
+NUM_EXPERT_GROUPS = Option("num_expert_groups", 1, "Group-limited routing: the experts form this many groups ...",
+                           minimum=1)
+TOP_EXPERT_GROUPS = Option("top_expert_groups", 1, "... of which each token may use its best ones.", minimum=1)
+
+
+@register
+class DeepSeek(TopK):
+  """Top-K of biased affinities; weights from the unbiased ones."""
+
+  name = "deepseek"
+  options = (base.TOP_K, base.COMBINE_WEIGHTS, base.PRIORITY, *base.CAPACITY, *base.SWITCH_LOSSES,
+             SCORE_FUNCTION, BIAS_UPDATE_RATE, NUM_EXPERT_GROUPS, TOP_EXPERT_GROUPS)
+
+  @classmethod
+  def validate(cls, moe) -> None:
+    base.check_options(cls.options, moe)
+    check_top_k(moe)
+    if moe.num_experts % moe.num_expert_groups:
+      raise ConfigError("moe.num_expert_groups",
+                        f"must divide moe.num_experts ({moe.num_experts}), got {moe.num_expert_groups}")
+    if not 1 <= moe.top_expert_groups <= moe.num_expert_groups:
+      raise ConfigError("moe.top_expert_groups", f"must be between 1 and moe.num_expert_groups "
+                        f"({moe.num_expert_groups}), got {moe.top_expert_groups}")
+    if moe.top_k > moe.top_expert_groups * (moe.num_experts // moe.num_expert_groups):
+      raise ConfigError("moe.top_k", "exceeds the experts in the moe.top_expert_groups groups a token may use")
+
+  @classmethod
+  def needs_rng(cls, cfg) -> bool:
+    return False
+
+  @classmethod
+  def variables(cls, cfg, d_model, init, rngs):
+    return {**base.RouterFamily.variables(cfg, d_model, init, rngs),
+            "bias": ("state", jnp.zeros((cfg.num_experts,), jnp.float32))}
+
+  @classmethod
+  def route(cls, router, x, *, capacity, train, rng, token_ids=None):
+    cfg = router.cfg
+    logits, stats = base.RouterFamily.logits(router, x, train=train, rng=None)
+    if cfg.score_function == "sigmoid":
+      scores = jax.nn.sigmoid(logits)
+      stats["probs"] = scores / jnp.sum(scores, axis=-1, keepdims=True)  # What balance and entropy read.
+    else:
+      scores = jax.nn.softmax(logits, axis=-1)
+      stats["probs"] = scores
+    selection = scores + router.bias[...]
+    if cfg.num_expert_groups > 1:
+      selection = routing.group_limited_scores(selection, num_groups=cfg.num_expert_groups,
+                                               top_groups=cfg.top_expert_groups)
+    decision = routing.top_k_route(scores, top_k=cfg.top_k, capacity=capacity, combine_weights=cfg.combine_weights,
+                                   priority=cfg.priority, selection_scores=selection)
+    stats["selection_counts"] = base.selection_counts(decision)
+    return decision, stats
+
+  @classmethod
+  def update_state(cls, cfg, router, aux) -> None:
+    """b_e <- b_e + γ·sign(mean load − load_e): under-loaded experts become more likely to be chosen."""
+    if cfg.bias_update_rate > 0:
+      counts = aux["selection_counts"]
+      router.bias[...] += cfg.bias_update_rate * jnp.sign(counts.mean() - counts)
