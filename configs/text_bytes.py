@@ -5,16 +5,15 @@ The run records which files it trained on (relative path, size, sha256, and a co
   python -m moejax.main --config configs/text_bytes.py --workdir workdirs/text_bytes
 """
 
-from moejax.config import base_config
+from moejax.config import common
 
 
 def get_config():
-  config = base_config()
+  config = common.small_lm()
   config.data.source = "text_bytes"
   config.model.d_model = 128
   config.model.d_ff = 512
   config.train.seq_len = 128
-  config.train.batch_size = 32
   config.train.num_steps = 2000
   config.train.log_every = 100
   config.train.eval_every = 500

@@ -1,7 +1,9 @@
 """moejax: Mixture-of-Experts research in JAX and Flax NNX.
 
-Layering (imports point one way): dispatch <- routing <- layers <- models <- train/main.
-`moejax.data` is imported lazily by the trainer so that models import without TFDS/grain.
+Layering (imports point one way): kernels <- dispatch <- routing / routers <- layers (with
+parallel beside them) <- models <- tasks / train / main. `moejax.config`, `moejax.routers` and
+`moejax.errors` load without JAX; `moejax.data` is imported lazily so that models import without
+TFDS/grain. README "Architecture" has the module map.
 """
 
 __version__ = "0.1.0"
