@@ -61,18 +61,29 @@ class CausalSelfAttention(nnx.Module):
     self.wo = nnx.Param(init(rngs.params(), (num_heads * head_dim, d_model)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, l, _ = x.shape
+    b, l, d = x.shape
+    # The projections are 2-D matmuls on the flattened tokens: XLA:CPU forms the weight gradients of
+    # [B, L, d] einsums with extra transposes and copies (issue #11, point 9). The attention's own
+    # head-major layout hides most of that cost, so the layer gains less than the dense FFN.
+    tokens = x.reshape(b * l, d)  # [B·L, d]
     if self.wqkv is not None:
-      qkv = jnp.einsum("bld,dtnh->tblnh", x, self.wqkv[...].astype(x.dtype))
-      q, k, v = qkv[0], qkv[1], qkv[2]  # [B, L, N, H] each
+      wqkv = self.wqkv[...]  # [d, 3, N, H]
+      qkv = _project(tokens, wqkv).reshape(b, l, *wqkv.shape[1:])  # [B, L, 3, N, H]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, H] each
     else:
-      q = jnp.einsum("bld,dnh->blnh", x, self.wq[...].astype(x.dtype))  # [B, L, N, H]
-      kv = jnp.einsum("bld,dtkh->tblkh", x, self.wkv[...].astype(x.dtype))
-      k, v = kv[0], kv[1]  # [B, L, N_kv, H] each
+      wq, wkv = self.wq[...], self.wkv[...]  # [d, N, H], [d, 2, N_kv, H]
+      q = _project(tokens, wq).reshape(b, l, *wq.shape[1:])  # [B, L, N, H]
+      kv = _project(tokens, wkv).reshape(b, l, *wkv.shape[1:])  # [B, L, 2, N_kv, H]
+      k, v = kv[:, :, 0], kv[:, :, 1]  # [B, L, N_kv, H] each
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.rotary:
       q, k = rotary_embedding(q), rotary_embedding(k)
     # Grouped-query attention: query head n reads key/value head n // (N / N_kv).
     out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, L, N, H]
-    return out.reshape(b, l, -1) @ self.wo[...].astype(x.dtype)
+    return _project(out.reshape(b * l, -1), self.wo[...]).reshape(b, l, -1)
+
+
+def _project(tokens: jax.Array, w: jax.Array) -> jax.Array:
+  """[T, d] @ w [d, ...] -> [T, prod(...)], w viewed as one [d, prod(...)] matrix."""
+  return tokens @ w.reshape(w.shape[0], -1).astype(tokens.dtype)
