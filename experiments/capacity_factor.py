@@ -12,6 +12,9 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   dense 1.693 ± 0.020; cf1.0 1.614 ± 0.013 (speed-up in steps 1.08×); cf1.25 1.588 ± 0.016
   (1.18×); cf2.0 1.575 ± 0.022 (1.23×); dropless 1.565 ± 0.016 (1.24×). Mean wall time per
   run: 19, 19, 21 and 22 s for cf 1.0, 1.25, 2.0 and dropless (dense 17 s).
+Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
+which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+models' most.
 Table, CSV, LaTeX and plots: experiments/results/capacity_factor/quick/.
 """
 
@@ -38,7 +41,10 @@ EXPERIMENT = Experiment(
            "ranking: here a larger capacity factor is better per step and, at 10-15% more time per run on "
            "2 CPU cores, also per second. Early in training the load is uneven (max/mean 1.1-1.4), and at "
            "step 250 cf 1.0 still drops 17-19% of the tokens per MoE layer (cf 1.25: 10%, cf 2.0: under "
-           "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl)."),
+           "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl). "
+           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+           "models' most."),
     paper=("Switch Table 1: cf 1.0 reaches the quality threshold fastest (62.8 h), then 1.25 (65.0 h), "
            "then 2.0 (72.8 h). MegaBlocks (125M, 64 experts, top-1): cf 1 gives −0.15 validation loss "
            "vs dense, dropless −0.26."),

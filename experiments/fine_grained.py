@@ -15,6 +15,9 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   dense 1.693 ± 0.020; top2_E8 1.546 ± 0.026; fine_E32_top8 1.579 ± 0.027; fine_shared
   1.575 ± 0.014. Fine-grained runs take 1.3× the wall time of top2_E8 on CPU (more, smaller
   expert matmuls).
+Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
+which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+models' most.
 Table, CSV, LaTeX and plots: experiments/results/fine_grained/quick/.
 """
 
@@ -43,7 +46,10 @@ EXPERIMENT = Experiment(
     found=("Disagrees with DeepSeekMoE: at this scale (250 steps, d = 96) the 8 coarse experts are best "
            "(1.546), and splitting them into 32 fine-grained ones loses 0.03 nats, about one seed standard "
            "deviation; the shared expert recovers little of it (1.575). All three beat the dense model by "
-           "0.11-0.15 nats. The fine-grained advantage is reported for far larger models and more tokens."),
+           "0.11-0.15 nats. The fine-grained advantage is reported for far larger models and more tokens. "
+           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+           "models' most."),
     paper=("DeepSeekMoE 2B (Table 1): fine-grained segmentation and shared-expert isolation each lower the "
            "loss at the same active and total parameters; together they match GShard ×1.5 experts."),
 )

@@ -11,6 +11,9 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   dense 1.693 ± 0.020; E1 1.688 ± 0.018; E2 1.652 ± 0.023; E8 1.588 ± 0.016; E32 1.578 ± 0.018;
   E64 1.618 ± 0.019 (speed-up in steps to dense's loss: 1.04 (1 of 3 seeds), 1.12, 1.18, 1.20,
   1.21; max/mean load at the end 1.00, 1.08, 1.18, 1.65, 2.35).
+Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
+which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+models' most.
 Table, CSV, LaTeX and plots: experiments/results/num_experts/quick/.
 """
 
@@ -32,7 +35,10 @@ EXPERIMENT = Experiment(
            "the train-loss speed-up keeps growing to E = 64. Disagrees at E = 64: its eval loss is worse "
            "than E = 8's. With groups of 64 tokens, E = 64 leaves 2 slots per expert per group and the loads "
            "are uneven (max/mean 2.35), so 27-28% of the tokens are dropped in training (E = 8: 10%; seed "
-           "0's fraction_dropped_choice1 at step 250); Switch's experts see far more tokens."),
+           "0's fraction_dropped_choice1 at step 250); Switch's experts see far more tokens. "
+           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+           "models' most."),
     paper=("Switch Fig. 4: at equal FLOPs per token, loss falls monotonically with the number of experts "
            "(2 to 256); with little data the gains of few experts can vanish."),
 )

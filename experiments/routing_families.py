@@ -16,6 +16,9 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   dense 1.693 ± 0.020; switch_top1 1.588 ± 0.016 (speed-up 1.18×); gshard_top2 1.595 ± 0.018
   (1.20×); ec_cf1 1.552 ± 0.012 (1.27×, not causal); ec_cf2 1.580 ± 0.013 (1.22×, not causal);
   dense_total_params 1.623 ± 0.020 (1.15×, at 3.2× the FLOPs per token).
+Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
+which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+models' most.
 Table, CSV, LaTeX and plots: experiments/results/routing_families/quick/.
 """
 
@@ -47,7 +50,10 @@ EXPERIMENT = Experiment(
            "model with as many parameters. Top-1 vs top-2: no difference beyond the seed spread (1.588 vs "
            "1.595). Disagrees: expert choice at cf 2 is not twice as fast as top-2 here (1.22× vs 1.20× the "
            "dense model's speed); EC at cf 1 is the best variant, but in a decoder it sees later tokens, "
-           "so its advantage is not a fair one."),
+           "so its advantage is not a fair one. "
+           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+           "models' most."),
     paper=("Switch Table 1: every MoE beats the FLOP-matched dense model; top-1 reaches a fixed quality "
            "faster than top-2. Expert choice: EC-CF2 reaches GShard top-2's perplexity in under half the "
            "steps; EC at cf 1 still beats Switch top-1."),

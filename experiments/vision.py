@@ -15,6 +15,9 @@ runs of 300 steps; eval accuracy on the held-out 20% of the 1797 digits, mean ±
 0-2):
   dense 0.970 ± 0.005; top2 0.965 ± 0.013; expert_choice 0.967 ± 0.009; soft_moe 0.966 ± 0.006;
   soft_moe_unnormalized 0.960 ± 0.009.
+Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
+which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+models' most.
 Table, CSV, LaTeX and plots: experiments/results/vision/quick/.
 """
 
@@ -46,7 +49,10 @@ EXPERIMENT = Experiment(
            "are within one seed standard deviation. The MoE models fit the ~1,440 training images more "
            "closely (final train loss 0.005-0.009 vs dense 0.010) without generalizing better: the task is "
            "too small and too easy to separate Soft MoE, expert choice, token choice and dense. Soft MoE "
-           "without normalization is the lowest (0.960), as in the paper's ablation, but within the noise."),
+           "without normalization is the lowest (0.960), as in the paper's ablation, but within the noise. "
+           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+           "models' most."),
     paper=("Soft MoE (S/14, JFT / ImageNet 10-shot): Soft MoE 54.3/74.8 > uniform mixing 51.8/70.0 > identity "
            "routing 51.5/69.1 > dense ViT 48.3/62.3; Soft > EC > token choice > dense at matched cost."),
 )
