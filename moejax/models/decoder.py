@@ -120,8 +120,9 @@ class DecoderLM(nnx.Module):
       if aux is not None:
         moe_aux.append(aux)
     x = self.final_norm(x).astype(jnp.float32)
-    if self.unembed is None:
-      logits = self.embed.attend(x)
-    else:
-      logits = self.unembed(x)
+    # On the flattened [B·L, d] tokens: XLA:CPU runs the weight gradient of a 3-D matmul with
+    # extra transposes and copies (issue #11; the same holds for the FFNs and projections).
+    b, l, d = x.shape
+    flat = x.reshape(b * l, d)
+    logits = (self.embed.attend(flat) if self.unembed is None else self.unembed(flat)).reshape(b, l, -1)
     return logits, moe_aux

@@ -132,7 +132,9 @@ class ViT(nnx.Module):
     same experts.
     """
     dtype = jnp.dtype(self.cfg.dtype)
-    x = self.patch_embed(patchify(images.astype(jnp.float32), self.cfg.patch_size))  # [B, N, d]
+    patches = patchify(images.astype(jnp.float32), self.cfg.patch_size)  # [B, N, p·p·C]
+    b, n, _ = patches.shape
+    x = self.patch_embed(patches.reshape(b * n, -1)).reshape(b, n, -1)  # [B, N, d]; 2-D matmul (see ffn.py)
     x = x + self.position_embed[...][None]
     if self.cls_token is not None:
       cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[2]))

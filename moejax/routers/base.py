@@ -154,7 +154,7 @@ class RouterFamily:
 
     rng: the (noise, jitter) keys of families that perturb their logits in training.
     """
-    logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), router.kernel[...].astype(jnp.float32))
+    logits = project(x.astype(jnp.float32), router.kernel[...].astype(jnp.float32))
     return logits, {"logits": logits}
 
   @classmethod
@@ -198,6 +198,13 @@ class RouterFamily:
   @classmethod
   def update_state(cls, cfg, router, aux: dict) -> None:
     """After a training step, from its `aux`: rule-based state. None for most families."""
+
+
+def project(x, kernel):
+  """[G, S, d] @ [d, E] -> [G, S, E], as one 2-D matmul: XLA:CPU runs the weight gradient of the
+  3-D form with extra transposes and copies (issue #11)."""
+  g, s, d = x.shape
+  return (x.reshape(g * s, d) @ kernel).reshape(g, s, kernel.shape[-1])
 
 
 def check_options(options, moe) -> None:

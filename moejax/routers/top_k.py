@@ -88,10 +88,10 @@ class TopK(RouterFamily):
     if train and cfg.router_noise == "jitter":
       eps = cfg.jitter_eps
       router_in = router_in * jax.random.uniform(jitter_rng, router_in.shape, minval=1 - eps, maxval=1 + eps)
-    logits = jnp.einsum("gsd,de->gse", router_in, router.kernel[...].astype(jnp.float32))
+    logits = base.project(router_in, router.kernel[...].astype(jnp.float32))
     stats = {}
     if train and cfg.router_noise == "noisy_top_k":
-      noise_std = jax.nn.softplus(jnp.einsum("gsd,de->gse", router_in, router.noise_kernel[...]))
+      noise_std = jax.nn.softplus(base.project(router_in, router.noise_kernel[...]))
       stats["noise_std"], stats["clean_logits"] = noise_std, logits
       logits = logits + noise_std * jax.random.normal(noise_rng, logits.shape)
     stats["logits"] = logits
