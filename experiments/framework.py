@@ -106,9 +106,12 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+_NOTED: set = set()  # (variant, field) whose unread --config setting was reported.
+
+
 def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, extra: dict | None = None):
   """The full config of one run; `extra` (--set) is applied last, to every variant."""
-  from moejax.config import ConfigError, override
+  from moejax.config import ConfigError, override, schema
 
   cfg = load_config(variant.config)
   values = dict(experiment.scales.get(scale, {}))
@@ -127,6 +130,17 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
       raise ConfigError(field, "unknown config field (--set)") from None
     except (TypeError, ValueError):
       raise ConfigError(field, f"--set value {value!r} does not fit the field's type") from None
+  # A setting for every run that this run does not read (a moe.* field for the dense baseline, an
+  # option of another router family) stays at its default here, and says so: the run could not use it.
+  unread = schema.inactive_fields(cfg)
+  defaults = schema.flatten(schema.base_config(cfg.task))
+  for field in extra or {}:
+    if field in unread and schema.flatten(cfg)[field] != defaults[field]:
+      override(cfg, {field: defaults[field]})
+      if (variant.label, field) not in _NOTED:
+        _NOTED.add((variant.label, field))
+        print(f"note: {variant.label}: --config.{field} is not used by this run ({unread[field]}); left at its default",
+              flush=True)
   return cfg
 
 
@@ -144,26 +158,28 @@ def _as_type_of(cfg, field: str, value):
 
 
 def finished_twin(cfg, search_root: str, exclude: str = "") -> str | None:
-  """A finished run in <search_root>/<experiment>/<scale>/runs/<label>/<seed>/ of exactly `cfg`, or None.
+  """A finished run in <search_root>/<experiment>/<scale>/runs/<label>/<seed>/ of `cfg`, or None.
+
+  "Of cfg": every field the run reads is equal (`moejax.config.differences`).
 
   The experiments share baselines (the quick-scale dense model is one config in four of them):
   such a run is trained once and copied.
   """
   from moejax import config as config_lib
 
-  want = config_lib.flatten(json.loads(json.dumps(cfg.to_dict())))
+  want = cfg.to_dict()
   for config_path in sorted(glob.glob(os.path.join(search_root, "*", "*", "runs", "*", "*", "config.json"))):
     run = os.path.dirname(config_path)
     if exclude and os.path.abspath(run) == os.path.abspath(exclude):
       continue
     try:
       with open(config_path) as f:
-        saved = config_lib.flatten(json.load(f))
+        saved = json.load(f)
       with open(os.path.join(run, "summary.json")) as f:
         finished = json.load(f).get("step") == cfg.train.num_steps
     except (OSError, ValueError):  # Unreadable or unfinished: not a twin.
       continue
-    if finished and saved == want:
+    if finished and not config_lib.differences(saved, want):  # Every field the run reads is equal.
       return run
   return None
 
@@ -443,7 +459,7 @@ def _config_flags_as_set(argv: list[str]) -> list[str]:
     arg = argv[i]
     if arg.startswith("--config.") and "=" in arg:
       out += ["--set", arg[len("--config."):]]
-    elif arg.startswith("--config.") and i + 1 < len(argv):
+    elif arg.startswith("--config.") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
       out += ["--set", f"{arg[len('--config.'):]}={argv[i + 1]}"]
       i += 1
     else:

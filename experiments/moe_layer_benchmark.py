@@ -128,8 +128,8 @@ def moe_layer_step(e: int, k: int, variant: str, args, x, cotangent, *, experts:
   The loss is sum(cotangent · y) plus the layer's load-balance and z-losses at their default
   coefficients, as a training step computes it; gradients w.r.t. the tokens and every parameter.
   With experts=False the expert FFNs are replaced by the identity (`capacity_expert_ffn` and
-  dropless's block FFN patched while the step is traced): what remains is routing, dispatch,
-  combine and their backward.
+  dropless's block and ragged_dot FFNs patched while the step is traced; jit keeps that trace):
+  what remains is routing, dispatch, combine, the aux losses and metrics and their backward.
   """
   t, d = x.shape
   cfg = moe.MoEConfig(num_experts=e, top_k=k, d_expert=args.f, capacity_factor=args.capacity_factor,
@@ -149,7 +149,8 @@ def moe_layer_step(e: int, k: int, variant: str, args, x, cotangent, *, experts:
     jax.block_until_ready(step(x, params))
   else:
     with mock.patch.object(moe, "capacity_expert_ffn", lambda expert_in, *_: expert_in), \
-         mock.patch.object(dropless, "_block_ffn", lambda x, *_: x):
+         mock.patch.object(dropless, "_block_ffn", lambda x, *_: x), \
+         mock.patch.object(dropless, "_ragged_ffn", lambda x, *_: x):
       jax.block_until_ready(step(x, params))  # Traced (and cached) with identity experts.
   return lambda: jax.block_until_ready(step(x, params))
 

@@ -267,7 +267,12 @@ def _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permut
   rank = jnp.where(expert_index.reshape(-1) < wi.shape[0], rank, t * k)  # No expert: no row.
   row_map = kernels.RowMap.from_rows(rank.reshape(t, k), t * k)
   x = kernels.permute(tokens, row_map, backend=permute_backend)  # [N, d] in expert order
+  y = _ragged_ffn(x, group_sizes, wi, wo, wg, activation)  # [N, d]
+  return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
+
+
+def _ragged_ffn(x, group_sizes, wi, wo, wg, activation):
+  """<[N, d]> the expert-sorted rows x through their experts' FFNs (group_sizes[e] rows of expert e)."""
   h = jax.lax.ragged_dot(x, wi, group_sizes)  # [N, f]
   gate = None if wg is None else jax.lax.ragged_dot(x, wg, group_sizes)
-  y = jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)  # [N, d]
-  return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
+  return jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)

@@ -73,7 +73,8 @@ def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
 
   def sharding(leaf, spec):
     leaf, spec = unwrap(leaf), unwrap(spec)
-    axes = list(spec) + [None] * (leaf.ndim - len(spec))
+    # An array of fewer dimensions than its variable's spec (a factored optimizer moment) is replicated.
+    axes = list(spec) + [None] * (leaf.ndim - len(spec)) if len(spec) <= leaf.ndim else [None] * leaf.ndim
     if fsdp and num_data > 1:
       free = [i for i in range(leaf.ndim) if axes[i] is None and leaf.shape[i] % num_data == 0]
       if free:

@@ -89,6 +89,8 @@ INACTIVE = [
     ({"moe.dropless_block_size": 32}, "moe.dropless_block_size", "dispatcher 'dropless'"),
     ({"model.moe_every": 0, "moe.num_experts": 4}, "moe.num_experts", "no MoE layer"),
     ({"optim.schedule": "constant", "optim.end_lr_fraction": 0.5}, "optim.end_lr_fraction", "cosine"),
+    ({"moe.jitter_eps": 0.5}, "moe.jitter_eps", "not 'jitter'"),
+    ({"moe.dispatcher": "dropless", "moe.capacity_factor": 4.0}, "moe.capacity_factor", "no capacity"),
 ]
 
 
@@ -96,6 +98,26 @@ INACTIVE = [
 def test_a_setting_nothing_reads_is_refused(overrides, field, reason):
   error = _refused(overrides)
   assert error.field == field and reason in str(error)
+
+
+def test_allow_noncausal_is_refused_in_a_vit():
+  assert "only a decoder" in str(_refused({"moe.allow_noncausal": True}, task="vit"))
+
+
+def test_a_dense_model_does_not_constrain_the_expert_axis():
+  cfg = config_lib.override(config_lib.base_config(), {"model.moe_every": 0, "mesh.expert": 3, "train.batch_size": 36})
+  config_lib.validate(cfg, num_devices=6)
+
+
+def test_saved_runs_differ_only_in_fields_the_run_reads(tmp_path):
+  """A run saved with an inactive setting (the hash preset used to set moe.load_balance_loss_weight) resumes."""
+  cfg = config_lib.override(config_lib.base_config(), {"moe.router": "hash", "moe.top_k": 1})
+  saved = cfg.to_dict()
+  saved["moe"]["load_balance_loss_weight"] = 0.0
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert config_lib.differences_from_saved(str(tmp_path), cfg.to_dict())[0] == []
+  cfg.moe.hash_seed = 5  # Read by the hash router: a different run.
+  assert config_lib.differences_from_saved(str(tmp_path), cfg.to_dict())[0] == ["moe.hash_seed=0->5"]
 
 
 def test_inactive_fields_at_their_defaults_and_active_ones_pass():

@@ -7,12 +7,12 @@ Importing this package imports neither JAX nor Flax, so config files load in mil
 The model dataclasses are built from a config by `moejax.models.build`.
 """
 
-from moejax.config.resume import RESUMABLE_CHANGES, differences_from_saved
+from moejax.config.resume import RESUMABLE_CHANGES, differences, differences_from_saved
 from moejax.config.schema import base_config, flatten
 from moejax.config.validate import mesh_shape, refuse_inactive, validate
 from moejax.errors import ConfigError
 
-__all__ = ["ConfigError", "RESUMABLE_CHANGES", "base_config", "differences_from_saved", "flatten", "mesh_shape",
+__all__ = ["ConfigError", "RESUMABLE_CHANGES", "base_config", "differences", "differences_from_saved", "flatten", "mesh_shape",
            "override", "refuse_inactive", "validate"]
 
 

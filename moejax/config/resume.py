@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from moejax.config.schema import base_config, flatten
+import ml_collections
+
+from moejax.config.schema import base_config, flatten, inactive_fields
 
 # Fields that may change when a run is resumed in the same workdir (they change neither what the
 # checkpoint holds nor the training that follows it); any other difference from the workdir's
@@ -20,18 +22,29 @@ def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tup
   """(['field=saved->new', ...], the fields allowed to differ) against <workdir>/config.json.
 
   Empty when the workdir holds no config.json or one that only differs in fields a resumed run
-  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule). A field the saved
-  config lacks (added to moejax after the run) counts only if it is set to other than its default.
+  may change (RESUMABLE_CHANGES, and train.num_steps under a constant schedule); see `differences`.
   """
   saved_path = os.path.join(workdir, "config.json")
-  new = flatten(json.loads(json.dumps(resolved)))
-  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if new.get("optim.schedule") == "constant" else ())
+  resumable = RESUMABLE_CHANGES + (("train.num_steps",) if resolved["optim"]["schedule"] == "constant" else ())
   if not os.path.exists(saved_path):
     return [], resumable
   with open(saved_path) as f:
-    saved = flatten(json.load(f))
+    saved = json.load(f)
+  return differences(saved, resolved, ignore=resumable), resumable
+
+
+def differences(saved: dict, resolved: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+  """['field=saved->new', ...]: the fields of `resolved` (a config's to_dict()) that `saved` differs in.
+
+  Only fields the new run reads count (`schema.inactive_fields`: an option of another router
+  family, another data source's settings, ... changes nothing). A field the saved config lacks
+  (added to moejax after the run) counts only if it is set to other than its default.
+  """
+  new = flatten(json.loads(json.dumps(resolved)))
+  old = flatten(saved)
   defaults = flatten(json.loads(json.dumps(base_config(new.get("task", "lm")).to_dict())))
-  added_as_default = {k for k in set(new) - set(saved) if k in defaults and new[k] == defaults[k]}
-  differ = sorted(k for k in set(saved) | set(new)
-                  if saved.get(k) != new.get(k) and k not in resumable and k not in added_as_default)
-  return [f"{k}={saved.get(k)!r}->{new.get(k)!r}" for k in differ], resumable
+  unread = set(inactive_fields(ml_collections.ConfigDict(resolved)))
+  added_as_default = {k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k]}
+  differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignore
+                  and k not in added_as_default and k not in unread)
+  return [f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in differ]

@@ -7,7 +7,7 @@ options, and every registered family's own options (`moejax.routers`, each famil
 own with their defaults); the layer and model dataclasses (`MoEConfig`, `DecoderConfig`,
 `ViTConfig`) take their defaults from here (`defaults`).
 
-Which fields are active depends on other fields (`ACTIVE` below, checked by `moejax.config.validate`):
+Which fields are active depends on other fields (`active_fields`, checked by `moejax.config.validate`):
 the options of the selected router family and dispatcher, the data source's subsection, the
 cosine schedule's end value. A field of an inactive part set away from its default is refused.
 """
@@ -34,7 +34,7 @@ DISPATCHER_OPTIONS = {
     "sort": ("permute_backend",),
     "dropless": ("permute_backend", "dropless_impl", "dropless_block_size", "expert_exchange"),
 }
-PERMUTE_BACKENDS = ("auto", "xla", "pallas")
+PERMUTE_BACKENDS = ("auto", "pallas", "xla")
 DROPLESS_IMPLS = ("auto", "blocks", "ragged_dot")
 EXCHANGES = ("auto", "padded", "ragged")
 # data.source -> the data subsection it reads (the other subsections are inactive).
@@ -116,6 +116,9 @@ def _moe() -> ml_collections.ConfigDict:
   # Every router family's options (top_k, capacity_factor, priority, slots_per_expert, ...): their
   # defaults and meanings are in the family modules, moejax/routers/*.py.
   for option in routers.options().values():
+    if option.name in e:
+      raise ValueError(f"router family option moe.{option.name} would replace a field every family reads; "
+                       "give it another name")
     e[option.name] = option.default
   return e
 
@@ -185,33 +188,46 @@ def active_fields(cfg) -> set[str]:
 
   Every field of model, train, mesh, distributed and the top level is always active, as are the
   moe fields every family reads; the rest depends on:
-    moe.router       its family's options (moejax.routers) — all of moe when the model has no MoE layer
-    moe.dispatcher   DISPATCHER_OPTIONS of the dispatcher the family uses
+    moe.router       its family's options, but for those the settings leave unread
+                     (`RouterFamily.unused_options`); no moe field when the model has no MoE layer
+    dispatcher       DISPATCHER_OPTIONS of the dispatcher the family uses (`RouterFamily.dispatcher`)
     data.source      its subsection (data.markov, data.text, data.tfds, data.digits)
     optim.schedule   optim.end_lr_fraction under 'cosine'
+    task             moe.allow_noncausal in a decoder only
   """
-  flat = set(flatten(cfg))
-  family_options = {o.name for family_name in routers.names() for o in routers.get(family_name).options}
-  dispatcher_options = {name for names in DISPATCHER_OPTIONS.values() for name in names}
-  data_subsections = {k for k, v in cfg.data.items() if isinstance(v, (ml_collections.ConfigDict, dict))}
-  inactive = {f"moe.{name}" for name in family_options | dispatcher_options}
-  inactive |= {f for f in flat if f.startswith("data.") and f.split(".")[1] in data_subsections}
-  inactive.add("optim.end_lr_fraction")
-  active = flat - inactive
+  return set(flatten(cfg)) - set(inactive_fields(cfg))
+
+
+def inactive_fields(cfg) -> dict[str, str]:
+  """{'section.field': why the run does not read it} (the complement of `active_fields`)."""
+  flat = flatten(cfg)
+  why = {}
   has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
   if not has_moe:
-    active -= {f for f in flat if f.startswith("moe.")}
-  elif cfg.moe.router in routers.names():
-    family = routers.get(cfg.moe.router)
-    active |= {f"moe.{o.name}" for o in family.options}
-    if any(o.name == "dispatcher" for o in family.options):
-      active |= {f"moe.{name}" for name in DISPATCHER_OPTIONS.get(cfg.moe.dispatcher, ())}
+    why.update({f: "the model has no MoE layer: model.moe_every is 0" for f in flat if f.startswith("moe.")})
+  else:
+    selected = routers.get(cfg.moe.router) if cfg.moe.router in routers.names() else None
+    own = {o.name for o in selected.options} if selected else set()
+    for option in routers.options():
+      if option not in own:
+        owners = " / ".join(map(repr, routers.owners(option)))
+        why[f"moe.{option}"] = f"an option of router {owners}, and moe.router is {cfg.moe.router!r}"
+    if selected:
+      why.update({f"moe.{name}": reason for name, reason in selected.unused_options(cfg.moe).items()})
+    dispatcher = selected.dispatcher(cfg.moe) if selected else None
+    for name in sorted({n for names in DISPATCHER_OPTIONS.values() for n in names}):
+      if name not in DISPATCHER_OPTIONS.get(dispatcher, ()):
+        users = " / ".join(repr(d) for d, names in DISPATCHER_OPTIONS.items() if name in names)
+        why[f"moe.{name}"] = f"an option of dispatcher {users}, and router {cfg.moe.router!r} uses {dispatcher!r}"
+    if cfg.task != "lm":
+      why["moe.allow_noncausal"] = "only a decoder is causal; the ViT sees every token"
   source_section = DATA_SUBSECTIONS.get(cfg.data.source)
-  if source_section in data_subsections:
-    active |= {f for f in flat if f.startswith(f"data.{source_section}.")}
-  if cfg.optim.schedule == "cosine":
-    active.add("optim.end_lr_fraction")
-  return active
+  for key, value in cfg.data.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and key != source_section:
+      why.update({f: f"data.source is {cfg.data.source!r}" for f in flat if f.startswith(f"data.{key}.")})
+  if cfg.optim.schedule != "cosine":
+    why["optim.end_lr_fraction"] = f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
+  return why
 
 
 def flatten(tree, prefix: str = "") -> dict:

@@ -30,32 +30,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
 
 
 def refuse_inactive(cfg: ml_collections.ConfigDict) -> None:
-  """A field that the run would not read (schema.active_fields), set away from its default, is refused."""
-  active = schema.active_fields(cfg)
+  """A field that the run would not read (schema.inactive_fields), set away from its default, is refused."""
   defaults = schema.flatten(schema.base_config(cfg.task))
-  for field, value in schema.flatten(cfg).items():
-    if field in active or value == defaults[field]:
-      continue
-    raise ConfigError(field, f"is not used here ({_why_inactive(cfg, field)}); remove the setting, or select "
-                      "what reads it")
-
-
-def _why_inactive(cfg, field: str) -> str:
-  section, name = field.split(".")[0], field.split(".")[-1]
-  if section == "moe":
-    if not (cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0):
-      return "the model has no MoE layer: model.moe_every is 0"
-    owners = routers.owners(name)
-    if owners:
-      return f"an option of router {' / '.join(map(repr, owners))}, and moe.router is {cfg.moe.router!r}"
-    users = [d for d, names in schema.DISPATCHER_OPTIONS.items() if name in names]
-    return (f"an option of dispatcher {' / '.join(map(repr, users))}, and router {cfg.moe.router!r} uses "
-            f"{routers.get(cfg.moe.router).dispatcher(cfg.moe)!r}")
-  if section == "data":
-    return f"data.source is {cfg.data.source!r}"
-  if field == "optim.end_lr_fraction":
-    return f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
-  return "inactive"
+  flat = schema.flatten(cfg)
+  for field, why in schema.inactive_fields(cfg).items():
+    if flat[field] != defaults[field]:
+      raise ConfigError(field, f"is not used here ({why}); remove the setting, or select what reads it")
 
 
 def _model(cfg) -> None:
@@ -94,21 +74,18 @@ def _moe(cfg) -> None:
   _positive(cfg, "moe.dead_expert_steps")
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.num_shared_experts", allow_zero=True)
   family.validate(e)
-  dispatcher = family.dispatcher(e)
-  if "dispatcher" in {o.name for o in family.options}:
-    for name in schema.DISPATCHER_OPTIONS[dispatcher]:
-      allowed = {"permute_backend": schema.PERMUTE_BACKENDS, "dropless_impl": schema.DROPLESS_IMPLS,
-                 "expert_exchange": schema.EXCHANGES}.get(name)
-      if allowed:
-        _one_of(cfg, f"moe.{name}", allowed)
-      else:
-        _positive(cfg, f"moe.{name}")
+  for name in schema.DISPATCHER_OPTIONS[family.dispatcher(e)]:
+    allowed = {"permute_backend": schema.PERMUTE_BACKENDS, "dropless_impl": schema.DROPLESS_IMPLS,
+               "expert_exchange": schema.EXCHANGES}.get(name)
+    if allowed:
+      _one_of(cfg, f"moe.{name}", allowed)
+    else:
+      _positive(cfg, f"moe.{name}")
   if cfg.task == "lm" and has_moe and not family.is_causal(e):
     field = "moe.priority" if "priority" in {o.name for o in family.options} else "moe.router"
     _check(e.allow_noncausal, field,
-           f"router {e.router!r}" + (f" with priority {e.priority!r}" if field == "moe.priority" else "")
-           + " lets a decoder token see later tokens (its family's is_causal, moejax/routers/); "
-           "set moe.allow_noncausal=True to train it anyway")
+           f"router {e.router!r} with priority {e.priority!r} lets a decoder token see later tokens (see the "
+           f"family's is_causal in moejax/routers/); set moe.allow_noncausal=True to train it anyway")
 
 
 def _train(cfg) -> None:
@@ -171,7 +148,8 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
   _check(num_processes == 1 or mesh_devices == num_devices, "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
          f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
          f"own); got data={data_devices} × expert={expert_devices}")
-  _check(e.num_experts % expert_devices == 0, "mesh.expert",
+  has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+  _check(not has_moe or e.num_experts % expert_devices == 0, "mesh.expert",
          f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}")
   _check(t.batch_size % mesh_devices == 0, "train.batch_size",
          f"{t.batch_size} must be divisible by the mesh's {mesh_devices} devices "

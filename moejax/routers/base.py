@@ -53,7 +53,7 @@ class Option:
 
 
 # Options several families read, declared once.
-TOP_K = Option("top_k", 2, "Choices per token K: 1 = Switch, 2 = GShard; also DeepSeek's K.", minimum=1)
+TOP_K = Option("top_k", 2, "Choices per token K: 1 = Switch, 2 = GShard; also DeepSeek's K.")  # Range: by family.
 COMBINE_WEIGHTS = Option("combine_weights", "raw", "'raw' (Switch/vmoe) | 'renormalized' over the K chosen "
                          "(GShard/Mixtral/DeepSeek-V3).", allowed=("raw", "renormalized"))
 PRIORITY = Option("priority", "token_major", "Slot order: 'token_major' (causal) | 'choice_major' (vmoe) | "
@@ -62,7 +62,7 @@ CAPACITY_FACTOR = Option("capacity_factor", 1.25, "Training capacity factor cf; 
                          "expert choice C = ceil(S·cf / E).", minimum=0, exclusive=True)
 EVAL_CAPACITY_FACTOR = Option("eval_capacity_factor", 2.0, "cf in eval (ST-MoE).", minimum=0, exclusive=True)
 DISPATCHER = Option("dispatcher", "sort", "'sort' (row gathers) | 'einsum' (GShard one-hot) | 'dropless' "
-                    "(no capacity).", allowed=("sort", "einsum", "dropless"))
+                    "(no capacity).", allowed=("einsum", "sort", "dropless"))
 LOAD_BALANCE_LOSS_WEIGHT = Option("load_balance_loss_weight", 1e-2, "Switch α, summed over MoE layers.", minimum=0)
 LOAD_BALANCE_DENSITY = Option("load_balance_density", "top1", "'top1' (Switch) | 'topk' (any of the K choices).",
                               allowed=("top1", "topk"))
@@ -107,6 +107,19 @@ class RouterFamily:
   def validate(cls, moe) -> None:
     """Raises ConfigError for a bad value of one of this family's options (`moe`: the config section)."""
     check_options(cls.options, moe)
+
+  @classmethod
+  def unused_options(cls, cfg) -> dict[str, str]:
+    """{option: why} of this family's options that the current settings do not read.
+
+    Dropless gives every choice a place: the capacity factors do not apply. (The slot priority
+    is still computed, though no choice is dropped whatever the order.)
+    """
+    if cls.dispatcher(cfg) != "dropless":
+      return {}
+    own = {o.name for o in cls.options}
+    return {name: "moe.dispatcher is 'dropless': no capacity, every choice is kept"
+            for name in ("capacity_factor", "eval_capacity_factor") if name in own}
 
   @classmethod
   def choices_per_token(cls, cfg) -> int:

@@ -19,9 +19,8 @@ from moejax.routers.top_k import TopK, check_top_k
 SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid' (V3).",
                         allowed=("softmax", "sigmoid"))
 BIAS_UPDATE_RATE = Option("bias_update_rate", 1e-3, "Aux-loss-free balancing γ (V3); 0 = off.", minimum=0)
-NUM_EXPERT_GROUPS = Option("num_expert_groups", 1, "Group-limited routing: the experts form this many groups ...",
-                           minimum=1)
-TOP_EXPERT_GROUPS = Option("top_expert_groups", 1, "... of which each token may use its best ones.", minimum=1)
+NUM_EXPERT_GROUPS = Option("num_expert_groups", 1, "Group-limited routing: the experts form this many groups ...")
+TOP_EXPERT_GROUPS = Option("top_expert_groups", 1, "... of which each token may use its best ones.")
 
 
 @register
@@ -34,9 +33,9 @@ class DeepSeek(TopK):
 
   @classmethod
   def validate(cls, moe) -> None:
-    base.check_options(cls.options, moe)
     check_top_k(moe)
-    if moe.num_experts % moe.num_expert_groups:
+    base.check_options(cls.options, moe)
+    if not (moe.num_expert_groups >= 1 and moe.num_experts % moe.num_expert_groups == 0):
       raise ConfigError("moe.num_expert_groups",
                         f"must divide moe.num_experts ({moe.num_experts}), got {moe.num_expert_groups}")
     if not 1 <= moe.top_expert_groups <= moe.num_expert_groups:

@@ -12,7 +12,8 @@ from moejax.lazy import jnp
 from moejax.routers.base import Option, RouterFamily, routing
 from moejax.routers.registry import register
 
-SLOTS_PER_EXPERT = Option("slots_per_expert", 1, "Slots p per expert (the paper's best: 1).", minimum=1)
+SLOTS_PER_EXPERT = Option("slots_per_expert", 1, "Slots p per expert (the paper's best: 1).", minimum=0,
+                          exclusive=True)
 SOFT_NORMALIZE = Option("soft_normalize", True, "L2-normalise tokens and slot parameters, learned scale.")
 
 

@@ -50,8 +50,8 @@ class TopK(RouterFamily):
 
   @classmethod
   def validate(cls, moe) -> None:
-    super().validate(moe)
     check_top_k(moe)
+    super().validate(moe)
     if moe.router_noise == "noisy_top_k" and moe.top_k >= moe.num_experts:
       raise ConfigError("moe.router_noise", f"noisy top-k needs moe.top_k < moe.num_experts (an expert must be able "
                         f"to miss); got top_k={moe.top_k}, num_experts={moe.num_experts}")
@@ -59,6 +59,13 @@ class TopK(RouterFamily):
       raise ConfigError("moe.second_expert_policy", "'random' is GShard's policy for router 'top_k' with top_k = 2")
     if moe.load_loss_weight and moe.router_noise != "noisy_top_k":
       raise ConfigError("moe.load_loss_weight", "Shazeer's load loss needs moe.router_noise='noisy_top_k'")
+
+  @classmethod
+  def unused_options(cls, cfg) -> dict[str, str]:
+    unused = super().unused_options(cfg)
+    if cfg.router_noise != "jitter":
+      unused["jitter_eps"] = f"moe.router_noise is {cfg.router_noise!r}, not 'jitter'"
+    return unused
 
   @classmethod
   def choices_per_token(cls, cfg) -> int:
