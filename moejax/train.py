@@ -3,8 +3,28 @@
 Determinism: the batch of step s is a pure function of (seed, s) and the parameters are
 initialised from the seed, so a run resumed from its newest checkpoint reproduces the losses
 of an unbroken run step for step (tests/test_train.py kills a run with SIGKILL to check).
-SIGTERM/SIGINT save a checkpoint of the current step and exit cleanly; a NaN/inf loss stops
-the run before anything is saved from the bad step, so the newest checkpoint stays good.
+
+Read-backs: the host waits for the device only on the steps that need a value from it: log
+steps (the metrics), eval steps, checkpoint steps and the last step (and once after the first
+step, to start the clock after compilation). On other steps it only dispatches, running ahead.
+
+Faults, each handled without a read-back or collective on the other steps:
+- SIGTERM/SIGINT save a checkpoint and exit cleanly. One process stops after the step the
+  signal arrived at. Several must stop, and save (a collective), at one step, but a signal may
+  reach them between different steps: they compare flags (one host allgather) on log and
+  checkpoint steps only, which every process computes alike from the step number, so a signal
+  waits for the next such step (log_every steps at most).
+- A NaN/inf loss or gradient norm: `_note_nonfinite`, a tiny jitted function dispatched after
+  each step, carries the first such step on device, outside the checkpointed state (resume and
+  the checkpoint format do not change). The host reads it on every step it reads back anyway,
+  always before a save; if set, the run stops with exit code 1 and saves nothing, so the
+  newest checkpoint predates the bad step (the steps trained after it, up to log_every, are lost).
+- A checkpoint that does not restore (a truncated or garbled file): the newest one that does is
+  used; the newer ones are moved aside to checkpoints/corrupt/<step> (out of orbax's step list,
+  so it neither resumes from nor deletes them) with one warning line each. If none restores:
+  one line on stderr, exit code 2, nothing moved or deleted. With several processes, all try
+  the same steps in the same order and read the same files, so we assume a corrupt file fails
+  on all of them alike; they check that they restored the same step, and process 0 moves.
 """
 
 from __future__ import annotations
@@ -12,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -30,7 +51,7 @@ from moejax import tasks
 from moejax.parallel import MESH_AXES, make_mesh, state_sharding
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
-EXIT_OK, EXIT_NONFINITE = 0, 1
+EXIT_OK, EXIT_NONFINITE, EXIT_UNRESTORABLE = 0, 1, 2  # 2 as for bad input (main.py).
 # Fault injection for tests/test_train.py: SIGKILL this process right after step N (after its
 # checkpoint save is issued, so a kill at a checkpoint step lands mid-write). Unset in real runs.
 _SIGKILL_AT_STEP_ENV = "MOEJAX_TEST_SIGKILL_AT_STEP"
@@ -154,24 +175,147 @@ def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def _restore(manager: ocp.CheckpointManager, trainer: Trainer) -> int:
-  """Restores the newest checkpoint into trainer.state (onto its shardings); returns its step or 0."""
-  step = manager.latest_step()
-  if step is None:
-    return 0
+class _Unrestorable(Exception):
+  """There are checkpoints but none restores (or the processes disagree); the message says which and why."""
+
+
+def _unreadable_file_error(error: Exception) -> BaseException | None:
+  """The root cause when `error` is how orbax reports an unreadable checkpoint file, else None.
+
+  Measured with orbax 0.12 by garbling, truncating, emptying and deleting each file of a step:
+  JSON/UTF-8 decoding errors (ValueError), tensorstore's DATA_LOSS/OUT_OF_RANGE/NOT_FOUND
+  (ValueError), missing files (OSError), and a bare Exception raised `from` one of those for
+  array data. Other types (TypeError, KeyError, ...) are bugs in this code, not in the files. A
+  ValueError of a state that does not fit (a bug, or a config change the config check missed)
+  fails every checkpoint alike, so nothing is moved aside and the run stops (exit 2) naming it.
+  """
+  root = error
+  while root.__cause__ is not None:
+    root = root.__cause__
+  if isinstance(error, (ValueError, OSError)) or (type(error) is Exception and isinstance(root, (ValueError, OSError))):
+    return root
+  return None
+
+
+def _why(error: BaseException, limit: int = 300) -> str:
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _silence_abandoned_reads() -> None:
+  """Installs, once per process, an unraisable-error hook that drops the noise of orbax's abandoned reads.
+
+  When one array read of a restore fails, orbax closes its event loop with the other reads in
+  flight. Collected, each of those turns its GeneratorExit into a bare Exception; a read that
+  completes later cannot post to the closed loop (RuntimeError "Event loop is closed"). Python
+  prints each with a traceback, dozens per failure (seen with orbax 0.12 under load), at any
+  time after the failure, so the hook stays. Neither is an error of its own (the restore reports
+  the failure once); every other unraisable error is passed on to the previous hook.
+  """
+  previous_hook = sys.unraisablehook
+  if getattr(previous_hook, "moejax_silences_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    abandoned = ((type(error) is Exception and isinstance(error.__cause__, GeneratorExit))
+                 or (type(error) is RuntimeError and str(error) == "Event loop is closed"))
+    if not abandoned:
+      previous_hook(unraisable)
+
+  hook.moejax_silences_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:
+  """Restores the newest checkpoint that restores into trainer.state (onto its shardings); returns its step or 0.
+
+  Newer checkpoints that fail to restore are moved aside to <checkpoints>/corrupt/<step> (by
+  process 0), each with a warning line, and the manager is reloaded without them. Raises
+  _Unrestorable, having moved nothing, when there are checkpoints but none restores, or when
+  the processes restored different steps.
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state)
-  trainer.state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return step
+  failures = {}  # step -> why, newest first.
+  restored, state = 0, None  # Saved steps start at 1.
+  for step in sorted(manager.all_steps(), reverse=True):
+    _silence_abandoned_reads()
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001 - narrowed by _unreadable_file_error; the rest re-raised.
+      cause = _unreadable_file_error(e)
+      if cause is None:
+        raise
+      failures[step] = _why(cause)
+      continue
+    restored = step
+    break
+  if jax.process_count() > 1:  # Before any raise: every process must reach this collective.
+    from jax.experimental import multihost_utils
+
+    steps = multihost_utils.process_allgather(np.int32(restored)).tolist()
+    if len(set(steps)) > 1:
+      raise _Unrestorable(f"the processes restored different checkpoints (steps {steps} in process order; "
+                          f"0: none): their views of {manager.directory} differ; nothing was moved or deleted")
+  if failures and not restored:
+    raise _Unrestorable(f"no checkpoint in {manager.directory} restores ("
+                        + "; ".join(f"step {s}: {why}" for s, why in failures.items())
+                        + "); nothing was moved or deleted: repair them, or move them away to start afresh")
+  if failures:
+    _move_aside(manager, failures, restored, say)
+  if restored:
+    trainer.state = state
+  return restored
 
 
-def _agreed_stop(received: str | None) -> str | None:
-  """The signal that stops every process at this step, or None.
+def _move_aside(manager: ocp.CheckpointManager, failures: dict[int, str], restored: int, say) -> None:
+  """Moves the failed steps to <checkpoints>/corrupt/ (process 0), then every process reloads the manager."""
+  root = str(manager.directory)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(root, "corrupt"), exist_ok=True)
+    for step, why in failures.items():
+      target, n = os.path.join(root, "corrupt", str(step)), 1
+      while os.path.exists(target):  # The same step went bad before: keep both.
+        n += 1
+        target = os.path.join(root, "corrupt", f"{step}.{n}")
+      os.rename(os.path.join(root, str(step)), target)  # The manager's default step names: the plain number.
+      say(f"warning: checkpoint at step {step} does not restore ({why}); moved it to "
+          f"{os.path.relpath(target, os.path.dirname(root))}; resuming from step {restored}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
 
-  With several processes, a signal may reach them between different steps; all must stop (and
-  save, a collective) at the same step, so they agree each step: if any received one, all stop.
+    multihost_utils.sync_global_devices("moejax: corrupt checkpoints moved aside")
+  manager.reload()
+
+
+@jax.jit
+def _note_nonfinite(first, step, loss, grad_norm):
+  """`first` ({"step", "loss", "grad_norm"}; step 0 = none yet) with this step's values if they are the first NaN/inf.
+
+  Runs on device after each train step, so the host need not read the loss back to guard it.
+  `first` is None before the first step; the carry then takes the metrics' (replicated) sharding.
+  """
+  if first is None:
+    first = {"step": jnp.zeros((), jnp.int32), "loss": jnp.zeros((), jnp.float32),
+             "grad_norm": jnp.zeros((), jnp.float32)}
+  # A finite loss with non-finite gradients has already poisoned the parameters.
+  new = (first["step"] == 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+  values = {"step": step, "loss": loss, "grad_norm": grad_norm}
+  return {k: jnp.where(new, values[k].astype(v.dtype), v) for k, v in first.items()}
+
+
+def _agreed_stop(received: str | None, shared_step: bool) -> str | None:
+  """The signal that stops every process after this step, or None.
+
+  One process: its own signal, at any step, with no collective. Several: a signal may reach
+  them between different steps, and all must stop (and save, a collective) at the same one, so
+  they compare flags (a host allgather) on `shared_step`s only: steps that every process
+  computes alike from the step number (log and checkpoint steps). Other steps return None.
   """
   if jax.process_count() == 1:
     return received
+  if not shared_step:
+    return None
   from jax.experimental import multihost_utils
 
   flags = multihost_utils.process_allgather(np.int32(received is not None))
@@ -179,6 +323,7 @@ def _agreed_stop(received: str | None) -> str | None:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+  """The metrics read back to the host (a sync: log steps only)."""
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -187,7 +332,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
 
   task: the `tasks.make_task` of cfg and data, if the caller has built it.
 
-  Returns the process exit code: 0 when finished or interrupted cleanly, 1 on a non-finite loss.
+  Returns the process exit code: 0 when finished or interrupted cleanly, 1 on a non-finite loss,
+  2 when there are checkpoints but none restores (one line on stderr; nothing moved or deleted).
   """
   t = cfg.train
   is_writer = jax.process_index() == 0
@@ -202,7 +348,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
       f"{jax.process_count()} process(es)")
 
   manager = _checkpoint_manager(workdir, t.keep_checkpoints)
-  start_step = _restore(manager, trainer)
+  try:
+    start_step = _restore(manager, trainer, say)
+  except _Unrestorable as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)  # Every process, as for bad input.
+    manager.close()
+    return EXIT_UNRESTORABLE
   if start_step:
     say(f"resumed from the checkpoint at step {start_step}")
   writer = MetricWriter(workdir, enabled=is_writer)
@@ -221,28 +372,36 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
 
   with _StopSignal() as stop:
     batches = data.train_batches(start_step)
+    nonfinite = None  # On device: the first NaN/inf step (see _note_nonfinite).
     for step in range(start_step + 1, t.num_steps + 1):
       metrics = trainer.train_step(next(batches))
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      # A finite loss with non-finite gradients has already poisoned the parameters.
-      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-        good = manager.latest_step()
-        say(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-              f"stopping without saving. "
-              f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.")
-        exit_code = EXIT_NONFINITE
-        break
+      # The step number from the state, a global array like the metrics (a host int is not one).
+      nonfinite = _note_nonfinite(nonfinite, trainer.state["step"], metrics["loss"], metrics["grad_norm"])
       if step == start_step + 1:
+        jax.block_until_ready(metrics)
         progress.start(step)  # Exclude compilation from the rates.
-      if step % t.log_every == 0 or step == t.num_steps:
+      logs = step % t.log_every == 0 or step == t.num_steps
+      evals = bool(t.eval_every) and step % t.eval_every == 0 and step != t.num_steps
+      stopping = _agreed_stop(stop.received, shared_step=logs or step % t.checkpoint_every == 0)
+      saves = step % t.checkpoint_every == 0 or step == t.num_steps or bool(stopping)
+      if logs or evals or saves:  # Steps that wait for the device anyway; always before a save.
+        bad = jax.device_get(nonfinite)
+        if bad["step"]:
+          good = manager.latest_step()
+          seen = f" (seen at step {step})" if bad["step"] != step else ""
+          say(f"error: non-finite loss ({float(bad['loss'])}) or gradient norm ({float(bad['grad_norm'])}) "
+              f"at step {int(bad['step'])}; stopping without saving{seen}. "
+              f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.")
+          exit_code = EXIT_NONFINITE
+          break
+      if logs:
         last_metrics = _scalars(metrics)
         last_metrics["wall_time_s"] = time.time() - started  # Since this run (not the workdir) started.
         writer.write(step, "train", last_metrics)
-        say(progress.report(step, loss))
-      if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
+        say(progress.report(step, last_metrics["loss"]))
+      if evals:
         eval_scalars = run_eval(step)
-      stopping = _agreed_stop(stop.received)
-      if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
+      if saves:
         manager.save(step, args=ocp.args.StandardSave(trainer.state))
       if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)

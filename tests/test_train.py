@@ -1,4 +1,4 @@
-"""End-to-end training through the CLI: loss falls, bit-exact resume after SIGKILL, SIGTERM, NaN."""
+"""End-to-end training through the CLI: loss falls, bit-exact resume after SIGKILL, SIGTERM, NaN, bad checkpoints."""
 
 import json
 import os
@@ -106,6 +106,96 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, data_dir):
   assert _checkpoint_steps(workdir) and max(_checkpoint_steps(workdir)) < bad_step
   assert f"Newest good checkpoint: step {max(_checkpoint_steps(workdir))}" in line
   assert not (workdir / "summary.json").exists()
+
+
+# Corrupt-checkpoint runs: a constant learning rate, so that a run of 8 steps may be resumed to 12.
+CORRUPT_RUN = ("--config.optim.schedule=constant", "--config.train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="module")
+def unbroken_12_steps(tmp_path_factory, data_dir):
+  """read_metrics of 12 unbroken CORRUPT_RUN steps: the reference for a resume."""
+  workdir = tmp_path_factory.mktemp("unbroken") / "run"
+  result = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=12", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return read_metrics(workdir)
+
+
+def _garble(path):
+  path.write_bytes(b"\x00not a checkpoint\xff" * 8)
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _metadata_file(step_dir):
+  """The tree metadata orbax reads first on restore: without it, nothing restores."""
+  [path] = step_dir.glob("**/_METADATA")
+  return path
+
+
+def _largest_array_file(step_dir):
+  """The largest file of array data (tensorstore's OCDBT chunks): a parameter or moment tensor."""
+  return max((p for p in step_dir.glob("**/d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("corrupt", [
+    pytest.param(lambda step_dir: _garble(_metadata_file(step_dir)), id="garbled_metadata"),
+    pytest.param(lambda step_dir: _truncate(_largest_array_file(step_dir)), id="truncated_array_data"),
+])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, unbroken_12_steps, corrupt):
+  workdir = tmp_path / "run"
+  first = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=8", data_dir=data_dir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert _checkpoint_steps(workdir) == [4, 8]
+  corrupt(workdir / "checkpoints" / "8")
+  resumed = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=12", data_dir=data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  [warning] = [line for line in resumed.stdout.splitlines() if line.startswith("warning:")]
+  assert warning.startswith("warning: checkpoint at step 8 does not restore (")
+  assert warning.endswith("moved it to checkpoints/corrupt/8; resuming from step 4")
+  assert "resumed from the checkpoint at step 4" in resumed.stdout
+  assert "Traceback" not in resumed.stderr
+  # Kept for inspection, out of orbax's step list (so neither resumed from nor deleted); 8 trained again.
+  assert (workdir / "checkpoints" / "corrupt" / "8" / "_CHECKPOINT_METADATA").is_file()
+  assert _checkpoint_steps(workdir) == [4, 8, 12]
+  got = read_metrics(workdir)  # Steps 5-8 were logged twice: the resumed run's rows win.
+  assert list(got) == list(unbroken_12_steps) == list(range(1, 13))
+  for step in got:  # Same float, bit for bit, at every step.
+    assert got[step]["loss"] == unbroken_12_steps[step]["loss"], step
+    assert got[step]["grad_norm"] == unbroken_12_steps[step]["grad_norm"], step
+
+
+def test_no_checkpoint_restores_exits_2_and_keeps_them(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  first = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=8", data_dir=data_dir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  _truncate(_metadata_file(workdir / "checkpoints" / "4"))
+  _garble(_metadata_file(workdir / "checkpoints" / "8"))
+  files = {p: p.read_bytes() for p in (workdir / "checkpoints").glob("**/*") if p.is_file()}
+  again = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=12", data_dir=data_dir)
+  assert again.returncode == 2
+  [line] = again.stderr.strip().splitlines()
+  assert line.startswith("error: no checkpoint in ") and "step 8: UnicodeDecodeError" in line, line
+  assert "step 4: JSONDecodeError" in line, line
+  assert "resumed" not in again.stdout and "step 1/" not in again.stdout
+  # Nothing moved, deleted or overwritten.
+  assert {p: p.read_bytes() for p in (workdir / "checkpoints").glob("**/*") if p.is_file()} == files
+
+
+def test_nonfinite_between_log_steps_is_caught_before_the_next_save(tmp_path, data_dir):
+  """The loss is read back only every 10 steps; the first bad step is carried on device until then."""
+  workdir = tmp_path / "run"
+  result = run_cli(workdir, "--config.train.num_steps=50", "--config.train.log_every=10",
+                   "--config.train.checkpoint_every=10", "--config.optim.learning_rate=1e30",
+                   "--config.optim.grad_clip_norm=0", "--config.optim.warmup_steps=0", data_dir=data_dir)
+  assert result.returncode == 1
+  [line] = [l for l in result.stdout.splitlines() if "non-finite loss" in l]
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  assert 1 <= bad_step < 10 and "stopping without saving (seen at step 10)" in line, line
+  assert _checkpoint_steps(workdir) == [] and "Newest good checkpoint: none" in line
+  assert not (workdir / "metrics.jsonl").exists() or not read_metrics(workdir)  # Step 10 was not logged.
 
 
 def test_text_bytes_run_records_its_corpus(tmp_path, data_dir):
