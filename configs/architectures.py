@@ -28,32 +28,74 @@ from moejax.config import base_config, common
 
 # (published total, published active), in parameters, at the precision they were published.
 PUBLISHED = {
-    "mixtral_8x7b": (46.7e9, 12.9e9),
-    "mixtral_8x22b": (141e9, 39e9),
-    "olmoe_1b_7b": (6.9e9, 1.3e9),
-    "qwen3_30b_a3b": (30.5e9, 3.3e9),
+  "mixtral_8x7b": (46.7e9, 12.9e9),
+  "mixtral_8x22b": (141e9, 39e9),
+  "olmoe_1b_7b": (6.9e9, 1.3e9),
+  "qwen3_30b_a3b": (30.5e9, 3.3e9),
 }
 
-_MIXTRAL = {"model.activation": "swiglu", "model.moe_every": 1, "model.head_dim": 128,
-            "model.num_kv_heads": 8, "moe.num_experts": 8, "moe.top_k": 2,
-            "moe.combine_weights": "renormalized",  # softmax over the 2 selected logits
-            "moe.dispatcher": "dropless"}
+_MIXTRAL = {
+  "model.activation": "swiglu",
+  "model.moe_every": 1,
+  "model.head_dim": 128,
+  "model.num_kv_heads": 8,
+  "moe.num_experts": 8,
+  "moe.top_k": 2,
+  "moe.combine_weights": "renormalized",  # softmax over the 2 selected logits
+  "moe.dispatcher": "dropless",
+}
 
 PRESETS = {
-    "mixtral_8x7b": {**_MIXTRAL, "model.vocab_size": 32000, "model.num_layers": 32, "model.d_model": 4096,
-                     "model.num_heads": 32, "model.d_ff": 14336},
-    "mixtral_8x22b": {**_MIXTRAL, "model.vocab_size": 32768, "model.num_layers": 56, "model.d_model": 6144,
-                      "model.num_heads": 48, "model.d_ff": 16384},
-    "olmoe_1b_7b": {"model.vocab_size": 50304, "model.num_layers": 16, "model.d_model": 2048, "model.num_heads": 16,
-                    "model.d_ff": 1024, "model.activation": "swiglu", "model.moe_every": 1, "model.qk_norm": True,
-                    "moe.num_experts": 64, "moe.top_k": 8, "moe.combine_weights": "raw",  # no top-k renormalisation
-                    "moe.dispatcher": "dropless", "moe.load_balance_loss_weight": 1e-2, "moe.z_loss_weight": 1e-3},
-    "qwen3_30b_a3b": {"model.vocab_size": 151936, "model.num_layers": 48, "model.d_model": 2048,
-                      "model.num_heads": 32, "model.num_kv_heads": 4, "model.head_dim": 128, "model.qk_norm": True,
-                      "model.d_ff": 768, "model.activation": "swiglu", "model.moe_every": 1,
-                      "moe.num_experts": 128, "moe.top_k": 8, "moe.combine_weights": "renormalized",
-                      "moe.dispatcher": "dropless", "moe.load_balance_loss_weight": 1e-3,
-                      "moe.load_balance_scope": "global_batch"},
+  "mixtral_8x7b": {
+    **_MIXTRAL,
+    "model.vocab_size": 32000,
+    "model.num_layers": 32,
+    "model.d_model": 4096,
+    "model.num_heads": 32,
+    "model.d_ff": 14336,
+  },
+  "mixtral_8x22b": {
+    **_MIXTRAL,
+    "model.vocab_size": 32768,
+    "model.num_layers": 56,
+    "model.d_model": 6144,
+    "model.num_heads": 48,
+    "model.d_ff": 16384,
+  },
+  "olmoe_1b_7b": {
+    "model.vocab_size": 50304,
+    "model.num_layers": 16,
+    "model.d_model": 2048,
+    "model.num_heads": 16,
+    "model.d_ff": 1024,
+    "model.activation": "swiglu",
+    "model.moe_every": 1,
+    "model.qk_norm": True,
+    "moe.num_experts": 64,
+    "moe.top_k": 8,
+    "moe.combine_weights": "raw",  # no top-k renormalisation
+    "moe.dispatcher": "dropless",
+    "moe.load_balance_loss_weight": 1e-2,
+    "moe.z_loss_weight": 1e-3,
+  },
+  "qwen3_30b_a3b": {
+    "model.vocab_size": 151936,
+    "model.num_layers": 48,
+    "model.d_model": 2048,
+    "model.num_heads": 32,
+    "model.num_kv_heads": 4,
+    "model.head_dim": 128,
+    "model.qk_norm": True,
+    "model.d_ff": 768,
+    "model.activation": "swiglu",
+    "model.moe_every": 1,
+    "moe.num_experts": 128,
+    "moe.top_k": 8,
+    "moe.combine_weights": "renormalized",
+    "moe.dispatcher": "dropless",
+    "moe.load_balance_loss_weight": 1e-3,
+    "moe.load_balance_scope": "global_batch",
+  },
 }
 
 

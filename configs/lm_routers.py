@@ -24,27 +24,47 @@ Presets (the quickstart model, 4 blocks with MoE in blocks 2 and 4, unless said 
 from moejax.config import common
 
 PRESETS = {
-    "dense": {"model.moe_every": 0},
-    "switch": {"moe.top_k": 1},
-    "gshard": {"moe.combine_weights": "renormalized", "moe.second_expert_policy": "random"},
-    "top2": {},
-    "jitter": {"moe.top_k": 1, "moe.router_noise": "jitter"},
-    "noisy_top_k": {"moe.router_noise": "noisy_top_k", "moe.load_balance_loss_weight": 0.0,
-                    "moe.importance_loss_weight": 1e-2, "moe.load_loss_weight": 1e-2},
-    "dropless": {"moe.dispatcher": "dropless"},
-    "hash": {"moe.router": "hash", "moe.top_k": 1},  # Nothing is learned: no balance loss.
-    "dense_gated": {"moe.router": "dense"},
-    "deepseek": {"moe.router": "deepseek", "moe.score_function": "sigmoid",
-                 "moe.combine_weights": "renormalized", "moe.num_experts": 16, "moe.top_k": 4,
-                 "moe.d_expert": 96, "moe.num_expert_groups": 4, "moe.top_expert_groups": 2,
-                 "moe.num_shared_experts": 1, "moe.load_balance_loss_weight": 1e-4,
-                 "moe.load_balance_density": "topk"},  # V3's sequence-wise loss counts all K.
-    "deepseek_v2": {"moe.router": "deepseek", "moe.score_function": "softmax", "moe.bias_update_rate": 0.0,
-                    "moe.num_experts": 16, "moe.top_k": 4, "moe.d_expert": 96, "moe.num_shared_experts": 2,
-                    "moe.load_balance_density": "topk", "moe.load_balance_scope": "global_batch"},
-    "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0, "moe.allow_noncausal": True},
-    "soft_moe": {"moe.router": "soft_moe", "moe.allow_noncausal": True},
-    "bpr": {"moe.priority": "bpr", "moe.allow_noncausal": True},
+  "dense": {"model.moe_every": 0},
+  "switch": {"moe.top_k": 1},
+  "gshard": {"moe.combine_weights": "renormalized", "moe.second_expert_policy": "random"},
+  "top2": {},
+  "jitter": {"moe.top_k": 1, "moe.router_noise": "jitter"},
+  "noisy_top_k": {
+    "moe.router_noise": "noisy_top_k",
+    "moe.load_balance_loss_weight": 0.0,
+    "moe.importance_loss_weight": 1e-2,
+    "moe.load_loss_weight": 1e-2,
+  },
+  "dropless": {"moe.dispatcher": "dropless"},
+  "hash": {"moe.router": "hash", "moe.top_k": 1},  # Nothing is learned: no balance loss.
+  "dense_gated": {"moe.router": "dense"},
+  "deepseek": {
+    "moe.router": "deepseek",
+    "moe.score_function": "sigmoid",
+    "moe.combine_weights": "renormalized",
+    "moe.num_experts": 16,
+    "moe.top_k": 4,
+    "moe.d_expert": 96,
+    "moe.num_expert_groups": 4,
+    "moe.top_expert_groups": 2,
+    "moe.num_shared_experts": 1,
+    "moe.load_balance_loss_weight": 1e-4,
+    "moe.load_balance_density": "topk",
+  },  # V3's sequence-wise loss counts all K.
+  "deepseek_v2": {
+    "moe.router": "deepseek",
+    "moe.score_function": "softmax",
+    "moe.bias_update_rate": 0.0,
+    "moe.num_experts": 16,
+    "moe.top_k": 4,
+    "moe.d_expert": 96,
+    "moe.num_shared_experts": 2,
+    "moe.load_balance_density": "topk",
+    "moe.load_balance_scope": "global_batch",
+  },
+  "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0, "moe.allow_noncausal": True},
+  "soft_moe": {"moe.router": "soft_moe", "moe.allow_noncausal": True},
+  "bpr": {"moe.priority": "bpr", "moe.allow_noncausal": True},
 }
 
 

@@ -16,15 +16,18 @@ Presets (4 blocks, d = 64, 16 patches of 2×2 pixels; MoE in blocks 2 and 4 unle
 from moejax.config import common
 
 PRESETS = {
-    "dense": {"model.moe_every": 0},
-    "top_k": {"moe.router": "top_k", "moe.priority": "choice_major"},
-    "bpr": {"moe.router": "top_k", "moe.priority": "bpr"},
-    "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0},
-    "expert_choice_capped": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0,
-                             "moe.max_experts_per_token": 1},
-    "soft_moe": {"moe.router": "soft_moe", "model.moe_every": 0, "model.moe_last": 2},
-    "soft_moe_unnormalized": {"moe.router": "soft_moe", "moe.soft_normalize": False, "model.moe_every": 0,
-                              "model.moe_last": 2},
+  "dense": {"model.moe_every": 0},
+  "top_k": {"moe.router": "top_k", "moe.priority": "choice_major"},
+  "bpr": {"moe.router": "top_k", "moe.priority": "bpr"},
+  "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0},
+  "expert_choice_capped": {"moe.router": "expert_choice", "moe.capacity_factor": 2.0, "moe.max_experts_per_token": 1},
+  "soft_moe": {"moe.router": "soft_moe", "model.moe_every": 0, "model.moe_last": 2},
+  "soft_moe_unnormalized": {
+    "moe.router": "soft_moe",
+    "moe.soft_normalize": False,
+    "model.moe_every": 0,
+    "model.moe_last": 2,
+  },
 }
 
 

@@ -25,29 +25,33 @@ from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 ROUTERS = "configs/lm_routers.py"
 
 EXPERIMENT = Experiment(
-    name="capacity_factor",
-    title="Capacity factor (Switch top-1) and dropless",
-    variants=(
-        Variant("dense", f"{ROUTERS}:dense"),
-        Variant("cf1.0", f"{ROUTERS}:switch", {"moe.capacity_factor": 1.0}),
-        Variant("cf1.25", f"{ROUTERS}:switch", {"moe.capacity_factor": 1.25}),
-        Variant("cf2.0", f"{ROUTERS}:switch", {"moe.capacity_factor": 2.0}),
-        Variant("dropless", f"{ROUTERS}:switch", {"moe.dispatcher": "dropless"}),
-    ),
-    scales={"quick": QUICK_LM, "paper": PAPER_LM},
-    baseline="dense",
-    found=("Agrees with MegaBlocks: cf 1.0 beats dense (−0.08 nats) and dropless beats it by more (−0.13), "
-           "with the capacity factors in between in order. Disagrees with Switch Table 1's wall-clock "
-           "ranking: here a larger capacity factor is better per step and, at 10-15% more time per run on "
-           "2 CPU cores, also per second. Early in training the load is uneven (max/mean 1.1-1.4), and at "
-           "step 250 cf 1.0 still drops 17-19% of the tokens per MoE layer (cf 1.25: 10%, cf 2.0: under "
-           "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl). "
-           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
-           "models' most."),
-    paper=("Switch Table 1: cf 1.0 reaches the quality threshold fastest (62.8 h), then 1.25 (65.0 h), "
-           "then 2.0 (72.8 h). MegaBlocks (125M, 64 experts, top-1): cf 1 gives −0.15 validation loss "
-           "vs dense, dropless −0.26."),
+  name="capacity_factor",
+  title="Capacity factor (Switch top-1) and dropless",
+  variants=(
+    Variant("dense", f"{ROUTERS}:dense"),
+    Variant("cf1.0", f"{ROUTERS}:switch", {"moe.capacity_factor": 1.0}),
+    Variant("cf1.25", f"{ROUTERS}:switch", {"moe.capacity_factor": 1.25}),
+    Variant("cf2.0", f"{ROUTERS}:switch", {"moe.capacity_factor": 2.0}),
+    Variant("dropless", f"{ROUTERS}:switch", {"moe.dispatcher": "dropless"}),
+  ),
+  scales={"quick": QUICK_LM, "paper": PAPER_LM},
+  baseline="dense",
+  found=(
+    "Agrees with MegaBlocks: cf 1.0 beats dense (−0.08 nats) and dropless beats it by more (−0.13), "
+    "with the capacity factors in between in order. Disagrees with Switch Table 1's wall-clock "
+    "ranking: here a larger capacity factor is better per step and, at 10-15% more time per run on "
+    "2 CPU cores, also per second. Early in training the load is uneven (max/mean 1.1-1.4), and at "
+    "step 250 cf 1.0 still drops 17-19% of the tokens per MoE layer (cf 1.25: 10%, cf 2.0: under "
+    "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl). "
+    "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "models' most."
+  ),
+  paper=(
+    "Switch Table 1: cf 1.0 reaches the quality threshold fastest (62.8 h), then 1.25 (65.0 h), "
+    "then 2.0 (72.8 h). MegaBlocks (125M, 64 experts, top-1): cf 1 gives −0.15 validation loss "
+    "vs dense, dropless −0.26."
+  ),
 )
 
 if __name__ == "__main__":

@@ -27,31 +27,44 @@ from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
 
 ROUTERS = "configs/lm_routers.py"
 F = 384
-COMMON = {"moe.router": "deepseek", "moe.score_function": "softmax", "moe.bias_update_rate": 0.0,
-          "moe.combine_weights": "renormalized", "moe.load_balance_loss_weight": 1e-2}
+COMMON = {
+  "moe.router": "deepseek",
+  "moe.score_function": "softmax",
+  "moe.bias_update_rate": 0.0,
+  "moe.combine_weights": "renormalized",
+  "moe.load_balance_loss_weight": 1e-2,
+}
 
 EXPERIMENT = Experiment(
-    name="fine_grained",
-    title="Fine-grained and shared experts (DeepSeekMoE)",
-    variants=(
-        Variant("dense", f"{ROUTERS}:dense"),
-        Variant("top2_E8", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 8, "moe.top_k": 2, "moe.d_expert": F}),
-        Variant("fine_E32_top8", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 32, "moe.top_k": 8,
-                                                     "moe.d_expert": F // 4}),
-        Variant("fine_shared", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 32, "moe.top_k": 7,
-                                                   "moe.d_expert": F // 4, "moe.num_shared_experts": 1}),
+  name="fine_grained",
+  title="Fine-grained and shared experts (DeepSeekMoE)",
+  variants=(
+    Variant("dense", f"{ROUTERS}:dense"),
+    Variant("top2_E8", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 8, "moe.top_k": 2, "moe.d_expert": F}),
+    Variant(
+      "fine_E32_top8", f"{ROUTERS}:top2", {**COMMON, "moe.num_experts": 32, "moe.top_k": 8, "moe.d_expert": F // 4}
     ),
-    scales={"quick": QUICK_LM, "paper": PAPER_LM},
-    baseline="dense",
-    found=("Disagrees with DeepSeekMoE: at this scale (250 steps, d = 96) the 8 coarse experts are best "
-           "(1.546), and splitting them into 32 fine-grained ones loses 0.03 nats, about one seed standard "
-           "deviation; the shared expert recovers little of it (1.575). All three beat the dense model by "
-           "0.11-0.15 nats. The fine-grained advantage is reported for far larger models and more tokens. "
-           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
-           "models' most."),
-    paper=("DeepSeekMoE 2B (Table 1): fine-grained segmentation and shared-expert isolation each lower the "
-           "loss at the same active and total parameters; together they match GShard ×1.5 experts."),
+    Variant(
+      "fine_shared",
+      f"{ROUTERS}:top2",
+      {**COMMON, "moe.num_experts": 32, "moe.top_k": 7, "moe.d_expert": F // 4, "moe.num_shared_experts": 1},
+    ),
+  ),
+  scales={"quick": QUICK_LM, "paper": PAPER_LM},
+  baseline="dense",
+  found=(
+    "Disagrees with DeepSeekMoE: at this scale (250 steps, d = 96) the 8 coarse experts are best "
+    "(1.546), and splitting them into 32 fine-grained ones loses 0.03 nats, about one seed standard "
+    "deviation; the shared expert recovers little of it (1.575). All three beat the dense model by "
+    "0.11-0.15 nats. The fine-grained advantage is reported for far larger models and more tokens. "
+    "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "models' most."
+  ),
+  paper=(
+    "DeepSeekMoE 2B (Table 1): fine-grained segmentation and shared-expert isolation each lower the "
+    "loss at the same active and total parameters; together they match GShard ×1.5 experts."
+  ),
 )
 
 if __name__ == "__main__":

@@ -50,23 +50,61 @@ SMOOTH = 5  # Train losses are averaged over this many logged steps before compa
 # The 'quick' scale of the LM experiments: the configs/lm_routers.py model (4 blocks, d = 96), 250
 # steps of 16 sequences of 64 tokens: about 40 s per run on 2 CPU cores, so 3 seeds of 6
 # variants fit in about 15 minutes. Eval once, at the end.
-QUICK_LM = {"train.batch_size": 16, "train.num_steps": 250, "train.log_every": 5, "train.eval_every": 0,
-            "train.checkpoint_every": 250}
+QUICK_LM = {
+  "train.batch_size": 16,
+  "train.num_steps": 250,
+  "train.log_every": 5,
+  "train.eval_every": 0,
+  "train.checkpoint_every": 250,
+}
 # The 'paper' scale of the LM experiments: a 12-block d = 768 decoder on C4 (prepared with TFDS,
 # byte-tokenized), 100k steps of 256 × 512 tokens; for an accelerator pod (set mesh.* too).
-PAPER_LM = {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.d_ff": 3072,
-            "train.seq_len": 512, "train.batch_size": 256, "train.num_steps": 100_000, "data.source": "tfds",
-            "data.tfds.name": "c4", "train.log_every": 100, "train.eval_every": 5000, "train.checkpoint_every": 5000}
+PAPER_LM = {
+  "model.num_layers": 12,
+  "model.d_model": 768,
+  "model.num_heads": 12,
+  "model.d_ff": 3072,
+  "train.seq_len": 512,
+  "train.batch_size": 256,
+  "train.num_steps": 100_000,
+  "data.source": "tfds",
+  "data.tfds.name": "c4",
+  "train.log_every": 100,
+  "train.eval_every": 5000,
+  "train.checkpoint_every": 5000,
+}
 
 # A tiny model for the 'smoke' scale (overrides, applied after the experiment's own).
-SMOKE_LM = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
-            "train.seq_len": 16, "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1,
-            "train.eval_every": 0, "train.checkpoint_every": 3, "optim.warmup_steps": 1,
-            "data.markov.vocab_size": 16, "data.markov.num_train": 64, "data.markov.num_validation": 16,
-            "data.num_eval_batches": 1}
-SMOKE_VIT = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
-             "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1, "train.eval_every": 0,
-             "train.checkpoint_every": 3, "optim.warmup_steps": 1, "data.num_eval_batches": 1}
+SMOKE_LM = {
+  "model.num_layers": 2,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.d_ff": 64,
+  "train.seq_len": 16,
+  "train.batch_size": 8,
+  "train.num_steps": 3,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "train.checkpoint_every": 3,
+  "optim.warmup_steps": 1,
+  "data.markov.vocab_size": 16,
+  "data.markov.num_train": 64,
+  "data.markov.num_validation": 16,
+  "data.num_eval_batches": 1,
+}
+SMOKE_VIT = {
+  "model.num_layers": 2,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.d_ff": 64,
+  "train.batch_size": 8,
+  "train.num_steps": 3,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "train.checkpoint_every": 3,
+  "optim.warmup_steps": 1,
+  "data.num_eval_batches": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +157,13 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
     values = {**(SMOKE_LM if cfg.task == "lm" else SMOKE_VIT), **values}
   values.update(variant.overrides)
   if scale == "smoke":  # Whatever the variant sets, smoke runs stay tiny.
-    values.update({k: v for k, v in (SMOKE_LM if cfg.task == "lm" else SMOKE_VIT).items()
-                   if k.startswith(("train.", "data.")) or k == "optim.warmup_steps"})
+    values.update(
+      {
+        k: v
+        for k, v in (SMOKE_LM if cfg.task == "lm" else SMOKE_VIT).items()
+        if k.startswith(("train.", "data.")) or k == "optim.warmup_steps"
+      }
+    )
   values["seed"] = seed
   cfg = override(cfg, values)
   for field, value in (extra or {}).items():
@@ -139,8 +182,10 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
       override(cfg, {field: defaults[field]})
       if (variant.label, field) not in _NOTED:
         _NOTED.add((variant.label, field))
-        print(f"note: {variant.label}: --config.{field} is not used by this run ({unread[field]}); left at its default",
-              flush=True)
+        print(
+          f"note: {variant.label}: --config.{field} is not used by this run ({unread[field]}); left at its default",
+          flush=True,
+        )
   return cfg
 
 
@@ -198,8 +243,10 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
 
   differ, _ = config_lib.differences_from_saved(workdir, cfg.to_dict())
   if differ:
-    raise config_lib.ConfigError("--out", f"{workdir} holds a run of another config ({', '.join(differ[:3])}); "
-                                 "use another --out, or delete that run")
+    raise config_lib.ConfigError(
+      "--out",
+      f"{workdir} holds a run of another config ({', '.join(differ[:3])}); use another --out, or delete that run",
+    )
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
     with open(summary_path) as f:
@@ -207,8 +254,11 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
     if summary.get("step") == cfg.train.num_steps:
       return "skipped"
   config_lib.validate(cfg, jax.device_count())
-  twin = None if os.path.exists(os.path.join(workdir, "config.json")) or not reuse_from else (
-      finished_twin(cfg, reuse_from, exclude=workdir))
+  twin = (
+    None
+    if os.path.exists(os.path.join(workdir, "config.json")) or not reuse_from
+    else (finished_twin(cfg, reuse_from, exclude=workdir))
+  )
   if twin:
     shutil.copytree(twin, workdir, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
     with open(os.path.join(workdir, "copied_from.txt"), "w") as f:
@@ -233,9 +283,11 @@ def _curve(workdir: str) -> dict[str, np.ndarray]:
   from moejax.metric_writer import read_metrics
 
   rows = [row for _, row in sorted(read_metrics(workdir).items())]
-  curve = {"step": np.array([r["step"] for r in rows], float),
-           "loss": np.array([r.get("cross_entropy", r["loss"]) for r in rows], float),
-           "time": np.array([r.get("wall_time_s", np.nan) for r in rows], float)}
+  curve = {
+    "step": np.array([r["step"] for r in rows], float),
+    "loss": np.array([r.get("cross_entropy", r["loss"]) for r in rows], float),
+    "time": np.array([r.get("wall_time_s", np.nan) for r in rows], float),
+  }
   layers = sorted({k.split("/")[0] for r in rows[:1] for k in r if k.startswith("moe_layer") and "/load_e" in k})
   for layer in layers:
     experts = sorted(k for k in rows[0] if k.startswith(layer + "/load_e"))
@@ -249,7 +301,7 @@ def _smooth(values: np.ndarray) -> np.ndarray:
   """Trailing mean over SMOOTH logged steps."""
   out = np.empty_like(values)
   for i in range(len(values)):
-    out[i] = values[max(0, i - SMOOTH + 1): i + 1].mean()
+    out[i] = values[max(0, i - SMOOTH + 1) : i + 1].mean()
   return out
 
 
@@ -259,9 +311,21 @@ def steps_to_reach(curve: dict, target: float) -> float:
   return float(curve["step"][hit[0]]) if hit.size else float("nan")
 
 
-COLUMNS = ("variant", "seed", "eval_cross_entropy", "eval_accuracy", "final_train_loss", "steps_to_baseline",
-           "speedup_vs_baseline", "total_params", "active_params_per_token", "train_flops_per_token",
-           "tokens", "wall_time_s", "max_over_mean_load")
+COLUMNS = (
+  "variant",
+  "seed",
+  "eval_cross_entropy",
+  "eval_accuracy",
+  "final_train_loss",
+  "steps_to_baseline",
+  "speedup_vs_baseline",
+  "total_params",
+  "active_params_per_token",
+  "train_flops_per_token",
+  "tokens",
+  "wall_time_s",
+  "max_over_mean_load",
+)
 
 
 def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[dict], dict]:
@@ -273,15 +337,21 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
       with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
       curves[variant.label, seed] = curve = _curve(workdir)
-      rows.append({"variant": variant.label, "seed": seed,
-                   "eval_cross_entropy": summary.get("eval_cross_entropy", float("nan")),
-                   "eval_accuracy": summary.get("eval_accuracy", float("nan")),
-                   "final_train_loss": float(_smooth(curve["loss"])[-1]),
-                   "total_params": summary["total_params"],
-                   "active_params_per_token": summary["active_params_per_token"],
-                   "train_flops_per_token": summary["train_flops_per_token"],
-                   "tokens": summary["tokens_this_run"], "wall_time_s": summary["wall_time_s"],
-                   "max_over_mean_load": curve["max_over_mean_load"]})
+      rows.append(
+        {
+          "variant": variant.label,
+          "seed": seed,
+          "eval_cross_entropy": summary.get("eval_cross_entropy", float("nan")),
+          "eval_accuracy": summary.get("eval_accuracy", float("nan")),
+          "final_train_loss": float(_smooth(curve["loss"])[-1]),
+          "total_params": summary["total_params"],
+          "active_params_per_token": summary["active_params_per_token"],
+          "train_flops_per_token": summary["train_flops_per_token"],
+          "tokens": summary["tokens_this_run"],
+          "wall_time_s": summary["wall_time_s"],
+          "max_over_mean_load": curve["max_over_mean_load"],
+        }
+      )
   if experiment.baseline:
     for row in rows:
       base = next(r for r in rows if r["variant"] == experiment.baseline and r["seed"] == row["seed"])
@@ -318,16 +388,24 @@ def _fields(experiment: Experiment, rows: list[dict]):
   """(header, getter(rows, latex) -> str) pairs of the table's columns."""
   metric = experiment.metric
   digits = 4 if "cross_entropy" in metric else 3
-  fields = [(metric.replace("_", " "), lambda rs, tex: _pm([r[metric] for r in rs], digits, tex)),
-            ("final train loss", lambda rs, tex: _pm([r["final_train_loss"] for r in rs], 4, tex))]
+  fields = [
+    (metric.replace("_", " "), lambda rs, tex: _pm([r[metric] for r in rs], digits, tex)),
+    ("final train loss", lambda rs, tex: _pm([r["final_train_loss"] for r in rs], 4, tex)),
+  ]
   if experiment.baseline:
-    fields.append((f"speed-up vs {experiment.baseline}",
-                   lambda rs, tex: _pm([r["speedup_vs_baseline"] for r in rs], 2, tex, missing_means="never")))
-  fields += [("params", lambda rs, tex: f"{rs[0]['total_params'] / 1e6:.2f}M"),
-             ("active/token", lambda rs, tex: f"{rs[0]['active_params_per_token'] / 1e6:.2f}M"),
-             ("train GFLOPs/token", lambda rs, tex: f"{rs[0]['train_flops_per_token'] / 1e9:.4f}"),
-             ("max/mean load", lambda rs, tex: _pm([r["max_over_mean_load"] for r in rs], 2, tex)),
-             ("wall s", lambda rs, tex: f"{np.mean([r['wall_time_s'] for r in rs]):.0f}")]
+    fields.append(
+      (
+        f"speed-up vs {experiment.baseline}",
+        lambda rs, tex: _pm([r["speedup_vs_baseline"] for r in rs], 2, tex, missing_means="never"),
+      )
+    )
+  fields += [
+    ("params", lambda rs, tex: f"{rs[0]['total_params'] / 1e6:.2f}M"),
+    ("active/token", lambda rs, tex: f"{rs[0]['active_params_per_token'] / 1e6:.2f}M"),
+    ("train GFLOPs/token", lambda rs, tex: f"{rs[0]['train_flops_per_token'] / 1e9:.4f}"),
+    ("max/mean load", lambda rs, tex: _pm([r["max_over_mean_load"] for r in rs], 2, tex)),
+    ("wall s", lambda rs, tex: f"{np.mean([r['wall_time_s'] for r in rs]):.0f}"),
+  ]
   return fields
 
 
@@ -336,22 +414,36 @@ def header_lines(experiment: Experiment, scale: str, seeds, settings: dict | Non
 
   device = jax.devices()[0]
   changed = [f"settings changed with --set: {', '.join(f'{k}={v!r}' for k, v in settings.items())}"] if settings else []
-  return [f"experiment: {experiment.name} ({experiment.title}), scale {scale}, seeds {list(seeds)}"] + changed + [
-          f"device: {device.platform} ({getattr(device, 'device_kind', '')}), {jax.device_count()} device(s), "
-          f"{os.cpu_count()} CPU cores",
-          f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-          f"jax {jax.__version__}, python {platform.python_version()}"]
+  return (
+    [f"experiment: {experiment.name} ({experiment.title}), scale {scale}, seeds {list(seeds)}"]
+    + changed
+    + [
+      f"device: {device.platform} ({getattr(device, 'device_kind', '')}), {jax.device_count()} device(s), "
+      f"{os.cpu_count()} CPU cores",
+      f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+      f"jax {jax.__version__}, python {platform.python_version()}",
+    ]
+  )
 
 
 def markdown(experiment: Experiment, rows, scale: str, seeds, settings: dict | None = None) -> str:
   fields = _fields(experiment, rows)
   lines = [f"# {experiment.title}", ""] + [f"- {h}" for h in header_lines(experiment, scale, seeds, settings)] + [""]
-  lines.append("Mean ± std over seeds (sample std); train loss smoothed over the last "
-               f"{SMOOTH} logged steps." + (f" Speed-up: the {experiment.baseline} run's steps to its final "
-                                            "train loss / this variant's (same seed; 'never': not reached)."
-                                            if experiment.baseline else ""))
-  lines += ["", "| variant | " + " | ".join(h for h, _ in fields) + " | note |",
-            "|:---|" + "---:|" * len(fields) + ":---|"]
+  lines.append(
+    "Mean ± std over seeds (sample std); train loss smoothed over the last "
+    f"{SMOOTH} logged steps."
+    + (
+      f" Speed-up: the {experiment.baseline} run's steps to its final "
+      "train loss / this variant's (same seed; 'never': not reached)."
+      if experiment.baseline
+      else ""
+    )
+  )
+  lines += [
+    "",
+    "| variant | " + " | ".join(h for h, _ in fields) + " | note |",
+    "|:---|" + "---:|" * len(fields) + ":---|",
+  ]
   for variant in experiment.variants:
     mine = [r for r in rows if r["variant"] == variant.label]
     lines.append(f"| {variant.label} | " + " | ".join(get(mine, False) for _, get in fields) + f" | {variant.note} |")
@@ -365,8 +457,12 @@ def markdown(experiment: Experiment, rows, scale: str, seeds, settings: dict | N
 def latex(experiment: Experiment, rows) -> str:
   fields = _fields(experiment, rows)
   escape = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")
-  lines = [r"\begin{tabular}{l" + "r" * len(fields) + "}", r"\toprule",
-           "variant & " + " & ".join(escape(h) for h, _ in fields) + r" \\", r"\midrule"]
+  lines = [
+    r"\begin{tabular}{l" + "r" * len(fields) + "}",
+    r"\toprule",
+    "variant & " + " & ".join(escape(h) for h, _ in fields) + r" \\",
+    r"\midrule",
+  ]
   for variant in experiment.variants:
     mine = [r for r in rows if r["variant"] == variant.label]
     lines.append(escape(variant.label) + " & " + " & ".join(get(mine, True) for _, get in fields) + r" \\")
@@ -383,26 +479,31 @@ def write_csv(path: str, rows: list[dict], header: list[str], columns=COLUMNS, f
     writer.writeheader()
     for row in rows:
       values = {k: row.get(k, "") for k in columns}
-      writer.writerow({k: format(v, float_format) if float_format and isinstance(v, float) else v
-                       for k, v in values.items()})
+      writer.writerow(
+        {k: format(v, float_format) if float_format and isinstance(v, float) else v for k, v in values.items()}
+      )
 
 
 def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:
   """Writes the PNGs; returns their names ([] without matplotlib)."""
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
     return []
   written = []
   by = {r["variant"]: r for r in rows}
-  tokens_per_step = {label: by[label]["tokens"] / max(1.0, curves[label, seeds[0]]["step"][-1])
-                     for label in by}
-  axes_of = {"step": ("training step", lambda label, c: c["step"]),
-             "flops": ("training FLOPs (active)", lambda label, c: c["step"] * tokens_per_step[label]
-                       * by[label]["train_flops_per_token"]),
-             "time": ("wall-clock seconds", lambda label, c: c["time"])}
+  tokens_per_step = {label: by[label]["tokens"] / max(1.0, curves[label, seeds[0]]["step"][-1]) for label in by}
+  axes_of = {
+    "step": ("training step", lambda label, c: c["step"]),
+    "flops": (
+      "training FLOPs (active)",
+      lambda label, c: c["step"] * tokens_per_step[label] * by[label]["train_flops_per_token"],
+    ),
+    "time": ("wall-clock seconds", lambda label, c: c["time"]),
+  }
   for name, (xlabel, x_of) in axes_of.items():
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for variant in experiment.variants:
@@ -436,8 +537,14 @@ def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:
           ax.axis("off")
           continue
         load = curve[names[j]]  # [steps, E], shares summing to 1
-        image = ax.imshow(load.T * load.shape[1], aspect="auto", cmap="viridis", vmin=0, vmax=2,
-                          extent=(curve["step"][0], curve["step"][-1], load.shape[1] - 0.5, -0.5))
+        image = ax.imshow(
+          load.T * load.shape[1],
+          aspect="auto",
+          cmap="viridis",
+          vmin=0,
+          vmax=2,
+          extent=(curve["step"][0], curve["step"][-1], load.shape[1] - 0.5, -0.5),
+        )
         ax.set_title(f"{variant.label} {names[j]}", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("expert", fontsize=7)
@@ -458,9 +565,9 @@ def _config_flags_as_set(argv: list[str]) -> list[str]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config.") and "=" in arg:
-      out += ["--set", arg[len("--config."):]]
+      out += ["--set", arg[len("--config.") :]]
     elif arg.startswith("--config.") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-      out += ["--set", f"{arg[len('--config.'):]}={argv[i + 1]}"]
+      out += ["--set", f"{arg[len('--config.') :]}={argv[i + 1]}"]
       i += 1
     else:
       out.append(arg)
@@ -470,20 +577,30 @@ def _config_flags_as_set(argv: list[str]) -> list[str]:
 
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
   argv = _config_flags_as_set(sys.argv[1:] if argv is None else list(argv))
-  parser = argparse.ArgumentParser(description=experiment.title,
-                                   epilog="--config.FIELD=VALUE sets a field of every run, as for moejax.main "
-                                          "(the same as --set FIELD=VALUE).")
+  parser = argparse.ArgumentParser(
+    description=experiment.title,
+    epilog="--config.FIELD=VALUE sets a field of every run, as for moejax.main (the same as --set FIELD=VALUE).",
+  )
   parser.add_argument("--scale", default="quick", choices=SCALES)
   parser.add_argument("--out", help=f"output directory (default experiments/results/{experiment.name}/<scale>)")
   parser.add_argument("--seeds", help=f"comma-separated seeds (default {','.join(map(str, experiment.seeds))})")
   parser.add_argument("--only", help="comma-separated variant labels to train (tables need all of them)")
-  parser.add_argument("--reuse-from", default=os.path.join(REPO, "experiments", "results"), metavar="DIR",
-                      help="copy a finished run of exactly the same config from DIR/<experiment>/<scale>/runs/ "
-                           "instead of training it again (default: experiments/results; '' turns this off)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="set a config field of every run, after the scale's and the variant's own settings "
-                           "(repeatable), e.g. --config.data.tfds.name=cifar10 --config.mesh.expert=8 (or "
-                           "--set mesh.expert=8); use a new --out for results of a changed setting")
+  parser.add_argument(
+    "--reuse-from",
+    default=os.path.join(REPO, "experiments", "results"),
+    metavar="DIR",
+    help="copy a finished run of exactly the same config from DIR/<experiment>/<scale>/runs/ "
+    "instead of training it again (default: experiments/results; '' turns this off)",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="set a config field of every run, after the scale's and the variant's own settings "
+    "(repeatable), e.g. --config.data.tfds.name=cifar10 --config.mesh.expert=8 (or "
+    "--set mesh.expert=8); use a new --out for results of a changed setting",
+  )
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join(REPO, "experiments", "results", experiment.name, args.scale)
   try:
@@ -540,9 +657,10 @@ def main(experiment: Experiment, argv=None) -> int:
     return 0
   rows, curves = collect(experiment, args.out, args.scale, args.seeds)
   header = header_lines(experiment, args.scale, args.seeds, args.set) + [
-      f"this command trained {done['trained']} and copied {done['copied']} of {len(configs)} runs (the others had "
-      f"finished) in {time.time() - started:.0f} s; each run's wall time is in its summary.json (a copied run, "
-      "with copied_from.txt, keeps its original's)"]
+    f"this command trained {done['trained']} and copied {done['copied']} of {len(configs)} runs (the others had "
+    f"finished) in {time.time() - started:.0f} s; each run's wall time is in its summary.json (a copied run, "
+    "with copied_from.txt, keeps its original's)"
+  ]
   write_csv(os.path.join(args.out, "results.csv"), rows, header)
   report = markdown(experiment, rows, args.scale, args.seeds, args.set)
   with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -551,6 +669,8 @@ def main(experiment: Experiment, argv=None) -> int:
     f.write(latex(experiment, rows))
   pictures = plots(experiment, rows, curves, args.out, args.seeds)
   print(report)
-  print(f"wrote results.csv, results.md, results.tex{', ' + ', '.join(pictures) if pictures else ''} to {args.out} "
-        f"in {time.time() - started:.0f} s")
+  print(
+    f"wrote results.csv, results.md, results.tex{', ' + ', '.join(pictures) if pictures else ''} to {args.out} "
+    f"in {time.time() - started:.0f} s"
+  )
   return 0

@@ -71,8 +71,17 @@ from moejax.layers.ffn import ffn_apply
 
 MOE_VARIANTS = ("sort", "einsum", "dropless")
 DENSE_VARIANTS = ("dense_active", "dense_padded")
-COLUMNS = ("E", "k", "tokens", "variant", "ms", "ratio_to_dense_active", "ratio_to_dense_padded",
-           "ratio_to_einsum", "routing_share")
+COLUMNS = (
+  "E",
+  "k",
+  "tokens",
+  "variant",
+  "ms",
+  "ratio_to_dense_active",
+  "ratio_to_dense_padded",
+  "ratio_to_einsum",
+  "routing_share",
+)
 DEFAULT_OUT = os.path.join("experiments", "results", "moe_layer_benchmark")
 ACTIVATION = "gelu"  # MoEConfig's default.
 
@@ -84,8 +93,7 @@ ROUTING_SHARE = 0.10
 EINSUM_SPEEDUP = 2.0
 
 QUICK = dict(experts="4,8", top_k="2", tokens="256", d=32, f=64, group_size=64, repeats=2)
-DEFAULTS = dict(experts="8,64", top_k="2", tokens="4096,16384", d=256, f=1024, group_size=1024,
-                repeats=5)
+DEFAULTS = dict(experts="8,64", top_k="2", tokens="4096,16384", d=256, f=1024, group_size=1024, repeats=5)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if getattr(args, name) is None:
       setattr(args, name, value)
   args.experts, args.top_k, args.tokens = (
-      [int(v) for v in str(s).split(",")] for s in (args.experts, args.top_k, args.tokens))
+    [int(v) for v in str(s).split(",")] for s in (args.experts, args.top_k, args.tokens)
+  )
   for t in args.tokens:
     if t % args.group_size:
       parser.error(f"every --tokens value must be a multiple of --group_size={args.group_size}, got {t}")
@@ -132,9 +141,16 @@ def moe_layer_step(e: int, k: int, variant: str, args, x, cotangent, *, experts:
   what remains is routing, dispatch, combine, the aux losses and metrics and their backward.
   """
   t, d = x.shape
-  cfg = moe.MoEConfig(num_experts=e, top_k=k, d_expert=args.f, capacity_factor=args.capacity_factor,
-                      dispatcher=variant, dropless_block_size=args.block_size, group_size=args.group_size,
-                      activation=ACTIVATION)
+  cfg = moe.MoEConfig(
+    num_experts=e,
+    top_k=k,
+    d_expert=args.f,
+    capacity_factor=args.capacity_factor,
+    dispatcher=variant,
+    dropless_block_size=args.block_size,
+    group_size=args.group_size,
+    activation=ACTIVATION,
+  )
   layer = moe.MoELayer(d, cfg, rngs=nnx.Rngs(args.seed))
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   params = jax.tree.map(lambda p: p.astype(x.dtype) if p.ndim == 3 else p, params)  # Experts in --dtype.
@@ -148,9 +164,11 @@ def moe_layer_step(e: int, k: int, variant: str, args, x, cotangent, *, experts:
   if experts:
     jax.block_until_ready(step(x, params))
   else:
-    with mock.patch.object(moe, "capacity_expert_ffn", lambda expert_in, *_: expert_in), \
-         mock.patch.object(dropless, "_block_ffn", lambda x, *_: x), \
-         mock.patch.object(dropless, "_ragged_ffn", lambda x, *_: x):
+    with (
+      mock.patch.object(moe, "capacity_expert_ffn", lambda expert_in, *_: expert_in),
+      mock.patch.object(dropless, "_block_ffn", lambda x, *_: x),
+      mock.patch.object(dropless, "_ragged_ffn", lambda x, *_: x),
+    ):
       jax.block_until_ready(step(x, params))  # Traced (and cached) with identity experts.
   return lambda: jax.block_until_ready(step(x, params))
 
@@ -191,8 +209,9 @@ def build_steps(args, t: int, rng: np.random.Generator) -> list[Step]:
     for k in args.top_k:
       for variant in MOE_VARIANTS:
         steps.append(Step((e, k, variant), moe_layer_step(e, k, variant, args, x, cotangent)))
-        steps.append(Step((e, k, variant + "_routing"), moe_layer_step(e, k, variant, args, x, cotangent,
-                                                                      experts=False)))
+        steps.append(
+          Step((e, k, variant + "_routing"), moe_layer_step(e, k, variant, args, x, cotangent, experts=False))
+        )
   return steps
 
 
@@ -218,17 +237,38 @@ def table_rows(t: int, best: dict[tuple, float], args) -> list[dict]:
     active, padded = best[(None, k, "dense_active")], best[(None, k, "dense_padded")]
     for variant in DENSE_VARIANTS:
       ms = best[(None, k, variant)]
-      rows.append(dict(E="", k=k, tokens=t, variant=variant, ms=1e3 * ms, ratio_to_dense_active=ms / active,
-                       ratio_to_dense_padded=ms / padded, ratio_to_einsum="", routing_share=""))
+      rows.append(
+        dict(
+          E="",
+          k=k,
+          tokens=t,
+          variant=variant,
+          ms=1e3 * ms,
+          ratio_to_dense_active=ms / active,
+          ratio_to_dense_padded=ms / padded,
+          ratio_to_einsum="",
+          routing_share="",
+        )
+      )
   for e in args.experts:
     for k in args.top_k:
       active, padded = best[(None, k, "dense_active")], best[(None, k, "dense_padded")]
       einsum = best[(e, k, "einsum")]
       for variant in MOE_VARIANTS:
         ms = best[(e, k, variant)]
-        rows.append(dict(E=e, k=k, tokens=t, variant=variant, ms=1e3 * ms, ratio_to_dense_active=ms / active,
-                         ratio_to_dense_padded=ms / padded, ratio_to_einsum=ms / einsum,
-                         routing_share=best[(e, k, variant + "_routing")] / ms))
+        rows.append(
+          dict(
+            E=e,
+            k=k,
+            tokens=t,
+            variant=variant,
+            ms=1e3 * ms,
+            ratio_to_dense_active=ms / active,
+            ratio_to_dense_padded=ms / padded,
+            ratio_to_einsum=ms / einsum,
+            routing_share=best[(e, k, variant + "_routing")] / ms,
+          )
+        )
   return rows
 
 
@@ -239,19 +279,21 @@ def header_lines(args, wall_s: float | None = None, spread: float | None = None)
   """Where, when and with what the numbers were measured."""
   device = jax.devices()[0]
   lines = [
-      f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
-      f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-      f"jax {jax.__version__}, python {platform.python_version()}",
-      f"d={args.d} f={args.f} group_size={args.group_size} capacity_factor={args.capacity_factor} "
-      f"dtype={args.dtype} activation={ACTIVATION} dropless block_size={args.block_size} "
-      f"repeats={args.repeats} (best of)",
-      "forward+backward (value_and_grad w.r.t. tokens and all weights); ratios within one token count",
+    f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
+    f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+    f"jax {jax.__version__}, python {platform.python_version()}",
+    f"d={args.d} f={args.f} group_size={args.group_size} capacity_factor={args.capacity_factor} "
+    f"dtype={args.dtype} activation={ACTIVATION} dropless block_size={args.block_size} "
+    f"repeats={args.repeats} (best of)",
+    "forward+backward (value_and_grad w.r.t. tokens and all weights); ratios within one token count",
   ]
   if wall_s is not None:
     lines.append(f"wall time of the run: {wall_s:.0f} s")
   if spread is not None:
-    lines.append(f"noise: largest median/best time of one program over the rounds {spread:.2f} "
-                 "(1 on a quiet machine; the further above, the less certain the ratios)")
+    lines.append(
+      f"noise: largest median/best time of one program over the rounds {spread:.2f} "
+      "(1 on a quiet machine; the further above, the less certain the ratios)"
+    )
   return lines
 
 
@@ -264,19 +306,30 @@ def read_csv(path: str) -> list[dict]:
 def markdown(rows: list[dict], header: list[str], summary: list[str]) -> str:
   """results.md: header, dense baselines, MoE variants, targets."""
   out = ["# MoE layer benchmark (issue #4)", ""] + [f"- {line}" for line in header]
-  out += ["", "Dense baselines (hidden K·f = active FLOPs; cf·K·f = the capacity path's padded FLOPs):", "",
-          "| tokens | k | variant | ms | × dense_active |", "|---:|---:|:---|---:|---:|"]
+  out += [
+    "",
+    "Dense baselines (hidden K·f = active FLOPs; cf·K·f = the capacity path's padded FLOPs):",
+    "",
+    "| tokens | k | variant | ms | × dense_active |",
+    "|---:|---:|:---|---:|---:|",
+  ]
   for r in rows:
     if r["variant"] in DENSE_VARIANTS:
       out.append(f"| {r['tokens']} | {r['k']} | {r['variant']} | {r['ms']:.1f} | {r['ratio_to_dense_active']:.2f} |")
-  out += ["", "MoE layer (router + dispatch + experts + combine):", "",
-          "| tokens | k | E | variant | ms | × dense_active | × dense_padded | × einsum | routing share |",
-          "|---:|---:|---:|:---|---:|---:|---:|---:|---:|"]
+  out += [
+    "",
+    "MoE layer (router + dispatch + experts + combine):",
+    "",
+    "| tokens | k | E | variant | ms | × dense_active | × dense_padded | × einsum | routing share |",
+    "|---:|---:|---:|:---|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     if r["variant"] in MOE_VARIANTS:
-      out.append(f"| {r['tokens']} | {r['k']} | {r['E']} | {r['variant']} | {r['ms']:.1f} | "
-                 f"{r['ratio_to_dense_active']:.2f} | {r['ratio_to_dense_padded']:.2f} | "
-                 f"{r['ratio_to_einsum']:.2f} | {100 * r['routing_share']:.0f}% |")
+      out.append(
+        f"| {r['tokens']} | {r['k']} | {r['E']} | {r['variant']} | {r['ms']:.1f} | "
+        f"{r['ratio_to_dense_active']:.2f} | {r['ratio_to_dense_padded']:.2f} | "
+        f"{r['ratio_to_einsum']:.2f} | {100 * r['routing_share']:.0f}% |"
+      )
   out += ["", "Issue-#4 CPU targets:", ""] + [f"- {line}" for line in summary]
   return "\n".join(out) + "\n"
 
@@ -285,6 +338,7 @@ def plot(path: str, rows: list[dict], args) -> bool:
   """ratios.png: time / dense_active vs E, one panel per token count; False without matplotlib."""
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -296,11 +350,15 @@ def plot(path: str, rows: list[dict], args) -> bool:
     for ki, k in enumerate(args.top_k):
       style = styles[ki % len(styles)]
       for variant in MOE_VARIANTS:
-        pts = [(r["E"], r["ratio_to_dense_active"]) for r in rows
-               if r["tokens"] == t and r["k"] == k and r["variant"] == variant]
+        pts = [
+          (r["E"], r["ratio_to_dense_active"])
+          for r in rows
+          if r["tokens"] == t and r["k"] == k and r["variant"] == variant
+        ]
         ax.plot(*zip(*pts), style, marker="o", color=colors[variant], label=f"{variant} k={k}")
-      padded = next(r["ratio_to_dense_active"] for r in rows
-                    if r["tokens"] == t and r["k"] == k and r["variant"] == "dense_padded")
+      padded = next(
+        r["ratio_to_dense_active"] for r in rows if r["tokens"] == t and r["k"] == k and r["variant"] == "dense_padded"
+      )
       ax.axhline(padded, color="gray", linestyle=style, linewidth=1, label=f"dense cf·k·f, k={k}")
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_xscale("log", base=2)
@@ -328,8 +386,10 @@ def target_summary(rows: list[dict], args) -> list[str]:
   values = {t: moe[(8, 2, t, "sort")]["ratio_to_dense_padded"] for t in args.tokens if (8, 2, t, "sort") in moe}
   if values:
     shown = ", ".join(f"T={t}: {v:.2f}×" for t, v in values.items())
-    lines.append(f"sort top-2 E=8 cf={args.capacity_factor} ≤ {SORT_VS_PADDED}× dense FFN hidden cf·k·f: "
-                 f"{shown} -> {_verdict(values.values(), lambda v: v <= SORT_VS_PADDED)}")
+    lines.append(
+      f"sort top-2 E=8 cf={args.capacity_factor} ≤ {SORT_VS_PADDED}× dense FFN hidden cf·k·f: "
+      f"{shown} -> {_verdict(values.values(), lambda v: v <= SORT_VS_PADDED)}"
+    )
   else:
     lines.append("sort top-2 E=8 vs dense cf·k·f: not measured (needs --experts with 8 and --top_k with 2)")
 
@@ -337,18 +397,25 @@ def target_summary(rows: list[dict], args) -> list[str]:
   worst = max(values, key=values.get)
   met = sum(v <= DROPLESS_VS_ACTIVE for v in values.values())
   e8 = ", ".join(f"E=8 k={k} T={t}: {v:.2f}×" for (e, k, t, _), v in values.items() if e == 8)
-  lines.append(f"dropless ≤ {DROPLESS_VS_ACTIVE}× dense FFN hidden k·f: {met}/{len(values)} configs; "
-               f"{e8 or 'E=8 not measured'}; worst E={worst[0]} k={worst[1]} T={worst[2]}: "
-               f"{values[worst]:.2f}× -> {_verdict(values.values(), lambda v: v <= DROPLESS_VS_ACTIVE)}")
+  lines.append(
+    f"dropless ≤ {DROPLESS_VS_ACTIVE}× dense FFN hidden k·f: {met}/{len(values)} configs; "
+    f"{e8 or 'E=8 not measured'}; worst E={worst[0]} k={worst[1]} T={worst[2]}: "
+    f"{values[worst]:.2f}× -> {_verdict(values.values(), lambda v: v <= DROPLESS_VS_ACTIVE)}"
+  )
 
   t_big = 16384 if 16384 in args.tokens else max(args.tokens)
-  values = {k: moe[(64, k, t_big, "sort")]["ms"] / moe[(8, k, t_big, "sort")]["ms"]
-            for k in args.top_k if (64, k, t_big, "sort") in moe and (8, k, t_big, "sort") in moe}
+  values = {
+    k: moe[(64, k, t_big, "sort")]["ms"] / moe[(8, k, t_big, "sort")]["ms"]
+    for k in args.top_k
+    if (64, k, t_big, "sort") in moe and (8, k, t_big, "sort") in moe
+  }
   if values:
     shown = ", ".join(f"k={k}: {v:.2f}×" for k, v in values.items())
     note = "" if t_big == 16384 else f" (16k tokens not in the sweep: T={t_big})"
-    lines.append(f"sort E=64 ≤ {E64_VS_E8}× sort E=8 at T={t_big}{note}: {shown} -> "
-                 f"{_verdict(values.values(), lambda v: v <= E64_VS_E8)}")
+    lines.append(
+      f"sort E=64 ≤ {E64_VS_E8}× sort E=8 at T={t_big}{note}: {shown} -> "
+      f"{_verdict(values.values(), lambda v: v <= E64_VS_E8)}"
+    )
   else:
     lines.append("sort E=64 vs E=8: not measured (needs --experts with 8 and 64)")
 
@@ -357,17 +424,25 @@ def target_summary(rows: list[dict], args) -> list[str]:
     worst = max(values, key=values.get)
     best = min(values, key=values.get)
     met = sum(v <= ROUTING_SHARE for v in values.values())
-    lines.append(f"{variant}: routing + permutation ≤ {ROUTING_SHARE:.0%} of layer time: {met}/{len(values)} "
-                 f"configs; {values[best]:.0%} (E={best[0]} k={best[1]} T={best[2]}) to "
-                 f"{values[worst]:.0%} (E={worst[0]} k={worst[1]} T={worst[2]}) -> "
-                 f"{_verdict(values.values(), lambda v: v <= ROUTING_SHARE)}")
+    lines.append(
+      f"{variant}: routing + permutation ≤ {ROUTING_SHARE:.0%} of layer time: {met}/{len(values)} "
+      f"configs; {values[best]:.0%} (E={best[0]} k={best[1]} T={best[2]}) to "
+      f"{values[worst]:.0%} (E={worst[0]} k={worst[1]} T={worst[2]}) -> "
+      f"{_verdict(values.values(), lambda v: v <= ROUTING_SHARE)}"
+    )
 
-  values = {(k, t): 1.0 / moe[(64, k, t, "sort")]["ratio_to_einsum"]
-            for k in args.top_k for t in args.tokens if (64, k, t, "sort") in moe}
+  values = {
+    (k, t): 1.0 / moe[(64, k, t, "sort")]["ratio_to_einsum"]
+    for k in args.top_k
+    for t in args.tokens
+    if (64, k, t, "sort") in moe
+  }
   if values:
     shown = ", ".join(f"k={k} T={t}: {v:.2f}×" for (k, t), v in values.items())
-    lines.append(f"sort ≥ {EINSUM_SPEEDUP}× faster than einsum at E=64, groups of {args.group_size}: {shown} -> "
-                 f"{_verdict(values.values(), lambda v: v >= EINSUM_SPEEDUP)}")
+    lines.append(
+      f"sort ≥ {EINSUM_SPEEDUP}× faster than einsum at E=64, groups of {args.group_size}: {shown} -> "
+      f"{_verdict(values.values(), lambda v: v >= EINSUM_SPEEDUP)}"
+    )
   else:
     lines.append("sort vs einsum at E=64: not measured (needs --experts with 64)")
   return lines
@@ -385,8 +460,11 @@ def main(argv=None) -> list[dict]:
     timing_start = time.perf_counter()
     best, block_spread = time_steps(steps, args.repeats, rng)
     spread = max(spread, block_spread)
-    print(f"T={t}: {len(steps)} programs, compiled and warmed in {timing_start - compile_start:.0f} s, "
-          f"timed in {time.perf_counter() - timing_start:.0f} s", flush=True)
+    print(
+      f"T={t}: {len(steps)} programs, compiled and warmed in {timing_start - compile_start:.0f} s, "
+      f"timed in {time.perf_counter() - timing_start:.0f} s",
+      flush=True,
+    )
     rows += table_rows(t, best, args)
     del steps
   wall = time.perf_counter() - start
@@ -400,8 +478,10 @@ def main(argv=None) -> list[dict]:
   print("\n".join(header))
   print("\nIssue-#4 CPU targets:")
   print("\n".join(f"  {line}" for line in summary))
-  print(f"\nwrote results.csv, results.md{', ratios.png' if plotted else ' (no ratios.png: matplotlib missing)'}"
-        f" to {args.out}")
+  print(
+    f"\nwrote results.csv, results.md{', ratios.png' if plotted else ' (no ratios.png: matplotlib missing)'}"
+    f" to {args.out}"
+  )
   return rows
 
 

@@ -25,22 +25,26 @@ ROUTERS = "configs/lm_routers.py"
 QUICK_EXPERTS = (1, 2, 8, 32, 64)
 
 EXPERIMENT = Experiment(
-    name="num_experts",
-    title="Number of experts at fixed active FLOPs (Switch top-1)",
-    variants=(Variant("dense", f"{ROUTERS}:dense"),) + tuple(
-        Variant(f"E{e}", f"{ROUTERS}:switch", {"moe.num_experts": e}) for e in QUICK_EXPERTS),
-    scales={"quick": QUICK_LM, "paper": PAPER_LM},
-    baseline="dense",
-    found=("Agrees up to 32 experts: eval loss falls monotonically from E = 1 (dense-like) to E = 32, and "
-           "the train-loss speed-up keeps growing to E = 64. Disagrees at E = 64: its eval loss is worse "
-           "than E = 8's. With groups of 64 tokens, E = 64 leaves 2 slots per expert per group and the loads "
-           "are uneven (max/mean 2.35), so 27-28% of the tokens are dropped in training (E = 8: 10%; seed "
-           "0's fraction_dropped_choice1 at step 250); Switch's experts see far more tokens. "
-           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
-           "models' most."),
-    paper=("Switch Fig. 4: at equal FLOPs per token, loss falls monotonically with the number of experts "
-           "(2 to 256); with little data the gains of few experts can vanish."),
+  name="num_experts",
+  title="Number of experts at fixed active FLOPs (Switch top-1)",
+  variants=(Variant("dense", f"{ROUTERS}:dense"),)
+  + tuple(Variant(f"E{e}", f"{ROUTERS}:switch", {"moe.num_experts": e}) for e in QUICK_EXPERTS),
+  scales={"quick": QUICK_LM, "paper": PAPER_LM},
+  baseline="dense",
+  found=(
+    "Agrees up to 32 experts: eval loss falls monotonically from E = 1 (dense-like) to E = 32, and "
+    "the train-loss speed-up keeps growing to E = 64. Disagrees at E = 64: its eval loss is worse "
+    "than E = 8's. With groups of 64 tokens, E = 64 leaves 2 slots per expert per group and the loads "
+    "are uneven (max/mean 2.35), so 27-28% of the tokens are dropped in training (E = 8: 10%; seed "
+    "0's fraction_dropped_choice1 at step 250); Switch's experts see far more tokens. "
+    "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "models' most."
+  ),
+  paper=(
+    "Switch Fig. 4: at equal FLOPs per token, loss falls monotonically with the number of experts "
+    "(2 to 256); with little data the gains of few experts can vanish."
+  ),
 )
 
 if __name__ == "__main__":

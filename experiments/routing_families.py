@@ -31,32 +31,40 @@ E = 8
 ROUTERS = "configs/lm_routers.py"
 
 EXPERIMENT = Experiment(
-    name="routing_families",
-    title="Routing families on LM at matched active FLOPs",
-    variants=(
-        Variant("dense", f"{ROUTERS}:dense"),
-        Variant("switch_top1", f"{ROUTERS}:switch", {"moe.d_expert": F}),
-        Variant("gshard_top2", f"{ROUTERS}:gshard", {"moe.d_expert": F // 2}),
-        Variant("ec_cf1", f"{ROUTERS}:expert_choice", {"moe.capacity_factor": 1.0, "moe.d_expert": F},
-                note="not causal"),
-        Variant("ec_cf2", f"{ROUTERS}:expert_choice", {"moe.capacity_factor": 2.0, "moe.d_expert": F // 2},
-                note="not causal"),
-        Variant("dense_total_params", f"{ROUTERS}:dense", {"model.d_ff": (E + 1) * F // 2},
-                note=f"{(E + 1) / 2:.1f}× the FFN FLOPs"),
+  name="routing_families",
+  title="Routing families on LM at matched active FLOPs",
+  variants=(
+    Variant("dense", f"{ROUTERS}:dense"),
+    Variant("switch_top1", f"{ROUTERS}:switch", {"moe.d_expert": F}),
+    Variant("gshard_top2", f"{ROUTERS}:gshard", {"moe.d_expert": F // 2}),
+    Variant("ec_cf1", f"{ROUTERS}:expert_choice", {"moe.capacity_factor": 1.0, "moe.d_expert": F}, note="not causal"),
+    Variant(
+      "ec_cf2", f"{ROUTERS}:expert_choice", {"moe.capacity_factor": 2.0, "moe.d_expert": F // 2}, note="not causal"
     ),
-    scales={"quick": QUICK_LM, "paper": PAPER_LM},
-    baseline="dense",
-    found=("Agrees: every MoE beats the FLOP-matched dense model (by 0.10-0.14 nats), and even the dense "
-           "model with as many parameters. Top-1 vs top-2: no difference beyond the seed spread (1.588 vs "
-           "1.595). Disagrees: expert choice at cf 2 is not twice as fast as top-2 here (1.22× vs 1.20× the "
-           "dense model's speed); EC at cf 1 is the best variant, but in a decoder it sees later tokens, "
-           "so its advantage is not a fair one. "
-           "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-           "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
-           "models' most."),
-    paper=("Switch Table 1: every MoE beats the FLOP-matched dense model; top-1 reaches a fixed quality "
-           "faster than top-2. Expert choice: EC-CF2 reaches GShard top-2's perplexity in under half the "
-           "steps; EC at cf 1 still beats Switch top-1."),
+    Variant(
+      "dense_total_params",
+      f"{ROUTERS}:dense",
+      {"model.d_ff": (E + 1) * F // 2},
+      note=f"{(E + 1) / 2:.1f}× the FFN FLOPs",
+    ),
+  ),
+  scales={"quick": QUICK_LM, "paper": PAPER_LM},
+  baseline="dense",
+  found=(
+    "Agrees: every MoE beats the FLOP-matched dense model (by 0.10-0.14 nats), and even the dense "
+    "model with as many parameters. Top-1 vs top-2: no difference beyond the seed spread (1.588 vs "
+    "1.595). Disagrees: expert choice at cf 2 is not twice as fast as top-2 here (1.22× vs 1.20× the "
+    "dense model's speed); EC at cf 1 is the best variant, but in a decoder it sees later tokens, "
+    "so its advantage is not a fair one. "
+    "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
+    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "models' most."
+  ),
+  paper=(
+    "Switch Table 1: every MoE beats the FLOP-matched dense model; top-1 reaches a fixed quality "
+    "faster than top-2. Expert choice: EC-CF2 reaches GShard top-2's perplexity in under half the "
+    "steps; EC at cf 1 still beats Switch top-1."
+  ),
 )
 
 if __name__ == "__main__":

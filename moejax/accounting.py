@@ -28,8 +28,10 @@ class ModelCost:
   train_flops_per_token: float  # Active, forward + backward.
 
   def summary(self) -> str:
-    return (f"parameters: {self.total_params:,} total, {self.active_params:,} active per token; "
-            f"training FLOPs per token (active): {self.train_flops_per_token:.4g}")
+    return (
+      f"parameters: {self.total_params:,} total, {self.active_params:,} active per token; "
+      f"training FLOPs per token (active): {self.train_flops_per_token:.4g}"
+    )
 
 
 def _num_params(module: nnx.Module, min_ndim: int = 0) -> int:
@@ -46,8 +48,17 @@ def experts_per_token(cfg: MoEConfig, group_size: int) -> float:
   return routers.get(cfg.router).experts_per_token(cfg, group_size)
 
 
-def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: int, seq_len: int,
-               d_model: int, lookup_params=lambda model: 0, extra_matmul: int = 0) -> ModelCost:
+def model_cost(
+  make_model,
+  *,
+  moe_cfg: MoEConfig,
+  group_size: int,
+  num_layers: int,
+  seq_len: int,
+  d_model: int,
+  lookup_params=lambda model: 0,
+  extra_matmul: int = 0,
+) -> ModelCost:
   """Counts parameters and FLOPs of the model `make_model()` builds, from `nnx.eval_shape`.
 
   Args:
@@ -70,18 +81,30 @@ def model_cost(make_model, *, moe_cfg: MoEConfig, group_size: int, num_layers: i
 
 def decoder_cost(cfg: DecoderConfig) -> ModelCost:
   """Parameters and FLOPs of a DecoderLM (abstract arrays only)."""
-  return model_cost(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
-                    group_size=cfg.moe.group_size or cfg.max_len, num_layers=cfg.num_layers,
-                    seq_len=cfg.max_len, d_model=cfg.d_model,
-                    lookup_params=lambda m: _num_params(m.embed) + (
-                        _num_params(m.position_embed) if m.position_embed is not None else 0),
-                    extra_matmul=cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+  return model_cost(
+    lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)),
+    moe_cfg=cfg.moe,
+    group_size=cfg.moe.group_size or cfg.max_len,
+    num_layers=cfg.num_layers,
+    seq_len=cfg.max_len,
+    d_model=cfg.d_model,
+    lookup_params=lambda m: (
+      _num_params(m.embed) + (_num_params(m.position_embed) if m.position_embed is not None else 0)
+    ),
+    extra_matmul=cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0,
+  )
 
 
 def vit_cost(cfg) -> ModelCost:
   """Parameters and FLOPs per image token of a ViT (abstract arrays only)."""
   from moejax.models.vit import ViT  # Local: accounting does not need the ViT otherwise.
-  return model_cost(lambda: ViT(cfg, rngs=nnx.Rngs(0)), moe_cfg=cfg.moe,
-                    group_size=cfg.moe.group_size or cfg.num_tokens, num_layers=cfg.num_layers,
-                    seq_len=cfg.num_tokens, d_model=cfg.d_model,
-                    lookup_params=lambda m: m.position_embed.size + (m.cls_token.size if m.cls_token is not None else 0))
+
+  return model_cost(
+    lambda: ViT(cfg, rngs=nnx.Rngs(0)),
+    moe_cfg=cfg.moe,
+    group_size=cfg.moe.group_size or cfg.num_tokens,
+    num_layers=cfg.num_layers,
+    seq_len=cfg.num_tokens,
+    d_model=cfg.d_model,
+    lookup_params=lambda m: m.position_embed.size + (m.cls_token.size if m.cls_token is not None else 0),
+  )

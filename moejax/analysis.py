@@ -28,8 +28,16 @@ from flax import nnx
 from moejax import routing
 
 # Classes of a byte, in order; `byte_classes` returns indices into this tuple.
-BYTE_CLASSES = ("lowercase", "uppercase", "digit", "space/tab", "newline", "bracket/quote", "operator/punct",
-                "non-ASCII/control")
+BYTE_CLASSES = (
+  "lowercase",
+  "uppercase",
+  "digit",
+  "space/tab",
+  "newline",
+  "bracket/quote",
+  "operator/punct",
+  "non-ASCII/control",
+)
 _BRACKETS_QUOTES = set(b"()[]{}<>'\"`")
 
 
@@ -74,15 +82,17 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save
   try:
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
   finally:
     absl_logger.setLevel(level)
   try:
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
-      raise FileNotFoundError(f"{workdir} holds no checkpoint" + (f" of step {step} (it has {sorted(steps)})"
-                                                                 if steps else ""))
+      raise FileNotFoundError(
+        f"{workdir} holds no checkpoint" + (f" of step {step} (it has {sorted(steps)})" if steps else "")
+      )
     step = max(steps) if step is None else step
     cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 1, False
     data = tasks.make_data(cfg)
@@ -217,7 +227,6 @@ def markov_sequences(cfg, num_sequences: int, seed: int = 12345) -> tuple[np.nda
   from moejax.data import markov
 
   m = cfg.data.markov
-  mixture = markov.MarkovMixture(vocab_size=m.vocab_size, num_sources=m.num_sources, branching=m.branching,
-                                 seed=m.seed)
+  mixture = markov.MarkovMixture(vocab_size=m.vocab_size, num_sources=m.num_sources, branching=m.branching, seed=m.seed)
   tokens, sources = mixture.sample(num_sequences, cfg.train.seq_len, seed=[seed, 99])
   return tokens, sources

@@ -30,8 +30,10 @@ def cost_of(cfg):
     vocab = cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
     return accounting.decoder_cost(build.decoder_config(cfg, vocab))
   if cfg.data.source != "digits":
-    raise config_lib.ConfigError("data.source", "count_params knows the image shape of 'digits' only; "
-                                 "training prints the counts for other image datasets")
+    raise config_lib.ConfigError(
+      "data.source",
+      "count_params knows the image shape of 'digits' only; training prints the counts for other image datasets",
+    )
   return accounting.vit_cost(build.vit_config(cfg, (8, 8, 1), 10))
 
 

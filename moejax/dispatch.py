@@ -71,8 +71,9 @@ class SortDispatcher:
   def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
     e, g, c, d = y.shape
     s, k = decision.expert_index.shape[1:]
-    out = kernels.unpermute(y.reshape(e * g * c, d), self.row_map(decision),
-                            decision.combine_weight.reshape(g * s, k), backend=self.backend)
+    out = kernels.unpermute(
+      y.reshape(e * g * c, d), self.row_map(decision), decision.combine_weight.reshape(g * s, k), backend=self.backend
+    )
     return out.reshape(g, s, d)
 
 
@@ -97,8 +98,7 @@ class DroplessDispatcher:
   def dispatch(self, decision: RoutingDecision, x: jax.Array) -> Rows:
     g, s, d = x.shape
     k = decision.expert_index.shape[-1]
-    return Rows(x.reshape(g * s, d), decision.expert_index.reshape(g * s, k),
-                decision.combine_weight.reshape(g * s, k))
+    return Rows(x.reshape(g * s, d), decision.expert_index.reshape(g * s, k), decision.combine_weight.reshape(g * s, k))
 
   def combine(self, decision: RoutingDecision, y: jax.Array) -> jax.Array:
     """y: [T, d], already Σ_k weight · expert output (the dropless experts combine as they go)."""

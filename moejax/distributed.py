@@ -46,11 +46,15 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if d.num_processes < 0:
     raise ConfigError("distributed.num_processes", f"must be >= 0 (0: from the cluster), got {d.num_processes}")
   if d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
-    raise ConfigError("distributed.process_id",
-                      f"must be -1 (from the cluster) or in [0, num_processes={d.num_processes}), got {d.process_id}")
+    raise ConfigError(
+      "distributed.process_id",
+      f"must be -1 (from the cluster) or in [0, num_processes={d.num_processes}), got {d.process_id}",
+    )
   if (d.process_id >= 0) != (d.num_processes > 0):
-    raise ConfigError("distributed.process_id" if d.num_processes else "distributed.num_processes",
-                      "set distributed.num_processes and distributed.process_id together (or neither)")
+    raise ConfigError(
+      "distributed.process_id" if d.num_processes else "distributed.num_processes",
+      "set distributed.num_processes and distributed.process_id together (or neither)",
+    )
 
 
 def initialize(cfg: ml_collections.ConfigDict) -> bool:
@@ -66,15 +70,20 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
     return False
   if d.initialize == "auto" and not address and not cluster_detected():
     if d.num_processes > 1:
-      raise ConfigError("distributed.coordinator_address",
-                        f"needed with distributed.num_processes={d.num_processes} (host:port of process 0), "
-                        "unless a cluster launcher provides it")
+      raise ConfigError(
+        "distributed.coordinator_address",
+        f"needed with distributed.num_processes={d.num_processes} (host:port of process 0), "
+        "unless a cluster launcher provides it",
+      )
     return False
   import jax
 
   try:
-    jax.distributed.initialize(coordinator_address=address or None, num_processes=d.num_processes or None,
-                               process_id=d.process_id if d.process_id >= 0 else None)
+    jax.distributed.initialize(
+      coordinator_address=address or None,
+      num_processes=d.num_processes or None,
+      process_id=d.process_id if d.process_id >= 0 else None,
+    )
   except (ValueError, RuntimeError) as e:  # JAX's own checks, or no coordinator to reach.
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     raise ConfigError("distributed", f"jax.distributed.initialize failed: {first}") from e

@@ -51,17 +51,28 @@ def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
   return max(1, (num_assignments + nonempty * (block_size - 1)) // block_size)
 
 
-def dropless_flops(num_assignments: int, d: int, f: int, num_experts: int, block_size: int,
-                   activation: str) -> tuple[int, int]:
+def dropless_flops(
+  num_assignments: int, d: int, f: int, num_experts: int, block_size: int, activation: str
+) -> tuple[int, int]:
   """(ideal, worst case) forward matmul FLOPs of 'blocks': 2·N·d·f vs 2·(N + E·(B−1))·d·f per matrix."""
   matrices = 3 if activation == "swiglu" else 2
   padded = num_assignments + min(num_experts, num_assignments) * (block_size - 1)
   return 2 * num_assignments * d * f * matrices, 2 * padded * d * f * matrices
 
 
-def dropless_expert_ffn(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Array,
-                        wi: jax.Array, wo: jax.Array, wg: jax.Array | None, activation: str, *,
-                        impl: str = "auto", block_size: int = 64, permute_backend: str = "auto") -> jax.Array:
+def dropless_expert_ffn(
+  tokens: jax.Array,
+  expert_index: jax.Array,
+  combine_weight: jax.Array,
+  wi: jax.Array,
+  wo: jax.Array,
+  wg: jax.Array | None,
+  activation: str,
+  *,
+  impl: str = "auto",
+  block_size: int = 64,
+  permute_backend: str = "auto",
+) -> jax.Array:
   """out[t] = Σ_k combine_weight[t, k] · FFN_{expert_index[t, k]}(tokens[t]), no token dropped.
 
   Args:
@@ -112,8 +123,11 @@ def ragged_dot_flop_ratio(num_rows: int, d: int, f: int, num_experts: int, dtype
   1 for a grouped matmul; about E when XLA lowers it to a dense dot over every expert,
   masked per group (XLA:CPU always does; GPU backends may). Compiles once per shape.
   """
-  shapes = (jax.ShapeDtypeStruct((num_rows, d), dtype), jax.ShapeDtypeStruct((num_experts, d, f), dtype),
-            jax.ShapeDtypeStruct((num_experts,), jnp.int32))
+  shapes = (
+    jax.ShapeDtypeStruct((num_rows, d), dtype),
+    jax.ShapeDtypeStruct((num_experts, d, f), dtype),
+    jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+  )
   cost = jax.jit(jax.lax.ragged_dot).lower(*shapes).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0)) / (2.0 * num_rows * d * f)
@@ -128,8 +142,10 @@ def _resolve_impl(impl: str, num_rows: int, wi: jax.Array, dtype) -> str:
   ratio = ragged_dot_flop_ratio(num_rows, d, f, e, jnp.dtype(dtype).name)
   if e < 2 or ratio < 1.5:
     return "ragged_dot"
-  message = (f"jax.lax.ragged_dot on {jax.default_backend()} computes every expert densely here "
-             f"({ratio:.1f}× the grouped FLOPs for E={e})")
+  message = (
+    f"jax.lax.ragged_dot on {jax.default_backend()} computes every expert densely here "
+    f"({ratio:.1f}× the grouped FLOPs for E={e})"
+  )
   if impl == "auto":
     warnings.warn(message + "; dropless uses impl='blocks' instead", stacklevel=3)
     return "blocks"
@@ -220,8 +236,11 @@ def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
     return y, h_all, gate_all
 
   operands = (x, block_expert, num_used, wi, wo, wg)
-  init = (_zeros_varying_like(x.shape, x.dtype, *operands), _zeros_varying_like(hidden, x.dtype, *operands),
-          None if wg is None else _zeros_varying_like(hidden, x.dtype, *operands))
+  init = (
+    _zeros_varying_like(x.shape, x.dtype, *operands),
+    _zeros_varying_like(hidden, x.dtype, *operands),
+    None if wg is None else _zeros_varying_like(hidden, x.dtype, *operands),
+  )
   return jax.lax.fori_loop(0, num_used, body, init)
 
 

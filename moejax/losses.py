@@ -76,8 +76,8 @@ def smooth_load(clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax
     clean_logits, noisy_logits, noise_std: <float32>[..., E].
   """
   top = jax.lax.top_k(noisy_logits, top_k + 1)[0]  # [..., K+1]
-  in_top = noisy_logits >= top[..., top_k - 1:top_k]
+  in_top = noisy_logits >= top[..., top_k - 1 : top_k]
   # For an expert inside the top k, the others' k-th largest is the (k+1)-th overall.
-  threshold = jnp.where(in_top, top[..., top_k:top_k + 1], top[..., top_k - 1:top_k])
+  threshold = jnp.where(in_top, top[..., top_k : top_k + 1], top[..., top_k - 1 : top_k])
   prob = jax.scipy.stats.norm.cdf((clean_logits - threshold) / jnp.maximum(noise_std, 1e-9))
   return prob.reshape(-1, prob.shape[-1]).sum(axis=0)

@@ -16,8 +16,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 
 
@@ -95,8 +96,10 @@ def _check_workdir(workdir: str, resolved: dict) -> None:
 
   differ, resumable = config_lib.differences_from_saved(workdir, resolved)
   if differ:
-    _fail(f"--workdir {workdir!r} holds a run with a different config ({', '.join(differ[:4])}); "
-          f"use a new workdir, or change only {', '.join(resumable)}")
+    _fail(
+      f"--workdir {workdir!r} holds a run with a different config ({', '.join(differ[:4])}); "
+      f"use a new workdir, or change only {', '.join(resumable)}"
+    )
 
 
 def _make_data_once(cfg):
@@ -160,8 +163,10 @@ def main(argv: list[str]) -> int:
   except (ValueError, OSError) as e:
     _fail(_one_line(e))
   if cfg.task == "lm" and cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
-    _fail(f"config model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
-          f"vocabulary ({data.vocab_size}); use 0 to take the dataset's")
+    _fail(
+      f"config model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's "
+      f"vocabulary ({data.vocab_size}); use 0 to take the dataset's"
+    )
 
   from moejax import train
 

@@ -29,6 +29,7 @@ class MetricWriter:
     self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # Local: only the writing process needs it.
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
@@ -83,7 +84,8 @@ class Progress:
     else:
       steps_per_s = (step - self._last_step) / (now - self._last_time)
       eta = (self.total_steps - step) / steps_per_s
-      rate_text = (f"{steps_per_s:.2f} steps/s | {steps_per_s * self.tokens_per_step:,.0f} tokens/s | "
-                   f"ETA {format_duration(eta)}")
+      rate_text = (
+        f"{steps_per_s:.2f} steps/s | {steps_per_s * self.tokens_per_step:,.0f} tokens/s | ETA {format_duration(eta)}"
+      )
     self._last_step, self._last_time = step, now
     return f"step {step}/{self.total_steps} | loss {loss:.4f} | {rate_text}{extra}"

@@ -56,7 +56,7 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 def expert_param(value: jax.Array) -> nnx.Param:
   """An [E, ...] expert weight, marked to be split over 'expert' on E."""
-  return nnx.Param(value, out_sharding=EXPERT_SHARDING[:value.ndim], eager_sharding=False)
+  return nnx.Param(value, out_sharding=EXPERT_SHARDING[: value.ndim], eager_sharding=False)
 
 
 def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
@@ -93,10 +93,12 @@ def per_device(fn, mesh: jax.sharding.Mesh, *, sharded, replicated, experts):
   returns (per-device output split like `sharded`, a tree replicated over the mesh).
   """
   spec = lambda tree, s: jax.tree.map(lambda _: s, tree)
-  in_specs = (tuple(P(MESH_AXES) for _ in sharded) + tuple(spec(t, P()) for t in replicated)
-              + tuple(spec(t, P("expert")) for t in experts))
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(MESH_AXES), P()))(
-      *sharded, *replicated, *experts)
+  in_specs = (
+    tuple(P(MESH_AXES) for _ in sharded)
+    + tuple(spec(t, P()) for t in replicated)
+    + tuple(spec(t, P("expert")) for t in experts)
+  )
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(MESH_AXES), P()))(*sharded, *replicated, *experts)
 
 
 def to_expert_devices(buffers: jax.Array) -> jax.Array:
@@ -131,8 +133,9 @@ class RowExchange:
               has no lowering): sends exactly N rows.
   """
 
-  def __init__(self, expert_index: jax.Array, num_experts: int, n_shards: int, exchange: str,
-               permute_backend: str = "auto"):
+  def __init__(
+    self, expert_index: jax.Array, num_experts: int, n_shards: int, exchange: str, permute_backend: str = "auto"
+  ):
     """expert_index: <int32>[T, K] chosen experts (global ids) of this device's tokens; n_shards: n."""
     t, k = expert_index.shape
     n = t * k
@@ -144,8 +147,9 @@ class RowExchange:
     rank = sent_before[jnp.arange(n), destination] - 1  # among the choices for the same device
     if resolve_exchange(exchange) == "padded":
       self.row_map = kernels.RowMap.from_rows((destination * n + rank).reshape(t, k), n_shards * n)
-      self._there = self._back = lambda x, fill: jax.lax.all_to_all(x, "expert", split_axis=0, concat_axis=0,
-                                                                     tiled=True)
+      self._there = self._back = lambda x, fill: jax.lax.all_to_all(
+        x, "expert", split_axis=0, concat_axis=0, tiled=True
+      )
     else:
       send_sizes = sent_before[-1]  # [n]
       input_offsets = jnp.cumsum(send_sizes) - send_sizes

@@ -87,8 +87,13 @@ class RoutingDecision:
     return jnp.einsum("gsk,gske,gskc->gsec", self.combine_weight, expert_1h, slot_1h)
 
 
-def assign_slots(expert_index: jax.Array, num_experts: int, priority: str,
-                 active: jax.Array | None = None, order_score: jax.Array | None = None) -> jax.Array:
+def assign_slots(
+  expert_index: jax.Array,
+  num_experts: int,
+  priority: str,
+  active: jax.Array | None = None,
+  order_score: jax.Array | None = None,
+) -> jax.Array:
   """<int32>[G, S, K] position of each choice in its expert's queue, in `priority` order.
 
   Args:
@@ -129,14 +134,14 @@ def assign_slots_from_one_hot(expert_1h: jax.Array, priority: str) -> jax.Array:
 
 
 def route_choices(
-    expert_index: jax.Array,
-    gate: jax.Array,
-    *,
-    num_experts: int,
-    capacity: int,
-    priority: str = "choice_major",
-    active: jax.Array | None = None,
-    order_score: jax.Array | None = None,
+  expert_index: jax.Array,
+  gate: jax.Array,
+  *,
+  num_experts: int,
+  capacity: int,
+  priority: str = "choice_major",
+  active: jax.Array | None = None,
+  order_score: jax.Array | None = None,
 ) -> RoutingDecision:
   """Token-choice decision from chosen experts and their weights: queues, capacity, dropping.
 
@@ -155,25 +160,25 @@ def route_choices(
     kept = kept & active
     slot = jnp.where(active, slot, capacity)
   return RoutingDecision(
-      expert_index=expert_index.astype(jnp.int32),
-      slot=slot.astype(jnp.int32),
-      combine_weight=jnp.where(kept, gate, 0.0).astype(jnp.float32),
-      kept=kept,
-      routed=routed,
-      num_experts=num_experts,
-      capacity=capacity,
+    expert_index=expert_index.astype(jnp.int32),
+    slot=slot.astype(jnp.int32),
+    combine_weight=jnp.where(kept, gate, 0.0).astype(jnp.float32),
+    kept=kept,
+    routed=routed,
+    num_experts=num_experts,
+    capacity=capacity,
   )
 
 
 def top_k_route(
-    probs: jax.Array,
-    *,
-    top_k: int,
-    capacity: int,
-    combine_weights: str = "raw",
-    priority: str = "choice_major",
-    second_expert_threshold: jax.Array | None = None,
-    selection_scores: jax.Array | None = None,
+  probs: jax.Array,
+  *,
+  top_k: int,
+  capacity: int,
+  combine_weights: str = "raw",
+  priority: str = "choice_major",
+  second_expert_threshold: jax.Array | None = None,
+  selection_scores: jax.Array | None = None,
 ) -> RoutingDecision:
   """Top-k token-choice routing (Switch for k=1, GShard for k=2) with capacity dropping.
 
@@ -206,8 +211,15 @@ def top_k_route(
     normalized = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
     use_second = 2.0 * normalized[..., 1] > second_expert_threshold
     active = jnp.ones(expert_index.shape, bool).at[..., 1].set(use_second)
-  return route_choices(expert_index, gate, num_experts=num_experts, capacity=capacity, priority=priority,
-                       active=active, order_score=probs.max(axis=-1))
+  return route_choices(
+    expert_index,
+    gate,
+    num_experts=num_experts,
+    capacity=capacity,
+    priority=priority,
+    active=active,
+    order_score=probs.max(axis=-1),
+  )
 
 
 def expert_choice_route(probs: jax.Array, *, capacity: int, max_experts_per_token: int = 0) -> RoutingDecision:
@@ -225,23 +237,26 @@ def expert_choice_route(probs: jax.Array, *, capacity: int, max_experts_per_toke
   """
   g, s, e = probs.shape
   _, top_tokens = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)  # [G, E, C], best first
-  chosen = jnp.zeros((g, e, s), bool).at[
-      jnp.arange(g)[:, None, None], jnp.arange(e)[None, :, None], top_tokens].set(True)
-  rank = jnp.full((g, e, s), capacity, jnp.int32).at[
-      jnp.arange(g)[:, None, None], jnp.arange(e)[None, :, None], top_tokens].set(
-          jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (g, e, capacity)))
+  chosen = (
+    jnp.zeros((g, e, s), bool).at[jnp.arange(g)[:, None, None], jnp.arange(e)[None, :, None], top_tokens].set(True)
+  )
+  rank = (
+    jnp.full((g, e, s), capacity, jnp.int32)
+    .at[jnp.arange(g)[:, None, None], jnp.arange(e)[None, :, None], top_tokens]
+    .set(jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (g, e, capacity)))
+  )
   chosen, rank = jnp.swapaxes(chosen, 1, 2), jnp.swapaxes(rank, 1, 2)  # [G, S, E]
   k = max_experts_per_token or e
   _, expert_index = jax.lax.top_k(jnp.where(chosen, probs, -1.0), k)  # [G, S, K]
   kept = jnp.take_along_axis(chosen, expert_index, axis=-1)
   return RoutingDecision(
-      expert_index=expert_index.astype(jnp.int32),
-      slot=jnp.where(kept, jnp.take_along_axis(rank, expert_index, axis=-1), capacity).astype(jnp.int32),
-      combine_weight=jnp.where(kept, jnp.take_along_axis(probs, expert_index, axis=-1), 0.0),
-      kept=kept,
-      routed=kept,  # An expert that did not pick the token is no request of the token's.
-      num_experts=e,
-      capacity=capacity,
+    expert_index=expert_index.astype(jnp.int32),
+    slot=jnp.where(kept, jnp.take_along_axis(rank, expert_index, axis=-1), capacity).astype(jnp.int32),
+    combine_weight=jnp.where(kept, jnp.take_along_axis(probs, expert_index, axis=-1), 0.0),
+    kept=kept,
+    routed=kept,  # An expert that did not pick the token is no request of the token's.
+    num_experts=e,
+    capacity=capacity,
   )
 
 
@@ -302,8 +317,9 @@ class SoftRoutingDecision:
     return self.combine_weights
 
 
-def soft_moe_route(x: jax.Array, slot_params: jax.Array, *, num_experts: int, scale: jax.Array | float = 1.0,
-                   normalize: bool = True) -> SoftRoutingDecision:
+def soft_moe_route(
+  x: jax.Array, slot_params: jax.Array, *, num_experts: int, scale: jax.Array | float = 1.0, normalize: bool = True
+) -> SoftRoutingDecision:
   """Soft MoE weights from tokens and slot parameters.
 
   Args:

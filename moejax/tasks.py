@@ -24,8 +24,12 @@ def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dic
   """The weighted sum of the MoE auxiliary losses (each summed over MoE layers) and per-layer metrics."""
   if not moe_aux:
     return jnp.zeros(()), {}
-  weights = {"load_balance_loss": moe_cfg.load_balance_loss_weight, "z_loss": moe_cfg.z_loss_weight,
-             "importance_loss": moe_cfg.importance_loss_weight, "load_loss": moe_cfg.load_loss_weight}
+  weights = {
+    "load_balance_loss": moe_cfg.load_balance_loss_weight,
+    "z_loss": moe_cfg.z_loss_weight,
+    "importance_loss": moe_cfg.importance_loss_weight,
+    "load_loss": moe_cfg.load_loss_weight,
+  }
   metrics, total = {}, jnp.zeros(())
   for name, weight in weights.items():
     metrics[name] = sum(a[name] for a in moe_aux)
@@ -65,6 +69,7 @@ class LMTask:
 
   def make_model(self, mesh, rngs):
     from moejax.models.decoder import DecoderLM
+
     return DecoderLM(self.model_cfg, mesh=mesh, rngs=rngs)
 
   def cost(self) -> accounting.ModelCost:
@@ -102,6 +107,7 @@ class ViTTask:
 
   def make_model(self, mesh, rngs):
     from moejax.models.vit import ViT
+
     return ViT(self.model_cfg, mesh=mesh, rngs=rngs)
 
   def cost(self) -> accounting.ModelCost:
@@ -129,11 +135,24 @@ def make_data(cfg: ml_collections.ConfigDict, process_index: int = 0, process_co
   """The task's dataset for this process (raises ValueError/FileNotFoundError on bad data settings)."""
   if cfg.task == "vit":
     from moejax.data import images
-    return images.make_image_data(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                  process_index=process_index, process_count=process_count)
+
+    return images.make_image_data(
+      cfg.data,
+      global_batch_size=cfg.train.batch_size,
+      seed=cfg.seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
   from moejax.data import pipeline
-  return pipeline.make_lm_data(cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
-                               seed=cfg.seed, process_index=process_index, process_count=process_count)
+
+  return pipeline.make_lm_data(
+    cfg.data,
+    seq_len=cfg.train.seq_len,
+    global_batch_size=cfg.train.batch_size,
+    seed=cfg.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def make_task(cfg: ml_collections.ConfigDict, data, num_mesh_devices: int = 1):

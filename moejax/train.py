@@ -66,12 +66,16 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   peak = optim.learning_rate
   if optim.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=optim.warmup_steps,
-        decay_steps=max(num_steps, optim.warmup_steps + 1), end_value=peak * optim.end_lr_fraction)
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=optim.warmup_steps,
+      decay_steps=max(num_steps, optim.warmup_steps + 1),
+      end_value=peak * optim.end_lr_fraction,
+    )
   else:
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, optim.warmup_steps), optax.constant_schedule(peak)],
-        [optim.warmup_steps])
+      [optax.linear_schedule(0.0, peak, optim.warmup_steps), optax.constant_schedule(peak)], [optim.warmup_steps]
+    )
   adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
   if optim.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw), schedule
@@ -94,22 +98,28 @@ class Trainer:
     self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-             "opt_state": self.tx.init(params),
-             # One row even without MoE layers: orbax cannot save an empty array.
-             "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32)}
+    state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "model_state": model_state,
+      "opt_state": self.tx.init(params),
+      # One row even without MoE layers: orbax cannot save an empty array.
+      "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32),
+    }
     self.state_sharding = state_sharding(self.mesh, state, fsdp=cfg.mesh.fsdp)
     self.state = jax.device_put(state, self.state_sharding)
     self._noise_key = jax.random.key(cfg.seed + 1)  # Router noise of step s: fold_in(key, s).
-    self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
-                               out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
+    self._train_step = jax.jit(
+      self._train_step_fn, donate_argnums=0, out_shardings=(self.state_sharding, NamedSharding(self.mesh, P()))
+    )
     self._eval_step = jax.jit(self._eval_step_fn)
 
   def _train_step_fn(self, state, batch):
     def loss_fn(params):
       model = nnx.merge(self.graphdef, params, state["model_state"])
-      loss, metrics, moe_aux = self.task.loss(model, batch, train=True,
-                                              rng=jax.random.fold_in(self._noise_key, state["step"]))
+      loss, metrics, moe_aux = self.task.loss(
+        model, batch, train=True, rng=jax.random.fold_in(self._noise_key, state["step"])
+      )
       return loss, (metrics, moe_aux)
 
     (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -129,8 +139,13 @@ class Trainer:
       dead = (idle >= self.cfg.moe.dead_expert_steps).sum(axis=1)
       for i in range(self.num_moe_layers):
         metrics[f"moe_layer{i}/dead_experts"] = dead[i]
-    return {"step": state["step"] + 1, "params": params, "model_state": model_state, "opt_state": opt_state,
-            "steps_without_tokens": idle}, metrics
+    return {
+      "step": state["step"] + 1,
+      "params": params,
+      "model_state": model_state,
+      "opt_state": opt_state,
+      "steps_without_tokens": idle,
+    }, metrics
 
   def _eval_step_fn(self, params, model_state, batch):
     return self.task.eval_metrics(nnx.merge(self.graphdef, params, model_state), batch)
@@ -145,8 +160,9 @@ class Trainer:
 
   def evaluate(self, eval_batches) -> dict[str, float]:
     """The task's eval metrics averaged over the (equal-sized) eval batches."""
-    per_batch = [self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b))
-                 for b in eval_batches]
+    per_batch = [
+      self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b)) for b in eval_batches
+    ]
     per_batch = jax.device_get(per_batch)
     return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
 
@@ -170,8 +186,9 @@ class _StopSignal:
 
 
 def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
-                                       cleanup_tmp_directories=True)  # Half-written saves of a killed run.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+  )  # Half-written saves of a killed run.
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
@@ -218,8 +235,9 @@ def _silence_abandoned_reads() -> None:
 
   def hook(unraisable):
     error = unraisable.exc_value
-    abandoned = ((type(error) is Exception and isinstance(error.__cause__, GeneratorExit))
-                 or (type(error) is RuntimeError and str(error) == "Event loop is closed"))
+    abandoned = (type(error) is Exception and isinstance(error.__cause__, GeneratorExit)) or (
+      type(error) is RuntimeError and str(error) == "Event loop is closed"
+    )
     if not abandoned:
       previous_hook(unraisable)
 
@@ -255,12 +273,16 @@ def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:
 
     steps = multihost_utils.process_allgather(np.int32(restored)).tolist()
     if len(set(steps)) > 1:
-      raise _Unrestorable(f"the processes restored different checkpoints (steps {steps} in process order; "
-                          f"0: none): their views of {manager.directory} differ; nothing was moved or deleted")
+      raise _Unrestorable(
+        f"the processes restored different checkpoints (steps {steps} in process order; "
+        f"0: none): their views of {manager.directory} differ; nothing was moved or deleted"
+      )
   if failures and not restored:
-    raise _Unrestorable(f"no checkpoint in {manager.directory} restores ("
-                        + "; ".join(f"step {s}: {why}" for s, why in failures.items())
-                        + "); nothing was moved or deleted: repair them, or move them away to start afresh")
+    raise _Unrestorable(
+      f"no checkpoint in {manager.directory} restores ("
+      + "; ".join(f"step {s}: {why}" for s, why in failures.items())
+      + "); nothing was moved or deleted: repair them, or move them away to start afresh"
+    )
   if failures:
     _move_aside(manager, failures, restored, say)
   if restored:
@@ -279,8 +301,10 @@ def _move_aside(manager: ocp.CheckpointManager, failures: dict[int, str], restor
         n += 1
         target = os.path.join(root, "corrupt", f"{step}.{n}")
       os.rename(os.path.join(root, str(step)), target)  # The manager's default step names: the plain number.
-      say(f"warning: checkpoint at step {step} does not restore ({why}); moved it to "
-          f"{os.path.relpath(target, os.path.dirname(root))}; resuming from step {restored}")
+      say(
+        f"warning: checkpoint at step {step} does not restore ({why}); moved it to "
+        f"{os.path.relpath(target, os.path.dirname(root))}; resuming from step {restored}"
+      )
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -296,8 +320,11 @@ def _note_nonfinite(first, step, loss, grad_norm):
   `first` is None before the first step; the carry then takes the metrics' (replicated) sharding.
   """
   if first is None:
-    first = {"step": jnp.zeros((), jnp.int32), "loss": jnp.zeros((), jnp.float32),
-             "grad_norm": jnp.zeros((), jnp.float32)}
+    first = {
+      "step": jnp.zeros((), jnp.int32),
+      "loss": jnp.zeros((), jnp.float32),
+      "grad_norm": jnp.zeros((), jnp.float32),
+    }
   # A finite loss with non-finite gradients has already poisoned the parameters.
   new = (first["step"] == 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
   values = {"step": step, "loss": loss, "grad_norm": grad_norm}
@@ -344,8 +371,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
   baselines = task.baselines()
   say(f"model: {cost.summary()}")
   say(f"data: {data.info['dataset']} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
-  say(f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"{jax.process_count()} process(es)")
+  say(
+    f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+    f"{jax.process_count()} process(es)"
+  )
 
   manager = _checkpoint_manager(workdir, t.keep_checkpoints)
   try:
@@ -389,9 +418,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
         if bad["step"]:
           good = manager.latest_step()
           seen = f" (seen at step {step})" if bad["step"] != step else ""
-          say(f"error: non-finite loss ({float(bad['loss'])}) or gradient norm ({float(bad['grad_norm'])}) "
-              f"at step {int(bad['step'])}; stopping without saving{seen}. "
-              f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}.")
+          say(
+            f"error: non-finite loss ({float(bad['loss'])}) or gradient norm ({float(bad['grad_norm'])}) "
+            f"at step {int(bad['step'])}; stopping without saving{seen}. "
+            f"Newest good checkpoint: {'step ' + str(good) if good is not None else 'none'}."
+          )
           exit_code = EXIT_NONFINITE
           break
       if logs:
@@ -406,31 +437,33 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
       if os.environ.get(_SIGKILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
       if stopping:
-        say(f"{stopping} received: saved a checkpoint at step {step}; "
-              f"re-run the same command to resume.")
+        say(f"{stopping} received: saved a checkpoint at step {step}; re-run the same command to resume.")
         break
     else:
       if start_step >= t.num_steps:
         say(f"already trained to step {start_step} (train.num_steps = {t.num_steps})")
       eval_scalars = run_eval(max(start_step, t.num_steps))
       summary = {
-          "step": max(start_step, t.num_steps),
-          **{f"eval_{k}": v for k, v in eval_scalars.items()},
-          "train_loss": last_metrics.get("loss"),
-          **baselines,
-          "total_params": cost.total_params,
-          "active_params_per_token": cost.active_params,
-          "train_flops_per_token": cost.train_flops_per_token,
-          "wall_time_s": time.time() - started,
-          "tokens_this_run": tokens_per_step * (t.num_steps - start_step),
-          "dataset": data.info["dataset"],
+        "step": max(start_step, t.num_steps),
+        **{f"eval_{k}": v for k, v in eval_scalars.items()},
+        "train_loss": last_metrics.get("loss"),
+        **baselines,
+        "total_params": cost.total_params,
+        "active_params_per_token": cost.active_params,
+        "train_flops_per_token": cost.train_flops_per_token,
+        "wall_time_s": time.time() - started,
+        "tokens_this_run": tokens_per_step * (t.num_steps - start_step),
+        "dataset": data.info["dataset"],
       }
       if is_writer:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
           json.dump(summary, f, indent=2)
-      say(f"done in {format_duration(summary['wall_time_s'])}: "
-            + " | ".join(f"eval {k.replace('_', ' ')} {v:.4f}" for k, v in eval_scalars.items())
-            + " | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
+      say(
+        f"done in {format_duration(summary['wall_time_s'])}: "
+        + " | ".join(f"eval {k.replace('_', ' ')} {v:.4f}" for k, v in eval_scalars.items())
+        + " | "
+        + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
+      )
   manager.wait_until_finished()
   manager.close()
   writer.close()

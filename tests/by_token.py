@@ -22,8 +22,9 @@ def inverse_map(token_of_row: jax.Array, num_tokens: int, max_rows_per_token: in
   return jnp.where(row_of_choice < token_of_row.shape[0], row_of_choice, -1)
 
 
-def permute_by_token(x: jax.Array, token_of_row: jax.Array, *, max_rows_per_token: int | None = None,
-                     **kwargs) -> jax.Array:
+def permute_by_token(
+  x: jax.Array, token_of_row: jax.Array, *, max_rows_per_token: int | None = None, **kwargs
+) -> jax.Array:
   """`permute` from a row -> token map alone: out[r] = x[token_of_row[r]], 0 out of [0, T).
 
   max_rows_per_token: static K, the most rows any token has (top-k: k; expert choice: E or
@@ -40,8 +41,15 @@ def permute_by_token(x: jax.Array, token_of_row: jax.Array, *, max_rows_per_toke
   return jax.lax.cond(overflow, slow, fast)
 
 
-def unpermute_by_token(y: jax.Array, token_of_row: jax.Array, weight_of_row: jax.Array, num_tokens: int, *,
-                       max_rows_per_token: int | None = None, **kwargs) -> jax.Array:
+def unpermute_by_token(
+  y: jax.Array,
+  token_of_row: jax.Array,
+  weight_of_row: jax.Array,
+  num_tokens: int,
+  *,
+  max_rows_per_token: int | None = None,
+  **kwargs,
+) -> jax.Array:
   """`unpermute` from a row -> token map: out[t] = Σ_{r: token_of_row[r] = t} weight_of_row[r] · y[r].
 
   weight_of_row: <float>[R]; num_tokens: T (static); the rest as for `permute_by_token`.
@@ -80,6 +88,7 @@ def _inverse_map(token_of_row, num_tokens, k):
   row_of_choice = _zeros_varying_like((num_tokens, k), jnp.int32, token_of_row) + r
   # Left-out entries aim at token T, out of bounds, and are dropped.
   row_of_choice = row_of_choice.at[jnp.where(keep, sorted_key, num_tokens), jnp.where(keep, rank, 0)].set(
-      order, mode="drop")
+    order, mode="drop"
+  )
   max_count = jnp.max(counts[:num_tokens], initial=0)
   return row_of_choice, max_count

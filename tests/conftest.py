@@ -19,10 +19,15 @@ _CACHE_ROOT = None  # Made by the first process (pytest itself), which removes i
 if "MOEJAX_TEST_XLA_CACHES" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_ROOT = os.environ["MOEJAX_TEST_XLA_CACHES"] = tempfile.mkdtemp(prefix="moejax-test-xla-caches-")
 if "MOEJAX_TEST_XLA_CACHES" in os.environ:
-  os.environ.update({
-      "JAX_COMPILATION_CACHE_DIR": os.path.join(os.environ["MOEJAX_TEST_XLA_CACHES"],
-                                                os.environ.get("PYTEST_XDIST_WORKER", "main")),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  os.environ.update(
+    {
+      "JAX_COMPILATION_CACHE_DIR": os.path.join(
+        os.environ["MOEJAX_TEST_XLA_CACHES"], os.environ.get("PYTEST_XDIST_WORKER", "main")
+      ),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+  )
 
 import jax  # noqa: E402
 

@@ -21,8 +21,9 @@ def test_expert_mass_and_counts_by_hand():
   # token 0 -> e0 (slot 0), e1 (slot 0); token 1 -> e0 (full: dropped), e2 (slot 0);
   # token 2 -> e1 (full), e2 (full): no expert; token 3 -> e2 (full), e0 (full).
   expert_index = jnp.array([[[0, 1], [0, 2], [1, 2], [2, 0]]])
-  decision = routing.route_choices(expert_index, jnp.full((1, 4, 2), 0.5), num_experts=3, capacity=1,
-                                   priority="token_major")
+  decision = routing.route_choices(
+    expert_index, jnp.full((1, 4, 2), 0.5), num_experts=3, capacity=1, priority="token_major"
+  )
   np.testing.assert_array_equal(decision.kept[0], [[True, True], [False, True], [False, False], [False, False]])
   first = analysis.expert_mass(decision, "first")
   np.testing.assert_array_equal(first, [[1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]])  # token 1: its kept 2nd choice
@@ -48,23 +49,36 @@ def test_mutual_information():
 
 
 def test_byte_classes():
-  text = b"aZ3 \n(+\xff\x00\t\"}_"
+  text = b'aZ3 \n(+\xff\x00\t"}_'
   names = [analysis.BYTE_CLASSES[c] for c in analysis.byte_classes(np.frombuffer(text, np.uint8))]
-  assert names == ["lowercase", "uppercase", "digit", "space/tab", "newline", "bracket/quote", "operator/punct",
-                   "non-ASCII/control", "non-ASCII/control", "space/tab", "bracket/quote", "bracket/quote",
-                   "operator/punct"]
+  assert names == [
+    "lowercase",
+    "uppercase",
+    "digit",
+    "space/tab",
+    "newline",
+    "bracket/quote",
+    "operator/punct",
+    "non-ASCII/control",
+    "non-ASCII/control",
+    "space/tab",
+    "bracket/quote",
+    "bracket/quote",
+    "operator/punct",
+  ]
 
 
 def _model(router: str, mesh=None):
-  moe_cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, eval_capacity_factor=1.0,
-                      router=router)
-  cfg = DecoderConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=8, moe_every=1,
-                      moe=moe_cfg)
+  moe_cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0, eval_capacity_factor=1.0, router=router)
+  cfg = DecoderConfig(
+    vocab_size=32, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=8, moe_every=1, moe=moe_cfg
+  )
   return DecoderLM(cfg, mesh=mesh, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("router,mesh_shape", [("top_k", (1, 1)), ("top_k", (2, 4)), ("expert_choice", (1, 1)),
-                                               ("soft_moe", (1, 1))])
+@pytest.mark.parametrize(
+  "router,mesh_shape", [("top_k", (1, 1)), ("top_k", (2, 4)), ("expert_choice", (1, 1)), ("soft_moe", (1, 1))]
+)
 def test_routing_decisions_are_what_the_layer_routes(router, mesh_shape):
   model = _model(router, mesh=make_mesh(*mesh_shape))
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (8, 8)), jnp.int32)
@@ -89,15 +103,25 @@ def test_routing_decisions_are_what_the_layer_routes(router, mesh_shape):
 
 def test_captured_decisions_line_up_with_the_tokens():
   # The hash router's expert is a function of the token id alone: token by token, on a 2×4 mesh.
-  cfg = DecoderConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2, d_ff=32, max_len=8, moe_every=1,
-                      moe=MoEConfig(num_experts=4, top_k=1, d_expert=16, router="hash", group_size=4,
-                                    capacity_factor=4.0, eval_capacity_factor=4.0))
+  cfg = DecoderConfig(
+    vocab_size=32,
+    num_layers=1,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    max_len=8,
+    moe_every=1,
+    moe=MoEConfig(
+      num_experts=4, top_k=1, d_expert=16, router="hash", group_size=4, capacity_factor=4.0, eval_capacity_factor=4.0
+    ),
+  )
   model = DecoderLM(cfg, mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 32, (8, 8)), jnp.int32)
   (decision,) = analysis.routing_decisions(model, tokens)
   assert decision.expert_index.shape == (16, 4, 1)  # 16 groups of 4 tokens
-  np.testing.assert_array_equal(analysis.expert_mass(decision).argmax(-1),
-                                np.asarray(routing.hash_experts(tokens, 4)).reshape(-1))
+  np.testing.assert_array_equal(
+    analysis.expert_mass(decision).argmax(-1), np.asarray(routing.hash_experts(tokens, 4)).reshape(-1)
+  )
   counts = analysis.assignment_counts([decision], tokens, 32)[0]  # [token id, E]: one expert per id
   assert np.all((counts > 0).sum(-1) <= 1)
   assert analysis.mutual_information(np.zeros((3, 4))) != analysis.mutual_information(np.zeros((3, 4)))  # nan
@@ -105,8 +129,9 @@ def test_captured_decisions_line_up_with_the_tokens():
 
 def test_load_run_restores_the_trained_model(tmp_path, monkeypatch):
   monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path / "tfds"))
-  cfg = framework.run_config(framework.Experiment("t", "t", (), {}), framework.Variant("moe", "configs/quickstart.py"),
-                             "smoke", seed=0)
+  cfg = framework.run_config(
+    framework.Experiment("t", "t", (), {}), framework.Variant("moe", "configs/quickstart.py"), "smoke", seed=0
+  )
   workdir = tmp_path / "run"
   with pytest.raises(FileNotFoundError, match="no config.json"):
     analysis.load_run(str(workdir))

@@ -13,37 +13,37 @@ from moejax.models import build
 
 # (override, the field the message must name): checked in-process against `validate`.
 BAD_VALUES = [
-    ({"moe.top_k": 9}, "moe.top_k"),
-    ({"moe.top_k": 0}, "moe.top_k"),
-    ({"moe.capacity_factor": 0.0}, "moe.capacity_factor"),
-    ({"moe.capacity_factor": -1.0}, "moe.capacity_factor"),
-    ({"moe.eval_capacity_factor": 0.0}, "moe.eval_capacity_factor"),
-    ({"moe.num_experts": 0}, "moe.num_experts"),
-    ({"model.num_heads": 3}, "model.num_heads"),
-    ({"model.d_model": 96, "model.num_heads": 32}, "model.positions"),  # Head dim 3 is odd: no RoPE.
-    ({"moe.router": "expert_choice_typo"}, "moe.router"),
-    ({"moe.dispatcher": "magic"}, "moe.dispatcher"),
-    ({"moe.priority": "choice_major"}, "moe.priority"),  # Leaks in a decoder when K > 1.
-    ({"data.source": "imagenet"}, "data.source"),
-    ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
-    ({"optim.b2": 1.0}, "optim.b2"),
-    ({"train.batch_size": 30}, "train.batch_size"),  # 8 devices on the data axis.
-    ({"train.seq_len": 1}, "train.seq_len"),
-    ({"moe.group_size": 48}, "moe.group_size"),
-    ({"mesh.data": 16}, "mesh.data"),
-    ({"mesh.data": 4, "mesh.expert": 4}, "mesh.data"),  # 16 devices asked, 8 exist.
-    ({"mesh.expert": 16}, "mesh.expert"),
-    ({"mesh.expert": 3}, "mesh.expert"),  # With mesh.data = -1 it must divide the 8 devices.
-    ({"mesh.data": 2, "mesh.expert": 3}, "mesh.expert"),  # 3 must divide the 8 experts.
-    ({"mesh.expert": 0}, "mesh.expert"),
-    ({"mesh.data": 1, "mesh.expert": 8, "train.batch_size": 4}, "train.batch_size"),
-    ({"distributed.initialize": "maybe"}, "distributed.initialize"),
-    ({"distributed.num_processes": 2}, "distributed.process_id"),  # It must come with num_processes.
-    ({"distributed.num_processes": 2, "distributed.process_id": 2}, "distributed.process_id"),
-    ({"mesh.expert": 2, "moe.dispatcher": "dropless", "moe.expert_exchange": "ragged"}, "moe.expert_exchange"),
-    ({"data.markov.branching": 100}, "data.markov.branching"),
-    ({"model.positions": "alibi"}, "model.positions"),
-    ({"model.dtype": "float16"}, "model.dtype"),
+  ({"moe.top_k": 9}, "moe.top_k"),
+  ({"moe.top_k": 0}, "moe.top_k"),
+  ({"moe.capacity_factor": 0.0}, "moe.capacity_factor"),
+  ({"moe.capacity_factor": -1.0}, "moe.capacity_factor"),
+  ({"moe.eval_capacity_factor": 0.0}, "moe.eval_capacity_factor"),
+  ({"moe.num_experts": 0}, "moe.num_experts"),
+  ({"model.num_heads": 3}, "model.num_heads"),
+  ({"model.d_model": 96, "model.num_heads": 32}, "model.positions"),  # Head dim 3 is odd: no RoPE.
+  ({"moe.router": "expert_choice_typo"}, "moe.router"),
+  ({"moe.dispatcher": "magic"}, "moe.dispatcher"),
+  ({"moe.priority": "choice_major"}, "moe.priority"),  # Leaks in a decoder when K > 1.
+  ({"data.source": "imagenet"}, "data.source"),
+  ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
+  ({"optim.b2": 1.0}, "optim.b2"),
+  ({"train.batch_size": 30}, "train.batch_size"),  # 8 devices on the data axis.
+  ({"train.seq_len": 1}, "train.seq_len"),
+  ({"moe.group_size": 48}, "moe.group_size"),
+  ({"mesh.data": 16}, "mesh.data"),
+  ({"mesh.data": 4, "mesh.expert": 4}, "mesh.data"),  # 16 devices asked, 8 exist.
+  ({"mesh.expert": 16}, "mesh.expert"),
+  ({"mesh.expert": 3}, "mesh.expert"),  # With mesh.data = -1 it must divide the 8 devices.
+  ({"mesh.data": 2, "mesh.expert": 3}, "mesh.expert"),  # 3 must divide the 8 experts.
+  ({"mesh.expert": 0}, "mesh.expert"),
+  ({"mesh.data": 1, "mesh.expert": 8, "train.batch_size": 4}, "train.batch_size"),
+  ({"distributed.initialize": "maybe"}, "distributed.initialize"),
+  ({"distributed.num_processes": 2}, "distributed.process_id"),  # It must come with num_processes.
+  ({"distributed.num_processes": 2, "distributed.process_id": 2}, "distributed.process_id"),
+  ({"mesh.expert": 2, "moe.dispatcher": "dropless", "moe.expert_exchange": "ragged"}, "moe.expert_exchange"),
+  ({"data.markov.branching": 100}, "data.markov.branching"),
+  ({"model.positions": "alibi"}, "model.positions"),
+  ({"model.dtype": "float16"}, "model.dtype"),
 ]
 
 
@@ -78,31 +78,40 @@ def test_hand_built_config_with_unknown_field_is_refused():
   cfg = config_lib.base_config().to_dict()
   cfg["model"]["num_layer"] = 3
   import ml_collections
+
   with pytest.raises(config_lib.ConfigError, match="model.num_layer: unknown config field"):
     config_lib.validate(ml_collections.ConfigDict(cfg), num_devices=1)
 
 
 CLI_CASES = [
-    (["--config", "configs/does_not_exist.py"], "no such config file"),
-    (["--config", "configs/quickstart.py", "--config.moe.top_k=9"], "moe.top_k"),
-    (["--config", "configs/quickstart.py", "--config.moe.no_such_field=1"], "unknown config field 'no_such_field'"),
-    (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=abc"], "--config.moe.capacity_factor"),
-    (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
-    (["--config", "configs/quickstart.py", "--config.model.num_heads=5"], "model.num_heads"),
-    (["--config", "configs/quickstart.py", "--config.data.source=mnist"], "data.source"),
-    (["--config", "configs/quickstart.py", "--config.optim.learning_rate=-1"], "optim.learning_rate"),
-    (["--config", "configs/quickstart.py", "--config.mesh.data=4"], "mesh.data"),
-    (["--config", "configs/quickstart.py", "--config.mesh.expert=2"], "mesh.expert"),
-    (["--config", "configs/quickstart.py", "--config.distributed.num_processes=2",
-      "--config.distributed.process_id=2"], "distributed.process_id"),
-    (["--config", "configs/quickstart.py", "--config.distributed.num_processes=2",
-      "--config.distributed.process_id=1"], "distributed.coordinator_address: needed"),
-    (["--config", "configs/quickstart.py", "--config.distributed.process_id=0"], "distributed.process_id"),
-    (["--config", "configs/quickstart.py", "--config.distributed.initialize=yes"],
-     "distributed: jax.distributed.initialize failed"),
-    (["--config", "configs/quickstart.py", "--config.data.source=tfds", "--config.data.tfds.name=lm1b"],
-     "data.tfds.name"),
-    (["--config", "configs/quickstart.py", "stray_argument"], "unexpected arguments"),
+  (["--config", "configs/does_not_exist.py"], "no such config file"),
+  (["--config", "configs/quickstart.py", "--config.moe.top_k=9"], "moe.top_k"),
+  (["--config", "configs/quickstart.py", "--config.moe.no_such_field=1"], "unknown config field 'no_such_field'"),
+  (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=abc"], "--config.moe.capacity_factor"),
+  (["--config", "configs/quickstart.py", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
+  (["--config", "configs/quickstart.py", "--config.model.num_heads=5"], "model.num_heads"),
+  (["--config", "configs/quickstart.py", "--config.data.source=mnist"], "data.source"),
+  (["--config", "configs/quickstart.py", "--config.optim.learning_rate=-1"], "optim.learning_rate"),
+  (["--config", "configs/quickstart.py", "--config.mesh.data=4"], "mesh.data"),
+  (["--config", "configs/quickstart.py", "--config.mesh.expert=2"], "mesh.expert"),
+  (
+    ["--config", "configs/quickstart.py", "--config.distributed.num_processes=2", "--config.distributed.process_id=2"],
+    "distributed.process_id",
+  ),
+  (
+    ["--config", "configs/quickstart.py", "--config.distributed.num_processes=2", "--config.distributed.process_id=1"],
+    "distributed.coordinator_address: needed",
+  ),
+  (["--config", "configs/quickstart.py", "--config.distributed.process_id=0"], "distributed.process_id"),
+  (
+    ["--config", "configs/quickstart.py", "--config.distributed.initialize=yes"],
+    "distributed: jax.distributed.initialize failed",
+  ),
+  (
+    ["--config", "configs/quickstart.py", "--config.data.source=tfds", "--config.data.tfds.name=lm1b"],
+    "data.tfds.name",
+  ),
+  (["--config", "configs/quickstart.py", "stray_argument"], "unexpected arguments"),
 ]
 
 
@@ -110,9 +119,21 @@ CLI_CASES = [
 def test_cli_refuses_bad_input(tmp_path, args, expected):
   workdir = tmp_path / "workdir"
   result = subprocess.run(
-      [sys.executable, "-m", "moejax.main", *args, "--workdir", str(workdir),
-       f"--config.data.data_dir={tmp_path / 'empty_tfds'}"],
-      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "moejax.main",
+      *args,
+      "--workdir",
+      str(workdir),
+      f"--config.data.data_dir={tmp_path / 'empty_tfds'}",
+    ],
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2, result.stderr
   error_lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
@@ -140,12 +161,23 @@ def test_cli_refuses_a_workdir_of_another_config(tmp_path):
 
 
 def test_vit_runs_from_the_cli_and_refuses_a_bad_patch_size(tmp_path):
-  ok = run_cli(tmp_path / "vit", "--config.train.num_steps=3", "--config.train.log_every=1",
-               data_dir=tmp_path / "d", config="configs/vit_digits.py:soft_moe", tiny=False)
+  ok = run_cli(
+    tmp_path / "vit",
+    "--config.train.num_steps=3",
+    "--config.train.log_every=1",
+    data_dir=tmp_path / "d",
+    config="configs/vit_digits.py:soft_moe",
+    tiny=False,
+  )
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "eval accuracy" in ok.stdout and "chance accuracy 0.1000" in ok.stdout
-  bad = run_cli(tmp_path / "vit_bad", "--config.model.patch_size=3", data_dir=tmp_path / "d",
-                config="configs/vit_digits.py", tiny=False)
+  bad = run_cli(
+    tmp_path / "vit_bad",
+    "--config.model.patch_size=3",
+    data_dir=tmp_path / "d",
+    config="configs/vit_digits.py",
+    tiny=False,
+  )
   assert bad.returncode == 2
   assert "error: config model.patch_size: must divide the 8×8 images, got 3" in bad.stderr
   assert not (tmp_path / "vit_bad").exists()
@@ -154,14 +186,16 @@ def test_vit_runs_from_the_cli_and_refuses_a_bad_patch_size(tmp_path):
 
 
 REVIEW_CASES = [
-    ({"moe.router_noise": "noisy_top_k", "moe.top_k": 8}, "moe.router_noise"),
-    ({"moe.router": "hash", "moe.top_k": 1, "moe.priority": "bpr", "moe.allow_noncausal": True}, "moe.priority"),
-    ({"moe.router": "hash", "moe.top_k": 2}, "moe.top_k"),
-    ({"moe.max_experts_per_token": 2}, "moe.max_experts_per_token"),
-    ({"moe.num_expert_groups": 2}, "moe.num_expert_groups"),
-    ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.importance_loss_weight": 0.1},
-     "moe.importance_loss_weight"),
-    ({"model.moe_every": 5}, "model.moe_every"),
+  ({"moe.router_noise": "noisy_top_k", "moe.top_k": 8}, "moe.router_noise"),
+  ({"moe.router": "hash", "moe.top_k": 1, "moe.priority": "bpr", "moe.allow_noncausal": True}, "moe.priority"),
+  ({"moe.router": "hash", "moe.top_k": 2}, "moe.top_k"),
+  ({"moe.max_experts_per_token": 2}, "moe.max_experts_per_token"),
+  ({"moe.num_expert_groups": 2}, "moe.num_expert_groups"),
+  (
+    {"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.importance_loss_weight": 0.1},
+    "moe.importance_loss_weight",
+  ),
+  ({"model.moe_every": 5}, "model.moe_every"),
 ]
 
 

@@ -17,14 +17,16 @@ from moejax import routers
 
 
 def test_every_config_file_loads_without_jax_or_flax():
-  code = ("import glob, importlib.util, sys\n"
-          "for path in sorted(glob.glob('configs/*.py')):\n"
-          "  spec = importlib.util.spec_from_file_location('c', path)\n"
-          "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-          "  for preset in getattr(module, 'PRESETS', [None]):\n"
-          "    module.get_config(preset) if preset else module.get_config()\n"
-          "import moejax.config\n"
-          "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax', 'optax', 'orbax'}))")
+  code = (
+    "import glob, importlib.util, sys\n"
+    "for path in sorted(glob.glob('configs/*.py')):\n"
+    "  spec = importlib.util.spec_from_file_location('c', path)\n"
+    "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+    "  for preset in getattr(module, 'PRESETS', [None]):\n"
+    "    module.get_config(preset) if preset else module.get_config()\n"
+    "import moejax.config\n"
+    "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax', 'optax', 'orbax'}))"
+  )
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
@@ -77,20 +79,23 @@ def _refused(overrides, task="lm"):
 
 # Settings nothing would read: (overrides, the field refused, words of the reason).
 INACTIVE = [
-    ({"data.tfds.name": "c4"}, "data.tfds.name", "data.source is 'markov_mixture'"),
-    ({"data.source": "tfds", "data.markov.vocab_size": 32}, "data.markov.vocab_size", "data.source is 'tfds'"),
-    ({"moe.hash_seed": 3}, "moe.hash_seed", "router 'hash'"),
-    ({"moe.slots_per_expert": 2}, "moe.slots_per_expert", "router 'soft_moe'"),
-    ({"moe.router": "expert_choice", "moe.allow_noncausal": True, "moe.top_k": 1}, "moe.top_k", "moe.router is"),
-    ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.capacity_factor": 2.0}, "moe.capacity_factor",
-     "router"),
-    ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.dispatcher": "einsum"}, "moe.dispatcher", "router"),
-    ({"moe.dispatcher": "einsum", "moe.permute_backend": "pallas"}, "moe.permute_backend", "dispatcher 'sort'"),
-    ({"moe.dropless_block_size": 32}, "moe.dropless_block_size", "dispatcher 'dropless'"),
-    ({"model.moe_every": 0, "moe.num_experts": 4}, "moe.num_experts", "no MoE layer"),
-    ({"optim.schedule": "constant", "optim.end_lr_fraction": 0.5}, "optim.end_lr_fraction", "cosine"),
-    ({"moe.jitter_eps": 0.5}, "moe.jitter_eps", "not 'jitter'"),
-    ({"moe.dispatcher": "dropless", "moe.capacity_factor": 4.0}, "moe.capacity_factor", "no capacity"),
+  ({"data.tfds.name": "c4"}, "data.tfds.name", "data.source is 'markov_mixture'"),
+  ({"data.source": "tfds", "data.markov.vocab_size": 32}, "data.markov.vocab_size", "data.source is 'tfds'"),
+  ({"moe.hash_seed": 3}, "moe.hash_seed", "router 'hash'"),
+  ({"moe.slots_per_expert": 2}, "moe.slots_per_expert", "router 'soft_moe'"),
+  ({"moe.router": "expert_choice", "moe.allow_noncausal": True, "moe.top_k": 1}, "moe.top_k", "moe.router is"),
+  (
+    {"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.capacity_factor": 2.0},
+    "moe.capacity_factor",
+    "router",
+  ),
+  ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.dispatcher": "einsum"}, "moe.dispatcher", "router"),
+  ({"moe.dispatcher": "einsum", "moe.permute_backend": "pallas"}, "moe.permute_backend", "dispatcher 'sort'"),
+  ({"moe.dropless_block_size": 32}, "moe.dropless_block_size", "dispatcher 'dropless'"),
+  ({"model.moe_every": 0, "moe.num_experts": 4}, "moe.num_experts", "no MoE layer"),
+  ({"optim.schedule": "constant", "optim.end_lr_fraction": 0.5}, "optim.end_lr_fraction", "cosine"),
+  ({"moe.jitter_eps": 0.5}, "moe.jitter_eps", "not 'jitter'"),
+  ({"moe.dispatcher": "dropless", "moe.capacity_factor": 4.0}, "moe.capacity_factor", "no capacity"),
 ]
 
 
@@ -121,11 +126,14 @@ def test_saved_runs_differ_only_in_fields_the_run_reads(tmp_path):
 
 
 def test_inactive_fields_at_their_defaults_and_active_ones_pass():
-  for overrides in ({"moe.router": "hash", "moe.top_k": 1, "moe.hash_seed": 3},
-                    {"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.slots_per_expert": 2},
-                    {"moe.dispatcher": "dropless", "moe.dropless_block_size": 32, "moe.permute_backend": "xla"},
-                    {"data.source": "tfds", "data.tfds.name": "c4"},
-                    {"model.moe_every": 0}, {"optim.schedule": "constant"}):
+  for overrides in (
+    {"moe.router": "hash", "moe.top_k": 1, "moe.hash_seed": 3},
+    {"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.slots_per_expert": 2},
+    {"moe.dispatcher": "dropless", "moe.dropless_block_size": 32, "moe.permute_backend": "xla"},
+    {"data.source": "tfds", "data.tfds.name": "c4"},
+    {"model.moe_every": 0},
+    {"optim.schedule": "constant"},
+  ):
     config_lib.validate(config_lib.override(config_lib.base_config(), overrides), num_devices=8)
   vit = config_lib.override(config_lib.base_config("vit"), {"data.source": "tfds", "data.tfds.name": "cifar10"})
   config_lib.validate(vit, num_devices=8)
@@ -134,13 +142,15 @@ def test_inactive_fields_at_their_defaults_and_active_ones_pass():
 
 # Each family checks its own options.
 FAMILY_CASES = [
-    ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.slots_per_expert": 0}, "moe.slots_per_expert"),
-    ({"moe.router": "deepseek", "moe.num_expert_groups": 3}, "moe.num_expert_groups"),
-    ({"moe.router": "expert_choice", "moe.allow_noncausal": True, "moe.max_experts_per_token": 9},
-     "moe.max_experts_per_token"),
-    ({"moe.router": "top_k", "moe.combine_weights": "softmax"}, "moe.combine_weights"),
-    ({"moe.router": "dense", "moe.dispatcher": "gather"}, "moe.dispatcher"),
-    ({"moe.router": "no_such_router"}, "moe.router"),
+  ({"moe.router": "soft_moe", "moe.allow_noncausal": True, "moe.slots_per_expert": 0}, "moe.slots_per_expert"),
+  ({"moe.router": "deepseek", "moe.num_expert_groups": 3}, "moe.num_expert_groups"),
+  (
+    {"moe.router": "expert_choice", "moe.allow_noncausal": True, "moe.max_experts_per_token": 9},
+    "moe.max_experts_per_token",
+  ),
+  ({"moe.router": "top_k", "moe.combine_weights": "softmax"}, "moe.combine_weights"),
+  ({"moe.router": "dense", "moe.dispatcher": "gather"}, "moe.dispatcher"),
+  ({"moe.router": "no_such_router"}, "moe.router"),
 ]
 
 
@@ -153,8 +163,10 @@ def test_the_cli_refuses_an_inactive_setting_in_one_line(tmp_path):
   result = run_cli(tmp_path / "w", "--config.data.tfds.name=c4", data_dir=tmp_path / "d")
   assert result.returncode == 2 and "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert errors == ["error: config data.tfds.name: is not used here (data.source is 'markov_mixture'); remove the "
-                    "setting, or select what reads it"]
+  assert errors == [
+    "error: config data.tfds.name: is not used here (data.source is 'markov_mixture'); remove the "
+    "setting, or select what reads it"
+  ]
   assert not (tmp_path / "w").exists()
 
 
@@ -162,8 +174,14 @@ def test_a_new_router_family_in_one_file_trains_from_the_cli(tmp_path):
   """tests/toy_router.py defines and registers 'tempered_top1'; nothing else in moejax knows it."""
   assert "tempered_top1" not in routers.names()
   workdir = tmp_path / "toy"
-  result = run_cli(workdir, "--config.train.num_steps=30", "--config.train.checkpoint_every=30",
-                   "--config.optim.learning_rate=1e-2", data_dir=tmp_path / "d", config="tests/toy_router.py")
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=30",
+    "--config.train.checkpoint_every=30",
+    "--config.optim.learning_rate=1e-2",
+    data_dir=tmp_path / "d",
+    config="tests/toy_router.py",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["moe"]["router"] == "tempered_top1" and saved["moe"]["temperature"] == 0.5
@@ -175,6 +193,7 @@ def test_a_new_router_family_in_one_file_trains_from_the_cli(tmp_path):
   # Its option is validated by its own rule, and refused for other families.
   bad = run_cli(tmp_path / "bad", "--config.moe.temperature=0", data_dir=tmp_path / "d", config="tests/toy_router.py")
   assert bad.returncode == 2 and "error: config moe.temperature: must be > 0, got 0" in bad.stderr
-  other = run_cli(tmp_path / "other", "--config.moe.router=top_k", data_dir=tmp_path / "d",
-                  config="tests/toy_router.py")
+  other = run_cli(
+    tmp_path / "other", "--config.moe.router=top_k", data_dir=tmp_path / "d", config="tests/toy_router.py"
+  )
   assert other.returncode == 2 and "error: config moe.temperature: is not used here" in other.stderr

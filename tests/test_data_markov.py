@@ -21,7 +21,7 @@ def test_bayes_losses_hand_checked():
   # Two sources over V=2. Source 0 flips a fair coin at every step; source 1
   # never changes state. Source 0 starts with 0 w.p. 3/4, source 1 w.p. 1/4.
   init = np.array([[3 / 4, 1 / 4], [1 / 4, 3 / 4]])
-  trans = np.array([[[.5, .5], [.5, .5]], [[1., 0.], [0., 1.]]])
+  trans = np.array([[[0.5, 0.5], [0.5, 0.5]], [[1.0, 0.0], [0.0, 1.0]]])
   tokens = np.array([[0, 0, 0], [0, 1, 1], [1, 1, 1]])
   # [0,0,0]: after x0=0 the posterior is (3/4, 1/4); p(x1=0) = 3/4*1/2 + 1/4*1
   #   = 5/8. Posterior becomes (3/8, 1/4)/(5/8) = (3/5, 2/5);
@@ -43,8 +43,7 @@ def _brute_force(mixture, length):
   """All V^T sequences with p(x), and -log p(x_{t+1} | x_<=t) from prefixes."""
   init, trans = mixture.init_probs, mixture.transitions
   k = mixture.num_sources
-  seqs = np.array(list(itertools.product(range(mixture.vocab_size),
-                                         repeat=length)))
+  seqs = np.array(list(itertools.product(range(mixture.vocab_size), repeat=length)))
   per_source = np.ones((k, len(seqs)))  # p_k(x)
   for src in range(k):
     per_source[src] = init[src, seqs[:, 0]]
@@ -55,9 +54,10 @@ def _brute_force(mixture, length):
   for seq, p in zip(map(tuple, seqs), joint):
     for t in range(1, length + 1):
       prefix_prob[seq[:t]] = prefix_prob.get(seq[:t], 0.0) + p
-  with np.errstate(divide='ignore', invalid='ignore'):
-    cond = np.array([[prefix_prob[tuple(s[:t + 2])] / prefix_prob[tuple(s[:t + 1])]
-                      for t in range(length - 1)] for s in seqs])
+  with np.errstate(divide="ignore", invalid="ignore"):
+    cond = np.array(
+      [[prefix_prob[tuple(s[: t + 2])] / prefix_prob[tuple(s[: t + 1])] for t in range(length - 1)] for s in seqs]
+    )
     losses = -np.log(cond)
   return seqs, joint, per_source, losses
 
@@ -83,8 +83,7 @@ def test_expected_bayes_loss_between_oracle_and_no_inference():
   seqs, joint, per_source, _ = _brute_force(mixture, length)
   trans = mixture.transitions
   possible = joint > 0
-  bayes = np.sum(joint[possible] *
-                 mixture.bayes_token_losses(seqs[possible]).mean(1))
+  bayes = np.sum(joint[possible] * mixture.bayes_token_losses(seqs[possible]).mean(1))
   # Oracle: knows the source, pays -log trans_k(x_t, x_{t+1}).
   oracle = 0.0
   for src in range(mixture.num_sources):
@@ -93,8 +92,7 @@ def test_expected_bayes_loss_between_oracle_and_no_inference():
     oracle += 0.5 * np.sum(per_source[src, ok] * -np.log(step).mean(1))
   # No inference: always predicts with the prior mixture of transitions.
   prior_trans = trans.mean(0)
-  naive = np.sum(joint[possible] * -np.log(
-      prior_trans[seqs[possible, :-1], seqs[possible, 1:]]).mean(1))
+  naive = np.sum(joint[possible] * -np.log(prior_trans[seqs[possible, :-1], seqs[possible, 1:]]).mean(1))
   assert oracle < bayes < naive
 
 
@@ -102,8 +100,7 @@ def test_monte_carlo_floor_matches_exact_expectation():
   mixture = _tiny_mixture()
   seqs, joint, _, _ = _brute_force(mixture, length=4)
   possible = joint > 0
-  exact = np.sum(joint[possible] *
-                 mixture.bayes_token_losses(seqs[possible]).mean(1))
+  exact = np.sum(joint[possible] * mixture.bayes_token_losses(seqs[possible]).mean(1))
   tokens, _ = mixture.sample(20_000, 4, seed=0)
   per_seq = mixture.bayes_token_losses(tokens).mean(1)
   stderr = per_seq.std() / math.sqrt(len(per_seq))
@@ -114,15 +111,13 @@ def test_monte_carlo_floor_matches_exact_expectation():
 def test_bayes_losses_stable_on_long_sequences():
   # Posterior weights of the wrong sources fall below 1e-308 after a few
   # hundred tokens; the log-space recursion must stay finite.
-  mixture = markov.MarkovMixture(vocab_size=16, num_sources=4, branching=4,
-                                 seed=1)
+  mixture = markov.MarkovMixture(vocab_size=16, num_sources=4, branching=4, seed=1)
   tokens, _ = mixture.sample(8, 3000, seed=1)
   losses = mixture.bayes_token_losses(tokens)
   assert np.all(np.isfinite(losses)) and np.all(losses >= 0)
   # Once the source is known, the loss is the oracle's.
   _, source = mixture.sample(8, 3000, seed=1)
-  oracle = -np.log(mixture.transitions[source[:, None], tokens[:, -11:-1],
-                                       tokens[:, -10:]])
+  oracle = -np.log(mixture.transitions[source[:, None], tokens[:, -11:-1], tokens[:, -10:]])
   np.testing.assert_allclose(losses[:, -10:], oracle, rtol=1e-9, atol=1e-12)
 
 
@@ -132,8 +127,7 @@ def test_bayes_losses_stable_on_long_sequences():
 
 
 def test_transitions_are_sparse_and_stochastic():
-  mixture = markov.MarkovMixture(vocab_size=10, num_sources=3, branching=4,
-                                 seed=0)
+  mixture = markov.MarkovMixture(vocab_size=10, num_sources=3, branching=4, seed=0)
   trans = mixture.transitions
   assert trans.shape == (3, 10, 10)
   np.testing.assert_allclose(trans.sum(-1), 1.0, rtol=1e-12)
@@ -144,14 +138,12 @@ def test_transitions_are_sparse_and_stochastic():
   # Parameters are a function of the fields only.
   same = markov.MarkovMixture(vocab_size=10, num_sources=3, branching=4, seed=0)
   np.testing.assert_array_equal(same.transitions, trans)
-  other = markov.MarkovMixture(vocab_size=10, num_sources=3, branching=4,
-                               seed=1)
+  other = markov.MarkovMixture(vocab_size=10, num_sources=3, branching=4, seed=1)
   assert not np.array_equal(other.transitions, trans)
 
 
 def test_sampler_statistics_match_parameters():
-  mixture = markov.MarkovMixture(vocab_size=8, num_sources=3, branching=3,
-                                 seed=2)
+  mixture = markov.MarkovMixture(vocab_size=8, num_sources=3, branching=3, seed=2)
   tokens, source = mixture.sample(6000, 40, seed=0)
   assert tokens.dtype == np.int32 and tokens.shape == (6000, 40)
   assert source.dtype == np.int32 and source.shape == (6000,)
@@ -167,8 +159,7 @@ def test_sampler_statistics_match_parameters():
     visited = counts.sum(1) > 2000  # ~10k visits per state on average.
     assert visited.sum() >= 6
     empirical = counts[visited] / counts[visited].sum(1, keepdims=True)
-    np.testing.assert_allclose(empirical, mixture.transitions[src][visited],
-                               atol=0.04)
+    np.testing.assert_allclose(empirical, mixture.transitions[src][visited], atol=0.04)
 
 
 def test_sample_is_a_function_of_its_seed():

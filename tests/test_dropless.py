@@ -86,7 +86,8 @@ def test_hand_checkable_case():
 def test_block_layout_hand_checkable():
   # 3 tokens, K = 2, E = 4, B = 2. Choices in order: (t0,e2) (t0,e0) (t1,e1) (t1,e0) (t2,e2) (t2,e1).
   row_map, block_expert, num_used = dropless._block_layout(
-      jnp.array([[2, 0], [1, 0], [2, 1]], jnp.int32), num_experts=4, block_size=2)
+    jnp.array([[2, 0], [1, 0], [2, 1]], jnp.int32), num_experts=4, block_size=2
+  )
   # e0's run is block 0 (t0, t1), e1's block 1 (t1, t2), e2's block 2 (t0, t2); e3 is empty.
   # NB = (6 + 4·1) // 2 = 5 blocks, so blocks 3 and 4 are spare and read the zero row (token 3).
   np.testing.assert_array_equal(row_map.row_of_choice, [[4, 0], [2, 1], [5, 3]])
@@ -101,7 +102,8 @@ def test_block_layout_pads_each_expert_to_whole_blocks():
   # T = 5, K = 1, B = 2: e0 takes t1, t4 (one full block), e1 none, e2 takes t0, t2, t3
   # (a full block, then t3 and a padding row).
   row_map, block_expert, num_used = dropless._block_layout(
-      jnp.array([[2], [0], [2], [2], [0]], jnp.int32), num_experts=3, block_size=2)
+    jnp.array([[2], [0], [2], [2], [0]], jnp.int32), num_experts=3, block_size=2
+  )
   np.testing.assert_array_equal(row_map.token_of_row, [1, 4, 0, 2, 3, 5, 5, 5])
   np.testing.assert_array_equal(block_expert[:3], [0, 2, 2])
   assert int(num_used) == 3
@@ -109,20 +111,24 @@ def test_block_layout_pads_each_expert_to_whole_blocks():
 
 # Each case compiles twice (XLA:CPU compiles take ~1 s), so scenarios and activations are
 # paired rather than crossed; every activation and every scenario appears.
-@pytest.mark.parametrize("scenario,activation,t,k,e,block_size", [
+@pytest.mark.parametrize(
+  "scenario,activation,t,k,e,block_size",
+  [
     ("uneven", "gelu", 45, 2, 6, 8),
     ("empty_experts", "swiglu", 30, 2, 8, 4),
     ("uniform", "relu", 37, 1, 5, 8),  # K = 1, T not a multiple of B.
     ("uniform", "swiglu", 29, 3, 7, 64),  # K = 3, one block per expert holds all its tokens.
     ("uneven", "relu", 50, 3, 6, 4),
-])
+  ],
+)
 def test_matches_per_token_loop(scenario, activation, t, k, e, block_size):
   expert_index = _routing(t + e, scenario, t, k, e)
   tokens, combine_weight, wi, wo, wg = _params(t, t, k, e, d=8, f=16, activation=activation)
   expected = _reference(tokens, expert_index, combine_weight, wi, wo, wg, activation)
   for impl in ("blocks", "ragged_dot"):
-    fn = jax.jit(lambda *args, impl=impl: dropless_expert_ffn(
-        *args, activation=activation, impl=impl, block_size=block_size))
+    fn = jax.jit(
+      lambda *args, impl=impl: dropless_expert_ffn(*args, activation=activation, impl=impl, block_size=block_size)
+    )
     out = fn(tokens, expert_index, combine_weight, wi, wo, wg)
     assert out.shape == tokens.shape and out.dtype == tokens.dtype
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=impl)
@@ -134,8 +140,12 @@ def test_blocks_equals_ragged_dot(block_size):
   t, k, e = 50, 2, 6
   expert_index = jnp.asarray(np.random.default_rng(block_size).integers(0, e, (t, k)), jnp.int32)
   tokens, combine_weight, wi, wo, wg = _params(block_size, t, k, e, d=8, f=16, activation="gelu")
-  outs = [jax.jit(lambda *a, impl=impl: dropless_expert_ffn(*a, "gelu", impl=impl, block_size=block_size))(
-      tokens, expert_index, combine_weight, wi, wo, wg) for impl in ("blocks", "ragged_dot")]
+  outs = [
+    jax.jit(lambda *a, impl=impl: dropless_expert_ffn(*a, "gelu", impl=impl, block_size=block_size))(
+      tokens, expert_index, combine_weight, wi, wo, wg
+    )
+    for impl in ("blocks", "ragged_dot")
+  ]
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
@@ -167,8 +177,9 @@ def test_gradients_match_dense_reference(activation, impl):
 def test_jit_compiles_once_for_any_routing():
   t, k, e = 33, 2, 5
   tokens, combine_weight, wi, wo, wg = _params(0, t, k, e, d=8, f=16, activation="relu")
-  fn = jax.jit(lambda ei: dropless_expert_ffn(tokens, ei, combine_weight, wi, wo, wg, "relu", impl="blocks",
-                                               block_size=4))
+  fn = jax.jit(
+    lambda ei: dropless_expert_ffn(tokens, ei, combine_weight, wi, wo, wg, "relu", impl="blocks", block_size=4)
+  )
   for scenario in ("uniform", "uneven"):  # Block counts per expert differ, shapes do not.
     expert_index = _routing(1, scenario, t, k, e)
     expected = _reference(tokens, expert_index, combine_weight, wi, wo, wg, "relu")
@@ -197,8 +208,10 @@ def test_vmap_over_groups():
 def _dot_flops(stablehlo: str) -> list[int]:
   """FLOPs of every dot_general in StableHLO text: 2 · |output| · |contracted dims|."""
   flops = []
-  pattern = (r"stablehlo\.dot_general .*contracting_dims = \[([\d, ]*)\] x .*"
-             r": \(tensor<([\dx]+)x\w+>, tensor<[\dx]+x\w+>\) -> tensor<([\dx]+)x\w+>")
+  pattern = (
+    r"stablehlo\.dot_general .*contracting_dims = \[([\d, ]*)\] x .*"
+    r": \(tensor<([\dx]+)x\w+>, tensor<[\dx]+x\w+>\) -> tensor<([\dx]+)x\w+>"
+  )
   for contracting, lhs, out in re.findall(pattern, stablehlo):
     lhs_shape = [int(n) for n in lhs.split("x")]
     contracted = np.prod([lhs_shape[int(i)] for i in contracting.split(",") if i.strip()], dtype=np.int64)
@@ -236,8 +249,11 @@ def test_blocks_do_not_compute_every_expert():
 def test_auto_uses_blocks_on_cpu():
   tokens, combine_weight, wi, wo, wg = _params(0, 8, 2, 4, d=4, f=8, activation="relu")
   expert_index = _routing(0, "uniform", 8, 2, 4)
-  text = lambda impl: jax.jit(lambda *a: dropless_expert_ffn(*a, "relu", impl=impl)).lower(
-      tokens, expert_index, combine_weight, wi, wo, wg).as_text()
+  text = lambda impl: (
+    jax.jit(lambda *a: dropless_expert_ffn(*a, "relu", impl=impl))
+    .lower(tokens, expert_index, combine_weight, wi, wo, wg)
+    .as_text()
+  )
   assert jax.default_backend() == "cpu"
   assert text("auto") == text("blocks") != text("ragged_dot")
 

@@ -65,14 +65,18 @@ def test_bad_arguments_are_refused(capsys):
     framework.main(experiment, ["--only", "cf9"])
   assert exit_info.value.code == 2
   assert "unknown variant(s) cf9" in capsys.readouterr().err
-  for bad, says in ((["--set", "mesh.expert"], "--set takes FIELD=VALUE"),
-                    (["--set", "seed=3"], "the seeds come from --seeds")):
+  for bad, says in (
+    (["--set", "mesh.expert"], "--set takes FIELD=VALUE"),
+    (["--set", "seed=3"], "the seeds come from --seeds"),
+  ):
     with pytest.raises(SystemExit) as exit_info:
       framework.main(experiment, bad)
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
-  for bad, says in ((["--set", "model.no_such=1"], "unknown config field"),
-                    (["--set", "nogroup.x=1"], "unknown config field"),
-                    (["--set", "model.d_ff=wide"], "model.d_ff: --set value 'wide' does not fit")):
+  for bad, says in (
+    (["--set", "model.no_such=1"], "unknown config field"),
+    (["--set", "nogroup.x=1"], "unknown config field"),
+    (["--set", "model.d_ff=wide"], "model.d_ff: --set value 'wide' does not fit"),
+  ):
     assert framework.main(experiment, ["--scale", "smoke", "--only", "dense", "--out", "/nonexistent"] + bad) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1, err
@@ -118,8 +122,9 @@ def test_a_finished_run_of_the_same_config_is_copied_not_retrained(tmp_path, mon
     assert (copy / name).read_bytes() == (trained / name).read_bytes()
   assert not (copy / "checkpoints").exists()
   # Another config is trained, not copied.
-  assert framework.main(second, common + ["--out", str(tmp_path / "results" / "c" / "smoke"),
-                                          "--set", "model.d_ff=48"]) == 0
+  assert (
+    framework.main(second, common + ["--out", str(tmp_path / "results" / "c" / "smoke"), "--set", "model.d_ff=48"]) == 0
+  )
   assert "copied" not in capsys.readouterr().out
   assert (tmp_path / "results" / "c" / "smoke" / "runs" / "dense" / "seed0" / "checkpoints").is_dir()
 
@@ -127,9 +132,13 @@ def test_a_finished_run_of_the_same_config_is_copied_not_retrained(tmp_path, mon
 def test_set_values_take_the_field_type_and_are_recorded():
   experiment = importlib.import_module("experiments.vision").EXPERIMENT
   variant = experiment.variant("dense")
-  cfg = framework.run_config(experiment, variant, "paper", 0,
-                             {"data.tfds.name": 2024, "optim.learning_rate": "inf", "model.num_layers": 2,
-                              "mesh.fsdp": True})
+  cfg = framework.run_config(
+    experiment,
+    variant,
+    "paper",
+    0,
+    {"data.tfds.name": 2024, "optim.learning_rate": "inf", "model.num_layers": 2, "mesh.fsdp": True},
+  )
   assert cfg.data.tfds.name == "2024" and cfg.optim.learning_rate == float("inf")
   assert cfg.model.num_layers == 2 and cfg.mesh.fsdp is True
   header = framework.header_lines(experiment, "paper", (0,), {"data.tfds.name": "cifar10"})
@@ -138,6 +147,7 @@ def test_set_values_take_the_field_type_and_are_recorded():
 
 def test_config_flags_are_accepted_as_for_moejax_main():
   experiment = importlib.import_module("experiments.capacity_factor").EXPERIMENT
-  args = framework.parse_args(experiment, ["--config.mesh.expert=8", "--config.model.d_ff", "48",
-                                           "--set", "data.tfds.name=c4"])
+  args = framework.parse_args(
+    experiment, ["--config.mesh.expert=8", "--config.model.d_ff", "48", "--set", "data.tfds.name=c4"]
+  )
   assert args.set == {"mesh.expert": 8, "model.d_ff": 48, "data.tfds.name": "c4"}

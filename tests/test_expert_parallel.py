@@ -28,16 +28,23 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 # Every router family and both data paths; capacity 1.0 so that the capacity paths drop tokens.
 CASES = {
-    "top2_sort": dict(router="top_k", top_k=2, dispatcher="sort"),
-    "top1_einsum": dict(router="top_k", top_k=1, dispatcher="einsum"),
-    "top2_dropless": dict(router="top_k", top_k=2, dispatcher="dropless", dropless_block_size=4),
-    "expert_choice": dict(router="expert_choice", top_k=2, priority="choice_major"),
-    "soft_moe": dict(router="soft_moe", slots_per_expert=2),
-    "hash": dict(router="hash", top_k=1),
-    "dense_gated": dict(router="dense"),
-    "deepseek": dict(router="deepseek", top_k=2, score_function="sigmoid", combine_weights="renormalized",
-                     num_expert_groups=4, top_expert_groups=2, num_shared_experts=1,
-                     load_balance_scope="global_batch"),
+  "top2_sort": dict(router="top_k", top_k=2, dispatcher="sort"),
+  "top1_einsum": dict(router="top_k", top_k=1, dispatcher="einsum"),
+  "top2_dropless": dict(router="top_k", top_k=2, dispatcher="dropless", dropless_block_size=4),
+  "expert_choice": dict(router="expert_choice", top_k=2, priority="choice_major"),
+  "soft_moe": dict(router="soft_moe", slots_per_expert=2),
+  "hash": dict(router="hash", top_k=1),
+  "dense_gated": dict(router="dense"),
+  "deepseek": dict(
+    router="deepseek",
+    top_k=2,
+    score_function="sigmoid",
+    combine_weights="renormalized",
+    num_expert_groups=4,
+    top_expert_groups=2,
+    num_shared_experts=1,
+    load_balance_scope="global_batch",
+  ),
 }
 
 
@@ -83,12 +90,18 @@ def test_experts_live_on_their_devices():
 
 def test_state_sharding_splits_experts_and_optionally_the_rest():
   from moejax.parallel import expert_param, state_sharding
+
   # Expert weights are known by their sharding metadata (as MoELayer creates them), not by name.
-  state = {"params": {"blocks": {0: {"ffn": {"wi": expert_param(jnp.zeros((8, 16, 32))),
-                                             "wo": expert_param(jnp.zeros((8, 32, 16)))}},
-                                 1: {"ffn": {"wi": nnx.Param(jnp.zeros((16, 64)))}}},
-                      "embed": jnp.zeros((50, 16))},
-           "step": jnp.zeros((), jnp.int32)}
+  state = {
+    "params": {
+      "blocks": {
+        0: {"ffn": {"wi": expert_param(jnp.zeros((8, 16, 32))), "wo": expert_param(jnp.zeros((8, 32, 16)))}},
+        1: {"ffn": {"wi": nnx.Param(jnp.zeros((16, 64)))}},
+      },
+      "embed": jnp.zeros((50, 16)),
+    },
+    "step": jnp.zeros((), jnp.int32),
+  }
   specs = lambda fsdp: jax.tree.map(lambda s: tuple(s.spec), state_sharding(make_mesh(2, 4), state, fsdp=fsdp))
   plain, fsdp = specs(False), specs(True)
   assert plain["params"]["blocks"][0]["ffn"]["wi"] == ("expert", None, None)
@@ -111,9 +124,7 @@ def test_refuses_meshes_that_do_not_divide():
     layer(jnp.ones((4, 8, 8)), train=False)
 
 
-
-def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                axis_name):
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
   """jax.lax.ragged_all_to_all's documented semantics from all_gather and gathers (XLA:CPU has none).
 
   Arguments the real collective requires to be consistent are checked: a violation turns the
@@ -148,6 +159,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 def test_ragged_exchange_equals_one_device(monkeypatch, data, expert):
   """Dropless over 'expert' with the ragged layout (sizes, offsets, the way back) == one device."""
   from moejax import parallel
+
   monkeypatch.setattr(parallel, "_ragged_all_to_all", _emulated_ragged_all_to_all)
   cfg = MoEConfig(num_experts=8, d_expert=16, expert_exchange="ragged", **CASES["top2_dropless"])
   x = jax.random.normal(jax.random.key(0), (16, 8, 8))
@@ -185,8 +197,14 @@ def _losses(workdir):
 
 
 def _train(workdir, data_dir, *flags, devices=8, steps=STEPS):
-  result = run_cli(workdir, *RUN, f"--config.train.num_steps={steps}", *flags, data_dir=data_dir,
-                   env={"JAX_NUM_CPU_DEVICES": str(devices)})
+  result = run_cli(
+    workdir,
+    *RUN,
+    f"--config.train.num_steps={steps}",
+    *flags,
+    data_dir=data_dir,
+    env={"JAX_NUM_CPU_DEVICES": str(devices)},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -205,9 +223,15 @@ def one_device(tmp_path_factory, data_dir):
 
 
 # (8, 1) and (1, 8) are slow-marked: test_every_mesh_equals_one_device covers those meshes per step.
-@pytest.mark.parametrize("data,expert,fsdp", [
-    pytest.param(8, 1, False, marks=pytest.mark.slow), (2, 4, False),
-    pytest.param(1, 8, False, marks=pytest.mark.slow), (4, 2, True)])
+@pytest.mark.parametrize(
+  "data,expert,fsdp",
+  [
+    pytest.param(8, 1, False, marks=pytest.mark.slow),
+    (2, 4, False),
+    pytest.param(1, 8, False, marks=pytest.mark.slow),
+    (4, 2, True),
+  ],
+)
 def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert, fsdp):
   result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert), f"--config.mesh.fsdp={fsdp}")
   assert f"mesh: {{'data': {data}, 'expert': {expert}}} over 8 cpu device(s)" in result.stdout
@@ -233,13 +257,33 @@ def _free_port():
 
 def _workers(workdir, data_dir, *flags, devices=4, n=2):
   """n CLI processes of one job over 127.0.0.1, each with `devices` CPU devices."""
-  args = [sys.executable, "-m", "moejax.main", "--config", "configs/quickstart.py", "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", *TINY, *RUN, *flags,
-          f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
-          f"--config.distributed.num_processes={n}"]
+  args = [
+    sys.executable,
+    "-m",
+    "moejax.main",
+    "--config",
+    "configs/quickstart.py",
+    "--workdir",
+    str(workdir),
+    f"--config.data.data_dir={data_dir}",
+    *TINY,
+    *RUN,
+    *flags,
+    f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+    f"--config.distributed.num_processes={n}",
+  ]
   env = without_compilation_cache({**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)})
-  return [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+  return [
+    subprocess.Popen(
+      args + [f"--config.distributed.process_id={i}"],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(n)
+  ]
 
 
 def _finish(workers, timeout=240):
@@ -288,8 +332,9 @@ def test_two_processes_refuse_bad_input_together(tmp_path):
 
 def test_signal_on_one_process_stops_both_at_one_step(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  workers = _workers(workdir, data_dir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000",
-                     *_mesh_flags(2, 4))
+  workers = _workers(
+    workdir, data_dir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000", *_mesh_flags(2, 4)
+  )
   deadline = time.time() + 180
   while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 3):
     time.sleep(0.2)

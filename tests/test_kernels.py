@@ -76,16 +76,19 @@ def test_hand_checked_case():
   np.testing.assert_array_equal(inverse_map(token_of_row, 4, 2), [[1, -1], [5, -1], [0, 3], [-1, -1]])
 
 
-@pytest.mark.parametrize("backend,platform,max_rows_per_token", [
-    ("xla", None, None), ("pallas", "gpu", 5), ("pallas", "gpu", 2), ("pallas", "tpu", 5)])
+@pytest.mark.parametrize(
+  "backend,platform,max_rows_per_token",
+  [("xla", None, None), ("pallas", "gpu", 5), ("pallas", "gpu", 2), ("pallas", "tpu", 5)],
+)
 def test_matches_numpy_loop(backend, platform, max_rows_per_token):
   # K = 5 is token 5's load, the exact bound; K = 2 is too small and takes the XLA fallback
   # (a cond around either variant: tried with one). The hand-checked case covers None.
   x, y, token_of_row, weight = _random_case(0)
   kw = _kwargs(backend, platform, max_rows_per_token=max_rows_per_token)
   np.testing.assert_allclose(permute_by_token(x, token_of_row, **kw), _np_permute(x, token_of_row), **TOL)
-  np.testing.assert_allclose(unpermute_by_token(y, token_of_row, weight, len(x), **kw),
-                             _np_unpermute(y, token_of_row, weight, len(x)), **TOL)
+  np.testing.assert_allclose(
+    unpermute_by_token(y, token_of_row, weight, len(x), **kw), _np_unpermute(y, token_of_row, weight, len(x)), **TOL
+  )
 
 
 def test_inverse_map_lists_rows_in_order():
@@ -99,8 +102,7 @@ def test_inverse_map_lists_rows_in_order():
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_gradients_match_xla(platform):
   x, y, token_of_row, weight = _random_case(2)
-  cot_rows, cot_tokens = (jnp.asarray(np.random.default_rng(3).normal(size=s), jnp.float32)
-                          for s in (y.shape, x.shape))
+  cot_rows, cot_tokens = (jnp.asarray(np.random.default_rng(3).normal(size=s), jnp.float32) for s in (y.shape, x.shape))
 
   def loss(x, y, weight, backend, platform):
     kw = _kwargs(backend, platform, max_rows_per_token=5)
@@ -111,10 +113,13 @@ def test_gradients_match_xla(platform):
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
   for got, want in zip(grads(x, y, weight, "pallas", platform), grads(x, y, weight, "xla", None)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
   # And the XLA path's custom VJP against plain autodiff of the numpy-like definition.
   def plain(x, y, weight):
-    rows = jnp.where((token_of_row >= 0) & (token_of_row < len(x)), 1.0, 0.0)[:, None] * x[
-        jnp.clip(token_of_row, 0, len(x) - 1)]
+    rows = (
+      jnp.where((token_of_row >= 0) & (token_of_row < len(x)), 1.0, 0.0)[:, None]
+      * x[jnp.clip(token_of_row, 0, len(x) - 1)]
+    )
     tokens = jax.ops.segment_sum(weight[:, None] * y * rows, token_of_row, len(x))
     return jnp.sum(cot_rows * rows) + jnp.sum(cot_tokens * tokens)
 
@@ -140,29 +145,39 @@ def test_inside_shard_map_equals_one_device(platform, check_vma):
     rows = permute_by_token(x, token_of_row, **kw)
     return unpermute_by_token(jnp.sin(rows), token_of_row, weight, x.shape[0], **kw)
 
-  sharded = jax.shard_map(per_device, mesh=make_mesh(2), in_specs=(P("data"), P("data"), P()),
-                          out_specs=P("data"), check_vma=check_vma)
+  sharded = jax.shard_map(
+    per_device, mesh=make_mesh(2), in_specs=(P("data"), P("data"), P()), out_specs=P("data"), check_vma=check_vma
+  )
   loss = lambda f: lambda *args: jnp.sum(f(*args) ** 2)
   out, grads = jax.jit(jax.value_and_grad(loss(sharded), argnums=(0, 2)))(x, token_of_row, weight)
-  singles = [jax.value_and_grad(loss(functools.partial(per_device, backend="xla")), argnums=(0, 2))(
-      x[i * t:(i + 1) * t], token_of_row[i * r:(i + 1) * r], weight) for i in range(2)]
+  singles = [
+    jax.value_and_grad(loss(functools.partial(per_device, backend="xla")), argnums=(0, 2))(
+      x[i * t : (i + 1) * t], token_of_row[i * r : (i + 1) * r], weight
+    )
+    for i in range(2)
+  ]
   np.testing.assert_allclose(out, singles[0][0] + singles[1][0], rtol=1e-5)
   np.testing.assert_allclose(grads[0], jnp.concatenate([s[1][0] for s in singles]), **TOL)
   np.testing.assert_allclose(grads[1], singles[0][1][1] + singles[1][1][1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("platform,target,marker", [("gpu", "cuda", "xla.gpu.triton"),
-                                                    ("tpu", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize(
+  "platform,target,marker", [("gpu", "cuda", "xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")]
+)
 def test_lowers_for_gpu_and_tpu(platform, target, marker):
   # Forward and backward, non-interpret, lowered for the accelerator: 4 kernels (permute,
   # unpermute and their gradients), with power-of-2 (Triton) and (8, 128)-tiled (TPU) blocks.
   t, r, d = 64, 128, 256
+
   def loss(x, token_of_row, weight):
     kw = dict(backend="pallas", platform=platform, interpret=False, max_rows_per_token=2)
     return jnp.sum(unpermute_by_token(permute_by_token(x, token_of_row, **kw), token_of_row, weight, t, **kw) ** 2)
 
-  args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.int32),
-          jax.ShapeDtypeStruct((r,), jnp.float32))
+  args = (
+    jax.ShapeDtypeStruct((t, d), jnp.float32),
+    jax.ShapeDtypeStruct((r,), jnp.int32),
+    jax.ShapeDtypeStruct((r,), jnp.float32),
+  )
   hlo = jax.jit(jax.grad(loss, argnums=(0, 2))).trace(*args).lower(lowering_platforms=(target,)).as_text()
   assert hlo.count(marker) == 4
 
@@ -230,8 +245,11 @@ def test_row_map_ops_and_gradients_match_numpy_and_autodiff(k):
   def plain(x, y, weight):  # autodiff of jnp gathers and a segment sum: the reference
     padded = jnp.concatenate([x, jnp.zeros((1, d))])
     moved = padded[row_map.token_of_row]
-    summed = jax.ops.segment_sum((weight.reshape(-1, 1) * jnp.concatenate([y * moved, jnp.zeros((1, d))])[
-        row_map.row_of_choice.reshape(-1)]), jnp.repeat(jnp.arange(t), k), t)
+    summed = jax.ops.segment_sum(
+      (weight.reshape(-1, 1) * jnp.concatenate([y * moved, jnp.zeros((1, d))])[row_map.row_of_choice.reshape(-1)]),
+      jnp.repeat(jnp.arange(t), k),
+      t,
+    )
     return jnp.sum(cot_rows * moved) + jnp.sum(cot_tokens * summed)
 
   for backend, platform in IMPLS:

@@ -25,8 +25,9 @@ def test_load_balance_topk_density_and_group_average():
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   # A perfectly balanced group scores exactly 1; the loss averages groups.
   uniform = jnp.full((1, 3, 3), 1 / 3)
-  both = losses.load_balance_loss(jnp.concatenate([PROBS[None, :3], uniform]),
-                                  jnp.array([[[0], [2], [2]], [[0], [1], [2]]]), "top1")
+  both = losses.load_balance_loss(
+    jnp.concatenate([PROBS[None, :3], uniform]), jnp.array([[[0], [2], [2]], [[0], [1], [2]]]), "top1"
+  )
   first = 3 * (1 / 3 * 0.3 + 2 / 3 * 0.4)  # f = [1/3, 0, 2/3], P = [.3, .3, .4]: 1.1
   np.testing.assert_allclose(both, (first + 1.0) / 2, rtol=1e-6)
 

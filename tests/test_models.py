@@ -27,11 +27,11 @@ def test_future_tokens_do_not_change_the_past(positions):
   forward = nnx.jit(lambda m, x: m(x, train=True))
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 32)
   t = 11
-  changed = tokens.at[:, t + 1:].set(jax.random.randint(jax.random.key(2), (2, 24 - t - 1), 0, 32))
+  changed = tokens.at[:, t + 1 :].set(jax.random.randint(jax.random.key(2), (2, 24 - t - 1), 0, 32))
   (a, aux), (b, _) = forward(model, tokens), forward(model, changed)
   assert float(aux[0]["fraction_dropped"].sum()) > 0
   np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
-  assert np.abs(a[:, t + 1:] - b[:, t + 1:]).max() > 1e-3  # The change is visible afterwards.
+  assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3  # The change is visible afterwards.
 
 
 def test_moe_every_places_moe_layers():
@@ -43,8 +43,16 @@ def test_moe_every_places_moe_layers():
 
 
 def test_accounting_by_hand():
-  cfg = DecoderConfig(vocab_size=64, num_layers=4, d_model=128, num_heads=4, d_ff=512, max_len=128,
-                      moe_every=2, moe=MoEConfig(num_experts=8, top_k=2, d_expert=512))
+  cfg = DecoderConfig(
+    vocab_size=64,
+    num_layers=4,
+    d_model=128,
+    num_heads=4,
+    d_ff=512,
+    max_len=128,
+    moe_every=2,
+    moe=MoEConfig(num_experts=8, top_k=2, d_expert=512),
+  )
   attention = 4 * 128 * 128  # q, k, v, o per layer.
   dense_ffn, expert = 2 * 128 * 512, 2 * 128 * 512
   router = 128 * 8

@@ -39,8 +39,14 @@ def _reference(layer: MoELayer, x: np.ndarray, capacity_factor: float) -> np.nda
 
 @pytest.mark.parametrize("top_k,capacity_factor,group_size", [(1, 1.0, 0), (2, 1.25, 0), (2, 0.5, 8), (3, 2.0, 32)])
 def test_layer_matches_per_token_loop(top_k, capacity_factor, group_size):
-  cfg = MoEConfig(num_experts=4, top_k=top_k, d_expert=16, capacity_factor=capacity_factor,
-                  group_size=group_size, priority="token_major")
+  cfg = MoEConfig(
+    num_experts=4,
+    top_k=top_k,
+    d_expert=16,
+    capacity_factor=capacity_factor,
+    group_size=group_size,
+    priority="token_major",
+  )
   layer = MoELayer(8, cfg, rngs=nnx.Rngs(0))
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 16, 8)))
   y, aux = nnx.jit(lambda layer, x: layer(x, train=True))(layer, jnp.asarray(x))
@@ -88,8 +94,15 @@ def test_pallas_permutation_equals_xla_in_the_layer(dispatcher):
   x = jax.random.normal(jax.random.key(4), (2, 8, 8))
 
   def loss_and_grad(backend):
-    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=0.75, dispatcher=dispatcher,
-                    permute_backend=backend, dropless_block_size=4)
+    cfg = MoEConfig(
+      num_experts=4,
+      top_k=2,
+      d_expert=16,
+      capacity_factor=0.75,
+      dispatcher=dispatcher,
+      permute_backend=backend,
+      dropless_block_size=4,
+    )
     layer = MoELayer(8, cfg, rngs=nnx.Rngs(0))
 
     def loss_fn(layer, x):

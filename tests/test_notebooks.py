@@ -25,8 +25,9 @@ def _execute(name: str, parameters: dict, env: dict | None = None) -> nbformat.N
   old = {k: os.environ.get(k) for k in (env or {})}
   os.environ.update(env or {})
   try:
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+    NotebookClient(
+      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}
+    ).execute()
   finally:
     for k, v in old.items():
       if v is None:
@@ -69,9 +70,11 @@ def test_parameter_calculator():
 
 def test_results_explorer(tmp_path):
   # The committed quick results of routing_families; part 4 trains its runs for 3 steps here.
-  nb = _execute("results_explorer.ipynb",
-                {"TRAIN_STEPS": 3, "NUM_SEQUENCES": 16, "SCRATCH": str(tmp_path / "scratch")},
-                env={"MOEJAX_DATA_DIR": str(tmp_path / "tfds")})
+  nb = _execute(
+    "results_explorer.ipynb",
+    {"TRAIN_STEPS": 3, "NUM_SEQUENCES": 16, "SCRATCH": str(tmp_path / "scratch")},
+    env={"MOEJAX_DATA_DIR": str(tmp_path / "tfds")},
+  )
   text = _text(nb)
   assert "| switch_top1 |" in text  # the experiment's own table
   assert "I(source; expert)" in text and "I(character class; expert)" in text

@@ -40,14 +40,24 @@ def test_mixtral_8x7b_is_exactly_the_released_checkpoint():
 
 
 def test_count_params_command(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "moejax.count_params", "--config",
-                           "configs/architectures.py:olmoe_1b_7b"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [sys.executable, "-m", "moejax.count_params", "--config", "configs/architectures.py:olmoe_1b_7b"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr
   assert "6,919,100,416 (6.92B)" in result.stdout and "1,281,955,840 (1.28B)" in result.stdout
-  bad = subprocess.run([sys.executable, "-m", "moejax.count_params", "--config", "configs/quickstart.py",
-                        "--config.model.num_kv_heads=3"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  bad = subprocess.run(
+    [sys.executable, "-m", "moejax.count_params", "--config", "configs/quickstart.py", "--config.model.num_kv_heads=3"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert bad.returncode == 2 and "error: config model.num_kv_heads" in bad.stderr
   assert "Traceback" not in bad.stderr
 
@@ -70,8 +80,9 @@ def _rms(x, scale):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_grouped_query_attention_matches_numpy(qk_norm):
   # 4 query heads share 2 key/value heads (heads 0, 1 -> kv 0; 2, 3 -> kv 1); head_dim 6 ≠ d/N.
-  layer = CausalSelfAttention(8, 4, rotary=False, init_scale=1.0, num_kv_heads=2, head_dim=6, qk_norm=qk_norm,
-                              rngs=nnx.Rngs(0))
+  layer = CausalSelfAttention(
+    8, 4, rotary=False, init_scale=1.0, num_kv_heads=2, head_dim=6, qk_norm=qk_norm, rngs=nnx.Rngs(0)
+  )
   if qk_norm:  # Non-trivial norm scales, so that a missing norm would show.
     layer.q_norm.scale[...] = jnp.linspace(0.5, 1.5, 6)
     layer.k_norm.scale[...] = jnp.linspace(2.0, 1.0, 6)

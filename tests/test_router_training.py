@@ -42,10 +42,20 @@ def _train(cfg, steps):
   return [float(trainer.train_step(next(batches))["cross_entropy"]) for _ in range(steps)]
 
 
-TINY_LM = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 32,
-           "model.moe_every": 1, "train.seq_len": 16, "train.batch_size": 16, "optim.warmup_steps": 2,
-           "optim.learning_rate": 1e-2, "data.markov.vocab_size": 16, "data.markov.num_train": 512,
-           "data.markov.num_validation": 32}
+TINY_LM = {
+  "model.num_layers": 2,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.d_ff": 32,
+  "model.moe_every": 1,
+  "train.seq_len": 16,
+  "train.batch_size": 16,
+  "optim.warmup_steps": 2,
+  "optim.learning_rate": 1e-2,
+  "data.markov.vocab_size": 16,
+  "data.markov.num_train": 512,
+  "data.markov.num_validation": 32,
+}
 
 
 def _lm_config(data_dir, preset, **extra):
@@ -66,9 +76,19 @@ def test_each_lm_preset_trains(preset, data_dir):
 @pytest.mark.parametrize("preset", list(VIT_PRESETS.PRESETS))
 def test_each_vit_preset_trains_on_digits(preset):
   cfg = VIT_PRESETS.get_config(preset)
-  config_lib.override(cfg, {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 32,
-                            "model.patch_size": 4, "train.batch_size": 32, "optim.warmup_steps": 2,
-                            "optim.learning_rate": 3e-3})
+  config_lib.override(
+    cfg,
+    {
+      "model.num_layers": 2,
+      "model.d_model": 32,
+      "model.num_heads": 2,
+      "model.d_ff": 32,
+      "model.patch_size": 4,
+      "train.batch_size": 32,
+      "optim.warmup_steps": 2,
+      "optim.learning_rate": 3e-3,
+    },
+  )
   if cfg.model.moe_last:
     cfg.model.moe_last = 1
   losses = _train(cfg, steps=25)
@@ -82,23 +102,26 @@ def test_causal_routers_do_not_leak_the_future(preset, data_dir):
   model_cfg = build.decoder_config(cfg, 16)
   assert routers.get(cfg.moe.router).is_causal(cfg.moe)
   from moejax.models.decoder import DecoderLM
+
   model = DecoderLM(model_cfg, rngs=nnx.Rngs(0))
   forward = nnx.jit(lambda m, x: m(x, train=True, rng=jax.random.key(5))[0])
   tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 16)
   t = 7
-  changed = tokens.at[:, t + 1:].set(jax.random.randint(jax.random.key(2), (4, 16 - t - 1), 0, 16))
+  changed = tokens.at[:, t + 1 :].set(jax.random.randint(jax.random.key(2), (4, 16 - t - 1), 0, 16))
   a, b = forward(model, tokens), forward(model, changed)
   np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("preset,extra", [("expert_choice", {}), ("soft_moe", {}), ("bpr", {}),
-                                          ("top2", {"moe.priority": "choice_major"})])
+@pytest.mark.parametrize(
+  "preset,extra", [("expert_choice", {}), ("soft_moe", {}), ("bpr", {}), ("top2", {"moe.priority": "choice_major"})]
+)
 def test_noncausal_routers_leak_and_are_refused_in_a_decoder(preset, extra, data_dir):
   cfg = _lm_config(data_dir, preset, **{"moe.capacity_factor": 1.0, "moe.allow_noncausal": False, **extra})
   with pytest.raises(config_lib.ConfigError, match="allow_noncausal"):
     config_lib.validate(cfg, jax.device_count())
   # And they really leak: some output at or before t moves when only later tokens change.
   from moejax.models.decoder import DecoderLM
+
   model = DecoderLM(build.decoder_config(cfg, 16), rngs=nnx.Rngs(0))
   forward = nnx.jit(lambda m, x: m(x, train=True)[0])
   leaked = False

@@ -14,19 +14,26 @@ from moejax.parallel import make_mesh
 
 BASE = MoEConfig(num_experts=4, top_k=2, d_expert=16, capacity_factor=1.0)
 ROUTER_CASES = {
-    "top_k/choice_major": dict(router="top_k", priority="choice_major"),
-    "top_k/token_major/renormalized": dict(router="top_k", combine_weights="renormalized"),
-    "top_k/bpr": dict(router="top_k", priority="bpr"),
-    "top_k/noisy": dict(router="top_k", router_noise="noisy_top_k"),
-    "top_k/jitter+random_second": dict(router="top_k", router_noise="jitter", second_expert_policy="random",
-                                       combine_weights="renormalized"),
-    "expert_choice": dict(router="expert_choice", capacity_factor=2.0),
-    "expert_choice/capped": dict(router="expert_choice", capacity_factor=2.0, max_experts_per_token=1),
-    "hash": dict(router="hash"),
-    "dense": dict(router="dense"),
-    "deepseek/sigmoid/groups": dict(router="deepseek", score_function="sigmoid", num_expert_groups=2,
-                                    top_expert_groups=1, combine_weights="renormalized", num_shared_experts=1),
-    "soft_moe": dict(router="soft_moe", slots_per_expert=2),
+  "top_k/choice_major": dict(router="top_k", priority="choice_major"),
+  "top_k/token_major/renormalized": dict(router="top_k", combine_weights="renormalized"),
+  "top_k/bpr": dict(router="top_k", priority="bpr"),
+  "top_k/noisy": dict(router="top_k", router_noise="noisy_top_k"),
+  "top_k/jitter+random_second": dict(
+    router="top_k", router_noise="jitter", second_expert_policy="random", combine_weights="renormalized"
+  ),
+  "expert_choice": dict(router="expert_choice", capacity_factor=2.0),
+  "expert_choice/capped": dict(router="expert_choice", capacity_factor=2.0, max_experts_per_token=1),
+  "hash": dict(router="hash"),
+  "dense": dict(router="dense"),
+  "deepseek/sigmoid/groups": dict(
+    router="deepseek",
+    score_function="sigmoid",
+    num_expert_groups=2,
+    top_expert_groups=1,
+    combine_weights="renormalized",
+    num_shared_experts=1,
+  ),
+  "soft_moe": dict(router="soft_moe", slots_per_expert=2),
 }
 
 
@@ -156,7 +163,8 @@ def test_skipped_second_experts_are_not_counted_as_dropped():
   # Capacity = S: nothing can overflow, so every unused 2nd choice was skipped by GShard's policy.
   layer = _layer(second_expert_policy="random", combine_weights="renormalized", capacity_factor=4.0)
   _, aux = nnx.jit(lambda layer, x, rng: layer(x, train=True, rng=rng))(
-      layer, jax.random.normal(jax.random.key(10), (4, 16, 8)), jax.random.key(11))
+    layer, jax.random.normal(jax.random.key(10), (4, 16, 8)), jax.random.key(11)
+  )
   np.testing.assert_array_equal(aux["fraction_dropped"], 0.0)
   assert 0.0 < float(aux["second_expert_skipped"]) < 1.0
 

@@ -35,8 +35,9 @@ def test_token_major_priority():
 def test_renormalized_combine_weights():
   decision = routing.top_k_route(PROBS, top_k=2, capacity=3, combine_weights="renormalized")
   # With room for every choice, weights are the top-2 probabilities divided by their sum.
-  np.testing.assert_allclose(decision.combine_weight[0],
-                             [[0.4 / 0.6, 0.2 / 0.6], [0.5 / 0.9, 0.4 / 0.9], [0.6 / 0.9, 0.3 / 0.9]], rtol=1e-6)
+  np.testing.assert_allclose(
+    decision.combine_weight[0], [[0.4 / 0.6, 0.2 / 0.6], [0.5 / 0.9, 0.4 / 0.9], [0.6 / 0.9, 0.3 / 0.9]], rtol=1e-6
+  )
 
 
 def test_top1_switch_drops_overflow_in_token_order():
@@ -72,8 +73,9 @@ def test_token_major_is_causal():
   np.testing.assert_array_equal(a.kept[:, :20], b.kept[:, :20])
 
 
-@pytest.mark.parametrize("s,e,k,cf,expected", [(16, 8, 2, 1.25, 5), (8, 4, 1, 1.0, 2), (4, 2, 2, 4.0, 4),
-                                                (3, 8, 1, 1.0, 1)])
+@pytest.mark.parametrize(
+  "s,e,k,cf,expected", [(16, 8, 2, 1.25, 5), (8, 4, 1, 1.0, 2), (4, 2, 2, 4.0, 4), (3, 8, 1, 1.0, 1)]
+)
 def test_capacity(s, e, k, cf, expected):
   # ceil(16·2·1.25/8) = 5; ceil(8/4) = 2; ceil(16) capped at S = 4; ceil(3/8) = 1.
   assert routing.compute_capacity(s, e, k, cf) == expected
@@ -94,11 +96,13 @@ def test_worked_example_batch_prioritized():
 def test_gshard_random_second_expert():
   probs = jnp.array([[[0.6, 0.3, 0.1], [0.1, 0.3, 0.6]]])
   # Both tokens: renormalized top-2 = (2/3, 1/3), so 2·g2 = 2/3.
-  keep = routing.top_k_route(probs, top_k=2, capacity=2, combine_weights="renormalized",
-                             second_expert_threshold=jnp.array([[0.5, 0.5]]))
+  keep = routing.top_k_route(
+    probs, top_k=2, capacity=2, combine_weights="renormalized", second_expert_threshold=jnp.array([[0.5, 0.5]])
+  )
   np.testing.assert_array_equal(keep.kept[0], [[True, True], [True, True]])
-  skip = routing.top_k_route(probs, top_k=2, capacity=1, combine_weights="renormalized",
-                             second_expert_threshold=jnp.array([[0.9, 0.5]]))
+  skip = routing.top_k_route(
+    probs, top_k=2, capacity=1, combine_weights="renormalized", second_expert_threshold=jnp.array([[0.9, 0.5]])
+  )
   # t0 skips its 2nd expert (e1), so t1's 2nd choice e1 still finds slot 0 free at capacity 1.
   np.testing.assert_array_equal(skip.kept[0], [[True, False], [True, True]])
   np.testing.assert_allclose(skip.combine_weight[0], [[2 / 3, 0.0], [2 / 3, 1 / 3]], rtol=1e-6)

@@ -24,9 +24,14 @@ def _checkpoint_steps(workdir):
 
 def test_training_reduces_loss_and_writes_the_workdir(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  result = run_cli(workdir, "--config.train.num_steps=40", "--config.train.eval_every=20",
-                   "--config.train.checkpoint_every=20", "--config.train.keep_checkpoints=1",
-                   data_dir=data_dir)
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=40",
+    "--config.train.eval_every=20",
+    "--config.train.checkpoint_every=20",
+    "--config.train.keep_checkpoints=1",
+    data_dir=data_dir,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "parameters:" in out and "active per token" in out and "training FLOPs per token" in out
@@ -43,9 +48,14 @@ def test_training_reduces_loss_and_writes_the_workdir(tmp_path, data_dir):
   assert _checkpoint_steps(workdir) == [40]  # keep_checkpoints=1 keeps only the newest.
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir / "tensorboard"))
   # Re-running a finished run resumes at its end and trains nothing more.
-  again = run_cli(workdir, "--config.train.num_steps=40", "--config.train.eval_every=20",
-                  "--config.train.checkpoint_every=20", "--config.train.keep_checkpoints=1",
-                  data_dir=data_dir)
+  again = run_cli(
+    workdir,
+    "--config.train.num_steps=40",
+    "--config.train.eval_every=20",
+    "--config.train.checkpoint_every=20",
+    "--config.train.keep_checkpoints=1",
+    data_dir=data_dir,
+  )
   assert again.returncode == 0 and "already trained to step 40" in again.stdout
 
 
@@ -78,8 +88,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  proc = start_cli(workdir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000",
-                   data_dir=data_dir)
+  proc = start_cli(
+    workdir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1000", data_dir=data_dir
+  )
   deadline = time.time() + 120
   while time.time() < deadline:
     if (workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 3:
@@ -97,9 +108,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
 def test_nonfinite_loss_stops_and_keeps_good_checkpoints(tmp_path, data_dir):
   workdir = tmp_path / "run"
   # An absurd learning rate makes the weights overflow within a few steps.
-  result = run_cli(workdir, "--config.train.num_steps=50", "--config.train.checkpoint_every=1",
-                   "--config.optim.learning_rate=1e30", "--config.optim.grad_clip_norm=0",
-                   "--config.optim.warmup_steps=0", data_dir=data_dir)
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=50",
+    "--config.train.checkpoint_every=1",
+    "--config.optim.learning_rate=1e30",
+    "--config.optim.grad_clip_norm=0",
+    "--config.optim.warmup_steps=0",
+    data_dir=data_dir,
+  )
   assert result.returncode == 1
   line = [l for l in result.stdout.splitlines() if "non-finite loss" in l][0]
   bad_step = int(line.split(" at step ")[1].split(";")[0])
@@ -126,7 +143,7 @@ def _garble(path):
 
 
 def _truncate(path):
-  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _metadata_file(step_dir):
@@ -140,10 +157,13 @@ def _largest_array_file(step_dir):
   return max((p for p in step_dir.glob("**/d/*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("corrupt", [
+@pytest.mark.parametrize(
+  "corrupt",
+  [
     pytest.param(lambda step_dir: _garble(_metadata_file(step_dir)), id="garbled_metadata"),
     pytest.param(lambda step_dir: _truncate(_largest_array_file(step_dir)), id="truncated_array_data"),
-])
+  ],
+)
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, unbroken_12_steps, corrupt):
   workdir = tmp_path / "run"
   first = run_cli(workdir, *CORRUPT_RUN, "--config.train.num_steps=8", data_dir=data_dir)
@@ -187,9 +207,16 @@ def test_no_checkpoint_restores_exits_2_and_keeps_them(tmp_path, data_dir):
 def test_nonfinite_between_log_steps_is_caught_before_the_next_save(tmp_path, data_dir):
   """The loss is read back only every 10 steps; the first bad step is carried on device until then."""
   workdir = tmp_path / "run"
-  result = run_cli(workdir, "--config.train.num_steps=50", "--config.train.log_every=10",
-                   "--config.train.checkpoint_every=10", "--config.optim.learning_rate=1e30",
-                   "--config.optim.grad_clip_norm=0", "--config.optim.warmup_steps=0", data_dir=data_dir)
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=50",
+    "--config.train.log_every=10",
+    "--config.train.checkpoint_every=10",
+    "--config.optim.learning_rate=1e30",
+    "--config.optim.grad_clip_norm=0",
+    "--config.optim.warmup_steps=0",
+    data_dir=data_dir,
+  )
   assert result.returncode == 1
   [line] = [l for l in result.stdout.splitlines() if "non-finite loss" in l]
   bad_step = int(line.split(" at step ")[1].split(";")[0])
@@ -202,9 +229,16 @@ def test_text_bytes_run_records_its_corpus(tmp_path, data_dir):
   workdir = tmp_path / "run"
   # The tiny settings without the Markov data's: refused (not read) when the source is text.
   tiny = [arg for arg in TINY if not arg.startswith("--config.data.markov.")]
-  result = run_cli(workdir, *tiny, "--config.train.num_steps=3", "--config.data.source=text_bytes",
-                   "--config.data.text.max_bytes=200000", data_dir=data_dir, config="configs/text_bytes.py",
-                   tiny=False)
+  result = run_cli(
+    workdir,
+    *tiny,
+    "--config.train.num_steps=3",
+    "--config.data.source=text_bytes",
+    "--config.data.text.max_bytes=200000",
+    data_dir=data_dir,
+    config="configs/text_bytes.py",
+    tiny=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   manifest = json.loads((workdir / "data_manifest.json").read_text())
   assert manifest["digest"] and manifest["files"]
@@ -216,14 +250,15 @@ def test_text_bytes_run_records_its_corpus(tmp_path, data_dir):
 def _tensorboard_scalars(logdir):
   """{tag: [(step, value)]} read from TFRecord-framed event files (length, crc, data, crc)."""
   from tensorboardX.proto import event_pb2
+
   scalars = {}
   for name in sorted(os.listdir(logdir)):
     with open(os.path.join(logdir, name), "rb") as f:
       data = f.read()
     offset = 0
     while offset < len(data):
-      length = int.from_bytes(data[offset:offset + 8], "little")
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      length = int.from_bytes(data[offset : offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 12 + length + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -237,16 +272,23 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path, data_dir):
   scalars = _tensorboard_scalars(workdir / "tensorboard")
   logged = read_metrics(workdir)
   assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
-  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in logged.values()],
-                             rtol=1e-6)
-  assert {"train/load_balance_loss", "train/z_loss", "train/moe_layer0/fraction_dropped_choice2",
-          "eval/cross_entropy", "eval/gap_to_bayes_floor"} <= set(scalars)
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in logged.values()], rtol=1e-6)
+  assert {
+    "train/load_balance_loss",
+    "train/z_loss",
+    "train/moe_layer0/fraction_dropped_choice2",
+    "eval/cross_entropy",
+    "eval/gap_to_bayes_floor",
+  } <= set(scalars)
 
 
 def test_models_and_config_import_without_tfds_or_grain():
   import subprocess
   import sys
-  code = ("import sys, moejax.config, moejax.train, moejax.models.decoder, moejax.accounting; "
-          "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'tensorflow') if m in sys.modules))")
+
+  code = (
+    "import sys, moejax.config, moejax.train, moejax.models.decoder, moejax.accounting; "
+    "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'tensorflow') if m in sys.modules))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"

@@ -20,8 +20,18 @@ _MOE = MoEConfig(num_experts=4, top_k=2, d_expert=32, capacity_factor=2.0, eval_
 
 
 def _small(**overrides):
-  fields = dict(image_size=8, channels=1, num_classes=10, patch_size=2, num_layers=2, d_model=32,
-                num_heads=2, d_ff=32, moe_every=1, moe=_MOE)
+  fields = dict(
+    image_size=8,
+    channels=1,
+    num_classes=10,
+    patch_size=2,
+    num_layers=2,
+    d_model=32,
+    num_heads=2,
+    d_ff=32,
+    moe_every=1,
+    moe=_MOE,
+  )
   fields.update(overrides)
   return ViTConfig(**fields)
 
@@ -113,8 +123,8 @@ def test_patch_order_matters_only_through_position_embeddings(models, pooling):
 
 def test_a_few_steps_on_digits_reduce_the_loss():
   from moejax.data import images as images_lib
-  data = images_lib.make_image_data(images_lib.default_image_data_config(), global_batch_size=64,
-                                    seed=0)
+
+  data = images_lib.make_image_data(images_lib.default_image_data_config(), global_batch_size=64, seed=0)
   model = ViT(_small(moe_every=2), rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(5e-3), wrt=nnx.Param)
 
@@ -124,24 +134,34 @@ def test_a_few_steps_on_digits_reduce_the_loss():
       logits, aux = model(batch["images"], train=True)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
       return loss + 1e-2 * sum(a["load_balance_loss"] for a in aux), loss
+
     (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return loss
 
-  losses = [float(train_step(model, optimizer, batch))
-            for _, batch in zip(range(25), data.train_batches(0))]
+  losses = [float(train_step(model, optimizer, batch)) for _, batch in zip(range(25), data.train_batches(0))]
   assert abs(losses[0] - np.log(10)) < 0.5  # Near chance at initialisation.
   assert np.mean(losses[-5:]) < 0.75 * losses[0], losses
   evals = data.eval_batches()
-  correct = sum(int((np.asarray(_forward(model, b["images"])[0]).argmax(-1) == b["labels"]).sum())
-                for b in evals)
+  correct = sum(int((np.asarray(_forward(model, b["images"])[0]).argmax(-1) == b["labels"]).sum()) for b in evals)
   assert correct / data.info["num_eval"] > 3 * data.info["majority_class_accuracy"]
 
 
 def test_vit_accounting_by_hand():
   from moejax import accounting
-  cfg = ViTConfig(image_size=8, channels=1, num_classes=10, patch_size=2, num_layers=2, d_model=16, num_heads=2,
-                  d_ff=32, moe_every=2, moe=MoEConfig(num_experts=4, top_k=2, d_expert=32))
+
+  cfg = ViTConfig(
+    image_size=8,
+    channels=1,
+    num_classes=10,
+    patch_size=2,
+    num_layers=2,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    moe_every=2,
+    moe=MoEConfig(num_experts=4, top_k=2, d_expert=32),
+  )
   n, d = 16, 16  # 16 patches of 2·2·1 = 4 values, model width 16.
   cost = accounting.vit_cost(cfg)
   model = ViT(cfg, rngs=nnx.Rngs(0))

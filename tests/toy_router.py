@@ -10,8 +10,7 @@ from moejax import routing
 from moejax.config import common
 from moejax.routers import Option, RouterFamily, base, register
 
-TEMPERATURE = Option("temperature", 1.0, "Softmax temperature of the tempered top-1 router.", minimum=0,
-                     exclusive=True)
+TEMPERATURE = Option("temperature", 1.0, "Softmax temperature of the tempered top-1 router.", minimum=0, exclusive=True)
 
 
 @register
@@ -19,8 +18,14 @@ class TemperedTop1(RouterFamily):
   """Top-1 of softmax(logits / temperature): a sharper or flatter Switch router."""
 
   name = "tempered_top1"
-  options = (base.CAPACITY_FACTOR, base.EVAL_CAPACITY_FACTOR, base.DISPATCHER, base.Z_LOSS_WEIGHT,
-             base.LOAD_BALANCE_LOSS_WEIGHT, TEMPERATURE)
+  options = (
+    base.CAPACITY_FACTOR,
+    base.EVAL_CAPACITY_FACTOR,
+    base.DISPATCHER,
+    base.Z_LOSS_WEIGHT,
+    base.LOAD_BALANCE_LOSS_WEIGHT,
+    TEMPERATURE,
+  )
 
   @classmethod
   def route(cls, router, x, *, capacity, train, rng, token_ids=None):

@@ -12,8 +12,18 @@ from moejax.config.schema import base_config, flatten
 from moejax.config.validate import mesh_shape, refuse_inactive, validate
 from moejax.errors import ConfigError
 
-__all__ = ["ConfigError", "RESUMABLE_CHANGES", "base_config", "differences", "differences_from_saved", "flatten", "mesh_shape",
-           "override", "refuse_inactive", "validate"]
+__all__ = [
+  "ConfigError",
+  "RESUMABLE_CHANGES",
+  "base_config",
+  "differences",
+  "differences_from_saved",
+  "flatten",
+  "mesh_shape",
+  "override",
+  "refuse_inactive",
+  "validate",
+]
 
 
 def override(config, values: dict):

@@ -1,10 +1,10 @@
 """Settings the config files in configs/ share (as big_vision's configs/common.py). No JAX, no Flax.
 
-  small_lm()   the quickstart's model and schedule: 4 blocks at d = 96, MoE in blocks 2 and 4
-               (8 experts, top-2), 600 steps of 32 × 64 tokens of the Markov mixture
-               (configs/text_bytes.py widens it for real text)
-  small_vit()  the digits ViT: 4 blocks at d = 64, 16 patches of 2×2 pixels, 300 steps of 64 images
-  with_preset(config, PRESETS, name)   a named set of overrides, or one line listing the names
+small_lm()   the quickstart's model and schedule: 4 blocks at d = 96, MoE in blocks 2 and 4
+             (8 experts, top-2), 600 steps of 32 × 64 tokens of the Markov mixture
+             (configs/text_bytes.py widens it for real text)
+small_vit()  the digits ViT: 4 blocks at d = 64, 16 patches of 2×2 pixels, 300 steps of 64 images
+with_preset(config, PRESETS, name)   a named set of overrides, or one line listing the names
 """
 
 from moejax.config import base_config, override

@@ -13,9 +13,20 @@ from moejax.config.schema import base_config, flatten, inactive_fields
 # checkpoint holds nor the training that follows it); any other difference from the workdir's
 # config.json is refused. train.num_steps may change only under a constant learning rate: the
 # cosine schedule decays over num_steps, so a new horizon would jump the learning rate.
-RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "data.data_dir", "mesh.data", "mesh.expert", "mesh.fsdp", "distributed.initialize",
-                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id")
+RESUMABLE_CHANGES = (
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "data.data_dir",
+  "mesh.data",
+  "mesh.expert",
+  "mesh.fsdp",
+  "distributed.initialize",
+  "distributed.coordinator_address",
+  "distributed.num_processes",
+  "distributed.process_id",
+)
 
 
 def differences_from_saved(workdir: str, resolved: dict) -> tuple[list[str], tuple[str, ...]]:
@@ -45,6 +56,9 @@ def differences(saved: dict, resolved: dict, ignore: tuple[str, ...] = ()) -> li
   defaults = flatten(json.loads(json.dumps(base_config(new.get("task", "lm")).to_dict())))
   unread = set(inactive_fields(ml_collections.ConfigDict(resolved)))
   added_as_default = {k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k]}
-  differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ignore
-                  and k not in added_as_default and k not in unread)
+  differ = sorted(
+    k
+    for k in set(old) | set(new)
+    if old.get(k) != new.get(k) and k not in ignore and k not in added_as_default and k not in unread
+  )
   return [f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in differ]

@@ -30,9 +30,9 @@ POOLINGS = ("gap", "cls")
 
 # The dispatchers' own options (moe.dispatcher selects one; moejax.dispatch implements them).
 DISPATCHER_OPTIONS = {
-    "einsum": (),
-    "sort": ("permute_backend",),
-    "dropless": ("permute_backend", "dropless_impl", "dropless_block_size", "expert_exchange"),
+  "einsum": (),
+  "sort": ("permute_backend",),
+  "dropless": ("permute_backend", "dropless_impl", "dropless_block_size", "expert_exchange"),
 }
 PERMUTE_BACKENDS = ("auto", "pallas", "xla")
 DROPLESS_IMPLS = ("auto", "blocks", "ragged_dot")
@@ -58,6 +58,7 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
     c.data = default_data_config()
   else:
     from moejax.data.images import default_image_data_config  # numpy + ml_collections only.
+
     c.data = default_image_data_config()
   c.optim = _optim()
   c.train = _train(task)
@@ -117,8 +118,9 @@ def _moe() -> ml_collections.ConfigDict:
   # defaults and meanings are in the family modules, moejax/routers/*.py.
   for option in routers.options().values():
     if option.name in e:
-      raise ValueError(f"router family option moe.{option.name} would replace a field every family reads; "
-                       "give it another name")
+      raise ValueError(
+        f"router family option moe.{option.name} would replace a field every family reads; give it another name"
+      )
     e[option.name] = option.default
   return e
 

@@ -16,8 +16,11 @@ from moejax.errors import ConfigError
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError for the first inconsistent or malformed field (num_devices over all processes)."""
-  _check("task" in cfg and cfg.task in schema.TASKS, "task", "must be 'lm' or 'vit' (start config files "
-         "from moejax.config.base_config(task))")
+  _check(
+    "task" in cfg and cfg.task in schema.TASKS,
+    "task",
+    "must be 'lm' or 'vit' (start config files from moejax.config.base_config(task))",
+  )
   _check_keys(cfg, schema.base_config(cfg.task))
   _model(cfg)
   _moe(cfg)
@@ -42,12 +45,18 @@ def _model(cfg) -> None:
   m, lm = cfg.model, cfg.task == "lm"
   _positive(cfg, "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff", "model.init_scale")
   _positive(cfg, "model.moe_every", allow_zero=True)
-  _check(m.moe_every <= m.num_layers, "model.moe_every",
-         f"must be <= model.num_layers ({m.num_layers}) or 0 for a dense model, got {m.moe_every}")
+  _check(
+    m.moe_every <= m.num_layers,
+    "model.moe_every",
+    f"must be <= model.num_layers ({m.num_layers}) or 0 for a dense model, got {m.moe_every}",
+  )
   if lm:
     _positive(cfg, "model.vocab_size", "model.num_kv_heads", "model.head_dim", allow_zero=True)
-    _check(m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-           f"must divide num_heads ({m.num_heads}), or be 0 (= num_heads); got {m.num_kv_heads}")
+    _check(
+      m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0,
+      "model.num_kv_heads",
+      f"must divide num_heads ({m.num_heads}), or be 0 (= num_heads); got {m.num_kv_heads}",
+    )
   else:
     _positive(cfg, "model.patch_size")
     _positive(cfg, "model.moe_last", allow_zero=True)
@@ -55,12 +64,16 @@ def _model(cfg) -> None:
     _check(not (m.moe_last and m.moe_every), "model.moe_last", "set model.moe_every or model.moe_last, not both")
     _one_of(cfg, "model.pooling", schema.POOLINGS)
   head_dim = m.head_dim if lm and m.head_dim else None
-  _check(head_dim or m.d_model % m.num_heads == 0, "model.num_heads",
-         f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless model.head_dim is set")
+  _check(
+    head_dim or m.d_model % m.num_heads == 0,
+    "model.num_heads",
+    f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless model.head_dim is set",
+  )
   if lm:
     head_dim = head_dim or m.d_model // m.num_heads
-    _check(m.positions != "rope" or head_dim % 2 == 0, "model.positions",
-           f"'rope' needs an even head dim, got {head_dim}")
+    _check(
+      m.positions != "rope" or head_dim % 2 == 0, "model.positions", f"'rope' needs an even head dim, got {head_dim}"
+    )
     _one_of(cfg, "model.positions", schema.POSITIONS)
   _one_of(cfg, "model.activation", schema.ACTIVATIONS)
   _one_of(cfg, "model.dtype", schema.DTYPES)
@@ -75,29 +88,39 @@ def _moe(cfg) -> None:
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.num_shared_experts", allow_zero=True)
   family.validate(e)
   for name in schema.DISPATCHER_OPTIONS[family.dispatcher(e)]:
-    allowed = {"permute_backend": schema.PERMUTE_BACKENDS, "dropless_impl": schema.DROPLESS_IMPLS,
-               "expert_exchange": schema.EXCHANGES}.get(name)
+    allowed = {
+      "permute_backend": schema.PERMUTE_BACKENDS,
+      "dropless_impl": schema.DROPLESS_IMPLS,
+      "expert_exchange": schema.EXCHANGES,
+    }.get(name)
     if allowed:
       _one_of(cfg, f"moe.{name}", allowed)
     else:
       _positive(cfg, f"moe.{name}")
   if cfg.task == "lm" and has_moe and not family.is_causal(e):
     field = "moe.priority" if "priority" in {o.name for o in family.options} else "moe.router"
-    _check(e.allow_noncausal, field,
-           f"router {e.router!r} with priority {e.priority!r} lets a decoder token see later tokens (see the "
-           f"family's is_causal in moejax/routers/); set moe.allow_noncausal=True to train it anyway")
+    _check(
+      e.allow_noncausal,
+      field,
+      f"router {e.router!r} with priority {e.priority!r} lets a decoder token see later tokens (see the "
+      f"family's is_causal in moejax/routers/); set moe.allow_noncausal=True to train it anyway",
+    )
 
 
 def _train(cfg) -> None:
   t, e = cfg.train, cfg.moe
-  _positive(cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
-            "train.keep_checkpoints")
+  _positive(
+    cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"
+  )
   _positive(cfg, "train.eval_every", allow_zero=True)
   if cfg.task == "lm":  # Tokens per image are known once the data is: checked in models.build.vit_config.
     _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     group = e.group_size or t.seq_len
-    _check(group % t.seq_len == 0 or t.seq_len % group == 0, "moe.group_size",
-           f"must divide train.seq_len ({t.seq_len}) or be a multiple of it, got {e.group_size}")
+    _check(
+      group % t.seq_len == 0 or t.seq_len % group == 0,
+      "moe.group_size",
+      f"must divide train.seq_len ({t.seq_len}) or be a multiple of it, got {e.group_size}",
+    )
 
 
 def _optim(cfg) -> None:
@@ -115,19 +138,32 @@ def _data(cfg) -> None:
   if cfg.task == "vit":
     _one_of(cfg, "data.source", ("digits", "tfds"))
     if d.source == "digits":
-      _check(0 < d.digits.eval_fraction < 1, "data.digits.eval_fraction",
-             f"must be in (0, 1), got {d.digits.eval_fraction}")
+      _check(
+        0 < d.digits.eval_fraction < 1, "data.digits.eval_fraction", f"must be in (0, 1), got {d.digits.eval_fraction}"
+      )
     return
   _one_of(cfg, "data.source", SOURCES)
   _positive(cfg, "data.num_eval_batches")
   if d.source == "markov_mixture":
-    _positive(cfg, "data.markov.vocab_size", "data.markov.num_sources", "data.markov.branching",
-              "data.markov.num_train", "data.markov.num_validation")
-    _check(d.markov.branching <= d.markov.vocab_size, "data.markov.branching",
-           f"must be <= data.markov.vocab_size ({d.markov.vocab_size}), got {d.markov.branching}")
+    _positive(
+      cfg,
+      "data.markov.vocab_size",
+      "data.markov.num_sources",
+      "data.markov.branching",
+      "data.markov.num_train",
+      "data.markov.num_validation",
+    )
+    _check(
+      d.markov.branching <= d.markov.vocab_size,
+      "data.markov.branching",
+      f"must be <= data.markov.vocab_size ({d.markov.vocab_size}), got {d.markov.branching}",
+    )
     for split in ("num_train", "num_validation"):
-      _check(d.markov[split] >= cfg.train.batch_size, f"data.markov.{split}", f"must hold at least one batch "
-             f"(train.batch_size = {cfg.train.batch_size}), got {d.markov[split]}")
+      _check(
+        d.markov[split] >= cfg.train.batch_size,
+        f"data.markov.{split}",
+        f"must hold at least one batch (train.batch_size = {cfg.train.batch_size}), got {d.markov[split]}",
+      )
   elif d.source == "text_bytes":
     _positive(cfg, "data.text.max_bytes")
   else:
@@ -142,24 +178,39 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
   if dropless and e.expert_exchange == "ragged" and expert_devices > 1:  # With one, no exchange runs.
     import jax  # Local: only this check asks for the backend.
 
-    _check(jax.default_backend() != "cpu", "moe.expert_exchange",
-           "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); use 'auto' or 'padded'")
+    _check(
+      jax.default_backend() != "cpu",
+      "moe.expert_exchange",
+      "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); use 'auto' or 'padded'",
+    )
   mesh_devices = data_devices * expert_devices
-  _check(num_processes == 1 or mesh_devices == num_devices, "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
-         f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
-         f"own); got data={data_devices} × expert={expert_devices}")
+  _check(
+    num_processes == 1 or mesh_devices == num_devices,
+    "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
+    f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
+    f"own); got data={data_devices} × expert={expert_devices}",
+  )
   has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
-  _check(not has_moe or e.num_experts % expert_devices == 0, "mesh.expert",
-         f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}")
-  _check(t.batch_size % mesh_devices == 0, "train.batch_size",
-         f"{t.batch_size} must be divisible by the mesh's {mesh_devices} devices "
-         f"(data={data_devices} × expert={expert_devices})")
+  _check(
+    not has_moe or e.num_experts % expert_devices == 0,
+    "mesh.expert",
+    f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}",
+  )
+  _check(
+    t.batch_size % mesh_devices == 0,
+    "train.batch_size",
+    f"{t.batch_size} must be divisible by the mesh's {mesh_devices} devices "
+    f"(data={data_devices} × expert={expert_devices})",
+  )
   if cfg.task == "lm":
     group = e.group_size or t.seq_len
     num_groups = t.batch_size * t.seq_len // group
-    _check(num_groups % mesh_devices == 0 and (t.batch_size * t.seq_len) % group == 0, "moe.group_size",
-           f"the batch's {t.batch_size * t.seq_len} tokens must split into groups of {group} "
-           f"whose count is divisible by the mesh's {mesh_devices} devices")
+    _check(
+      num_groups % mesh_devices == 0 and (t.batch_size * t.seq_len) % group == 0,
+      "moe.group_size",
+      f"the batch's {t.batch_size * t.seq_len} tokens must split into groups of {group} "
+      f"whose count is divisible by the mesh's {mesh_devices} devices",
+    )
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
@@ -167,11 +218,17 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
   m = cfg.mesh
   _check(m.expert >= 1, "mesh.expert", f"must be >= 1, got {m.expert}")
   _check(m.data == -1 or m.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {m.data}")
-  _check(m.expert <= num_devices and num_devices % m.expert == 0 or m.data != -1, "mesh.expert",
-         f"{m.expert} must divide the {num_devices} devices when mesh.data is -1")
+  _check(
+    m.expert <= num_devices and num_devices % m.expert == 0 or m.data != -1,
+    "mesh.expert",
+    f"{m.expert} must divide the {num_devices} devices when mesh.data is -1",
+  )
   data = num_devices // m.expert if m.data == -1 else m.data
-  _check(data * m.expert <= num_devices, "mesh.data" if m.data != -1 else "mesh.expert",
-         f"data={data} × expert={m.expert} asks for {data * m.expert} devices but only {num_devices} exist")
+  _check(
+    data * m.expert <= num_devices,
+    "mesh.data" if m.data != -1 else "mesh.expert",
+    f"data={data} × expert={m.expert} asks for {data * m.expert} devices but only {num_devices} exist",
+  )
   return data, m.expert
 
 

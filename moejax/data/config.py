@@ -6,7 +6,7 @@ Kept free of tfds/grain imports so that configs load anywhere.
 import ml_collections
 
 # Allowed values of `config.data.source`.
-SOURCES = ('markov_mixture', 'text_bytes', 'tfds')
+SOURCES = ("markov_mixture", "text_bytes", "tfds")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -26,8 +26,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       packed; max_bytes caps how much of each split is read (0 = no cap).
   """
   cfg = ml_collections.ConfigDict()
-  cfg.source = 'markov_mixture'
-  cfg.data_dir = ''
+  cfg.source = "markov_mixture"
+  cfg.data_dir = ""
   cfg.num_eval_batches = 4
 
   cfg.markov = ml_collections.ConfigDict()
@@ -39,13 +39,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.markov.num_validation = 512
 
   cfg.text = ml_collections.ConfigDict()
-  cfg.text.paths = ''
+  cfg.text.paths = ""
   cfg.text.max_bytes = 8 * 2**20
 
   cfg.tfds = ml_collections.ConfigDict()
-  cfg.tfds.name = 'lm1b'
-  cfg.tfds.train_split = 'train'
-  cfg.tfds.eval_split = 'test'
-  cfg.tfds.text_key = 'text'
+  cfg.tfds.name = "lm1b"
+  cfg.tfds.train_split = "train"
+  cfg.tfds.eval_split = "test"
+  cfg.tfds.text_key = "text"
   cfg.tfds.max_bytes = 64 * 2**20
   return cfg

@@ -34,7 +34,7 @@ import numpy as np
 from moejax.data import pipeline
 
 # Allowed values of `config.data.source` for image models.
-SOURCES = ('digits', 'tfds')
+SOURCES = ("digits", "tfds")
 # The digits train/eval split is part of the dataset's definition, not of the run.
 _DIGITS_SPLIT_SEED = 0
 # TFDS records are decoded this many at a time.
@@ -57,19 +57,19 @@ def default_image_data_config() -> ml_collections.ConfigDict:
       and dtype uint8 (scaled by 1/255) or float32 (taken as given).
   """
   cfg = ml_collections.ConfigDict()
-  cfg.source = 'digits'
-  cfg.data_dir = ''
+  cfg.source = "digits"
+  cfg.data_dir = ""
   cfg.num_eval_batches = 0
 
   cfg.digits = ml_collections.ConfigDict()
   cfg.digits.eval_fraction = 0.2
 
   cfg.tfds = ml_collections.ConfigDict()
-  cfg.tfds.name = 'mnist'
-  cfg.tfds.train_split = 'train'
-  cfg.tfds.eval_split = 'test'
-  cfg.tfds.image_key = 'image'
-  cfg.tfds.label_key = 'label'
+  cfg.tfds.name = "mnist"
+  cfg.tfds.train_split = "train"
+  cfg.tfds.eval_split = "test"
+  cfg.tfds.image_key = "image"
+  cfg.tfds.label_key = "label"
   return cfg
 
 
@@ -91,6 +91,7 @@ class ImageData(pipeline.StepBatches):
       (1/K), 'majority_class_accuracy' (eval accuracy of always answering
       the most frequent training label), 'data_dir'.
   """
+
   num_classes: int
   image_shape: tuple[int, int, int]
   global_batch_size: int
@@ -99,21 +100,21 @@ class ImageData(pipeline.StepBatches):
   _eval: list[dict[str, np.ndarray]] = dataclasses.field(repr=False)
 
 
-
 @dataclasses.dataclass
 class _Split:
   """One split in memory: images <uint8|float32>[N, H, W, C], labels <int32>[N]."""
+
   images: np.ndarray
   labels: np.ndarray
   scale: float  # images / scale is in [0, 1].
 
   def batch(self, index) -> dict[str, np.ndarray]:
-    return {'images': self.images[index].astype(np.float32) / np.float32(self.scale),
-            'labels': self.labels[index]}
+    return {"images": self.images[index].astype(np.float32) / np.float32(self.scale), "labels": self.labels[index]}
 
 
-def make_image_data(data_cfg, *, global_batch_size: int, seed: int,
-                    process_index: int = 0, process_count: int = 1) -> ImageData:
+def make_image_data(
+  data_cfg, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> ImageData:
   """Opens the image dataset that `data_cfg` describes.
 
   Args:
@@ -131,54 +132,55 @@ def make_image_data(data_cfg, *, global_batch_size: int, seed: int,
       TFDS dataset that is not prepared or does not fit.
   """
   if data_cfg.source not in SOURCES:
-    raise ValueError(f'Unknown data.source={data_cfg.source!r}; allowed for '
-                     f'image models: {", ".join(SOURCES)}')
+    raise ValueError(f"Unknown data.source={data_cfg.source!r}; allowed for image models: {', '.join(SOURCES)}")
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible '
-                     f'by process_count={process_count}')
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
   data_dir = pipeline.resolve_data_dir(data_cfg.data_dir)
-  if data_cfg.source == 'digits':
+  if data_cfg.source == "digits":
     train, evals, num_classes, name = _digits_splits(data_cfg.digits.eval_fraction)
   else:
     train, evals, num_classes, name = _tfds_splits(data_cfg.tfds, data_dir)
   if len(train.labels) < global_batch_size:
-    raise ValueError(f'{name}: {len(train.labels)} training examples, fewer '
-                     f'than one batch of {global_batch_size}')
-  num_eval_batches = _num_eval_batches(data_cfg.num_eval_batches,
-                                       len(evals.labels), global_batch_size)
+    raise ValueError(f"{name}: {len(train.labels)} training examples, fewer than one batch of {global_batch_size}")
+  num_eval_batches = _num_eval_batches(data_cfg.num_eval_batches, len(evals.labels), global_batch_size)
   num_eval = num_eval_batches * global_batch_size
   majority = np.bincount(train.labels, minlength=num_classes).argmax()
   info = {
-      'dataset': name,
-      'num_classes': num_classes,
-      'image_shape': tuple(train.images.shape[1:]),
-      'num_train': len(train.labels),
-      'num_eval': num_eval,
-      'num_eval_batches': num_eval_batches,
-      'chance_accuracy': 1.0 / num_classes,
-      'majority_class_accuracy': float(np.mean(evals.labels[:num_eval] == majority)),
-      'data_dir': data_dir if data_cfg.source == 'tfds' else None,
+    "dataset": name,
+    "num_classes": num_classes,
+    "image_shape": tuple(train.images.shape[1:]),
+    "num_train": len(train.labels),
+    "num_eval": num_eval,
+    "num_eval_batches": num_eval_batches,
+    "chance_accuracy": 1.0 / num_classes,
+    "majority_class_accuracy": float(np.mean(evals.labels[:num_eval] == majority)),
+    "data_dir": data_dir if data_cfg.source == "tfds" else None,
   }
 
   local_batch = global_batch_size // process_count
   eval_batches = [
-      evals.batch(np.arange(start + process_index * local_batch,
-                            start + (process_index + 1) * local_batch))
-      for start in range(0, num_eval, global_batch_size)]
-  logging.info('Image data %s: %s', name, info)
-  return ImageData(num_classes=num_classes, image_shape=info['image_shape'],
-                   global_batch_size=global_batch_size, info=info,
-                   _train=_train_dataset(train, local_batch=local_batch, seed=seed,
-                                         process_index=process_index,
-                                         process_count=process_count),
-                   _eval=eval_batches)
+    evals.batch(np.arange(start + process_index * local_batch, start + (process_index + 1) * local_batch))
+    for start in range(0, num_eval, global_batch_size)
+  ]
+  logging.info("Image data %s: %s", name, info)
+  return ImageData(
+    num_classes=num_classes,
+    image_shape=info["image_shape"],
+    global_batch_size=global_batch_size,
+    info=info,
+    _train=_train_dataset(
+      train, local_batch=local_batch, seed=seed, process_index=process_index, process_count=process_count
+    ),
+    _eval=eval_batches,
+  )
 
 
 def _digits_splits(eval_fraction: float) -> tuple[_Split, _Split, int, str]:
   """scikit-learn's 8×8 digits, split by a fixed permutation; each split in stored order."""
   if not 0 < eval_fraction < 1:
-    raise ValueError(f'data.digits.eval_fraction={eval_fraction} is not in (0, 1)')
+    raise ValueError(f"data.digits.eval_fraction={eval_fraction} is not in (0, 1)")
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   images = digits.images.astype(np.uint8)[..., None]  # [1797, 8, 8, 1], values 0..16
   labels = digits.target.astype(np.int32)
@@ -186,48 +188,49 @@ def _digits_splits(eval_fraction: float) -> tuple[_Split, _Split, int, str]:
   num_eval = round(len(labels) * eval_fraction)
   eval_rows, train_rows = np.sort(order[:num_eval]), np.sort(order[num_eval:])
   split = lambda rows: _Split(images[rows], labels[rows], scale=16.0)
-  return (split(train_rows), split(eval_rows), 10,
-          f'sklearn_digits_8x8 (eval_fraction={eval_fraction})')
+  return (split(train_rows), split(eval_rows), 10, f"sklearn_digits_8x8 (eval_fraction={eval_fraction})")
 
 
 def _tfds_splits(t, data_dir: str) -> tuple[_Split, _Split, int, str]:
   """Reads the image and label features of both splits of a prepared TFDS dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from moejax.data import builders  # pylint: disable=g-import-not-at-top
+
   builder, where = builders.prepared_builder(t.name, data_dir)
   features = builder.info.features
-  for key, field in ((t.image_key, 'image_key'), (t.label_key, 'label_key')):
+  for key, field in ((t.image_key, "image_key"), (t.label_key, "label_key")):
     if key not in features:
-      raise ValueError(f'{where} has no feature {key!r} (data.tfds.{field}); '
-                       f'it has {list(features)}')
+      raise ValueError(f"{where} has no feature {key!r} (data.tfds.{field}); it has {list(features)}")
   image, label = features[t.image_key], features[t.label_key]
   shape, dtype = tuple(image.shape), np.dtype(image.np_dtype)
   if len(shape) != 3 or None in shape or shape[0] != shape[1]:
-    raise ValueError(f'{where}: images of shape {shape}; the ViT needs a fixed '
-                     'square [H, H, C] (resize when preparing the dataset)')
+    raise ValueError(
+      f"{where}: images of shape {shape}; the ViT needs a fixed square [H, H, C] (resize when preparing the dataset)"
+    )
   if dtype not in (np.uint8, np.float32):
-    raise ValueError(f'{where}: images of dtype {dtype}; need uint8 or float32')
+    raise ValueError(f"{where}: images of dtype {dtype}; need uint8 or float32")
   if not isinstance(label, tfds.features.ClassLabel):
-    raise ValueError(f'{where}: feature {t.label_key!r} (data.tfds.label_key) '
-                     f'is a {type(label).__name__}, not a ClassLabel')
+    raise ValueError(
+      f"{where}: feature {t.label_key!r} (data.tfds.label_key) is a {type(label).__name__}, not a ClassLabel"
+    )
 
   def read(split: str) -> _Split:
     try:
-      source = tfds.data_source(t.name, split=split, data_dir=data_dir,
-                                download=False)
+      source = tfds.data_source(t.name, split=split, data_dir=data_dir, download=False)
     except NotImplementedError as e:
-      raise ValueError(f'{where}: random access needs array_record files') from e
+      raise ValueError(f"{where}: random access needs array_record files") from e
     images, labels = [], []
     for lo in range(0, len(source), _READ_CHUNK):
       for record in source.__getitems__(list(range(lo, min(lo + _READ_CHUNK, len(source))))):
         images.append(record[t.image_key])
         labels.append(record[t.label_key])
     if not labels:
-      raise ValueError(f'{where}: split {split!r} is empty')
-    return _Split(np.stack(images).astype(dtype), np.asarray(labels, np.int32),
-                  scale=255.0 if dtype == np.uint8 else 1.0)
+      raise ValueError(f"{where}: split {split!r} is empty")
+    return _Split(
+      np.stack(images).astype(dtype), np.asarray(labels, np.int32), scale=255.0 if dtype == np.uint8 else 1.0
+    )
 
-  name = f'tfds:{t.name}[{t.train_split}|{t.eval_split}]'
+  name = f"tfds:{t.name}[{t.train_split}|{t.eval_split}]"
   return read(t.train_split), read(t.eval_split), label.num_classes, name
 
 
@@ -236,22 +239,22 @@ def _num_eval_batches(requested: int, num_examples: int, global_batch_size: int)
   available = num_examples // global_batch_size
   if available < 1:
     raise ValueError(
-        f'The eval split has {num_examples} examples, fewer than one global '
-        f'batch of {global_batch_size}; raise data.digits.eval_fraction or '
-        'use a larger data.tfds.eval_split, or lower the batch size.')
+      f"The eval split has {num_examples} examples, fewer than one global "
+      f"batch of {global_batch_size}; raise data.digits.eval_fraction or "
+      "use a larger data.tfds.eval_split, or lower the batch size."
+    )
   if requested > available:
-    logging.warning('Only %d eval batches available (asked for %d).',
-                    available, requested)
+    logging.warning("Only %d eval batches available (asked for %d).", available, requested)
   return min(available, requested) if requested else available
 
 
-def _train_dataset(train: _Split, *, local_batch: int, seed: int,
-                   process_index: int, process_count: int):
+def _train_dataset(train: _Split, *, local_batch: int, seed: int, process_index: int, process_count: int):
   """grain.MapDataset whose item s is this process's part of global batch s.
 
   The same index arithmetic as `pipeline._train_dataset`, with image rows.
   """
   import grain  # pylint: disable=g-import-not-at-top
+
   rows = grain.MapDataset.range(len(train.labels))
   rows = rows.shuffle(seed=seed % 2**32).repeat()  # New permutation per epoch.
   rows = rows.batch(local_batch, drop_remainder=True)  # <int64>[b] chunks.

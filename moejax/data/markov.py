@@ -50,6 +50,7 @@ class MarkovMixture:
     concentration: Dirichlet concentration of the initial and successor
       probabilities; 1.0 is uniform on the simplex, smaller is peakier.
   """
+
   vocab_size: int
   num_sources: int
   branching: int
@@ -58,9 +59,9 @@ class MarkovMixture:
 
   def __post_init__(self):
     if self.vocab_size < 1 or self.num_sources < 1:
-      raise ValueError(f'vocab_size and num_sources must be >= 1: {self}')
+      raise ValueError(f"vocab_size and num_sources must be >= 1: {self}")
     if not 1 <= self.branching <= self.vocab_size:
-      raise ValueError(f'branching must be in [1, vocab_size]: {self}')
+      raise ValueError(f"branching must be in [1, vocab_size]: {self}")
 
   @functools.cached_property
   def _params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,8 +75,7 @@ class MarkovMixture:
     # permutation of the vocabulary, kept in increasing order.
     order = np.argsort(rng.random((k, v, v)), axis=-1)  # [K, V, V]
     successors = np.sort(order[..., :b], axis=-1)  # [K, V, B]
-    successor_probs = rng.dirichlet(np.full(b, self.concentration),
-                                    size=(k, v))  # [K, V, B]
+    successor_probs = rng.dirichlet(np.full(b, self.concentration), size=(k, v))  # [K, V, B]
     return init, successors, successor_probs
 
   @property
@@ -95,8 +95,7 @@ class MarkovMixture:
     np.put_along_axis(trans, successors, successor_probs, axis=-1)
     return trans
 
-  def sample(self, num_seqs: int, length: int,
-             seed: Seed) -> tuple[np.ndarray, np.ndarray]:
+  def sample(self, num_seqs: int, length: int, seed: Seed) -> tuple[np.ndarray, np.ndarray]:
     """Draws sequences, each from a uniformly chosen source.
 
     Args:
@@ -111,7 +110,7 @@ class MarkovMixture:
       source: <int32>[N], the generating source of each sequence.
     """
     if length < 1:
-      raise ValueError(f'length must be >= 1, got {length}')
+      raise ValueError(f"length must be >= 1, got {length}")
     init, successors, successor_probs = self._params
     rng = np.random.default_rng(seed)
     source = rng.integers(self.num_sources, size=num_seqs)
@@ -143,8 +142,7 @@ class MarkovMixture:
     return float(np.mean(self.bayes_token_losses(tokens)))
 
 
-def mixture_token_losses(init_probs: np.ndarray, transitions: np.ndarray,
-                         tokens: np.ndarray) -> np.ndarray:
+def mixture_token_losses(init_probs: np.ndarray, transitions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """Next-token losses of the posterior-mixture predictor (uniform prior).
 
   The source is fixed within a sequence, so the posterior over sources after
@@ -163,9 +161,9 @@ def mixture_token_losses(init_probs: np.ndarray, transitions: np.ndarray,
   """
   tokens = np.asarray(tokens)
   if tokens.ndim != 2:
-    raise ValueError(f'tokens must be [N, T], got shape {tokens.shape}')
+    raise ValueError(f"tokens must be [N, T], got shape {tokens.shape}")
   num_seqs, length = tokens.shape
-  with np.errstate(divide='ignore'):  # log(0) = -inf is intended.
+  with np.errstate(divide="ignore"):  # log(0) = -inf is intended.
     log_init = np.log(np.asarray(init_probs, np.float64))  # [K, V]
     log_trans = np.log(np.asarray(transitions, np.float64))  # [K, V, V]
   # Posterior over sources given the first token: prior is uniform.
@@ -176,7 +174,7 @@ def mixture_token_losses(init_probs: np.ndarray, transitions: np.ndarray,
     log_joint = log_post + log_step  # log p(k, x_{t+1} | x_<=t)  [N, K]
     log_pred = _logsumexp(log_joint)  # log p(x_{t+1} | x_<=t)  [N]
     losses[:, t] = -log_pred
-    with np.errstate(invalid='ignore'):  # -inf - -inf only for impossible x.
+    with np.errstate(invalid="ignore"):  # -inf - -inf only for impossible x.
       log_post = log_joint - log_pred[:, None]
   return losses
 
@@ -192,11 +190,11 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
   """logsumexp over the last axis, -inf when all entries are -inf."""
   m = np.max(x, axis=-1)
   m_safe = np.where(np.isfinite(m), m, 0.0)
-  with np.errstate(divide='ignore'):
+  with np.errstate(divide="ignore"):
     return np.log(np.sum(np.exp(x - m_safe[..., None]), axis=-1)) + m_safe
 
 
 def _log_normalize(x: np.ndarray) -> np.ndarray:
   """Normalises log-weights over the last axis."""
-  with np.errstate(invalid='ignore'):
+  with np.errstate(invalid="ignore"):
     return x - _logsumexp(x)[..., None]

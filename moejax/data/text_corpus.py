@@ -42,10 +42,8 @@ import numpy as np
 DEFAULT_MAX_BYTES = 8 * 2**20
 SEPARATOR = 0  # Byte written after every file.
 VALIDATION_MODULUS = 20
-STDLIB = '<stdlib>'  # How the default root is recorded in manifests.
-_SKIPPED_STDLIB_DIRS = frozenset(
-    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
-     '__pycache__'})
+STDLIB = "<stdlib>"  # How the default root is recorded in manifests.
+_SKIPPED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +59,7 @@ class Manifest:
     local_paths: absolute path of each file on this machine, parallel to
       `files`; not part of the digest nor of the JSON.
   """
+
   files: list[dict]
   digest: str
   roots: list[str]
@@ -68,10 +67,14 @@ class Manifest:
 
   def to_json_dict(self) -> dict:
     """What a run records: everything but the machine-specific local paths."""
-    return {'digest': self.digest, 'roots': self.roots,
-            'num_files': len(self.files),
-            'num_bytes': sum(f['bytes'] for f in self.files),
-            'python': sys.version.split()[0], 'files': self.files}
+    return {
+      "digest": self.digest,
+      "roots": self.roots,
+      "num_files": len(self.files),
+      "num_bytes": sum(f["bytes"] for f in self.files),
+      "python": sys.version.split()[0],
+      "files": self.files,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +86,13 @@ class TextCorpus:
     train: <uint8>[N_train, length].
     validation: <uint8>[N_validation, length].
   """
+
   manifest: Manifest
   train: np.ndarray
   validation: np.ndarray
 
 
-def collect_files(paths: Sequence[str] | None = None, *,
-                  max_bytes: int = DEFAULT_MAX_BYTES) -> Manifest:
+def collect_files(paths: Sequence[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Manifest:
   """Lists, selects and hashes the files of a corpus.
 
   Args:
@@ -113,51 +116,58 @@ def collect_files(paths: Sequence[str] | None = None, *,
     roots = [STDLIB]
     found = _stdlib_files()
   if not found:
-    raise ValueError(f'No files found for data.text.paths={paths!r}')
+    raise ValueError(f"No files found for data.text.paths={paths!r}")
   by_path = {}
   for rel, local in found:
     if rel in by_path and by_path[rel] != local:
-      raise ValueError(f'Two files have the relative path {rel!r}: '
-                       f'{by_path[rel]} and {local}')
+      raise ValueError(f"Two files have the relative path {rel!r}: {by_path[rel]} and {local}")
     by_path[rel] = local
 
   # Greedy fill of the byte budget in a fixed pseudo-random order of files.
   sizes = {rel: os.path.getsize(local) for rel, local in by_path.items()}
   selected, total = [], 0
-  for rel in sorted(by_path, key=lambda r: _path_hash('order', r)):
+  for rel in sorted(by_path, key=lambda r: _path_hash("order", r)):
     if total + sizes[rel] <= max_bytes:
       selected.append(rel)
       total += sizes[rel]
   selected.sort()
   if not selected:
-    raise ValueError(f'No file fits in max_bytes={max_bytes} for {roots}')
+    raise ValueError(f"No file fits in max_bytes={max_bytes} for {roots}")
 
-  split_hash = {rel: _path_hash('split', rel) for rel in selected}
+  split_hash = {rel: _path_hash("split", rel) for rel in selected}
   validation = {r for r in selected if split_hash[r] % VALIDATION_MODULUS == 0}
   if not validation and len(selected) >= 2:
     validation = {min(selected, key=split_hash.__getitem__)}
 
   files, local_paths = [], []
   for rel in selected:
-    with open(by_path[rel], 'rb') as f:
+    with open(by_path[rel], "rb") as f:
       content = f.read()
-    files.append({'path': rel, 'bytes': len(content),
-                  'sha256': hashlib.sha256(content).hexdigest(),
-                  'split': 'validation' if rel in validation else 'train'})
+    files.append(
+      {
+        "path": rel,
+        "bytes": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "split": "validation" if rel in validation else "train",
+      }
+    )
     local_paths.append(by_path[rel])
-  return Manifest(files=files, digest=manifest_digest(files), roots=roots,
-                  local_paths=local_paths)
+  return Manifest(files=files, digest=manifest_digest(files), roots=roots, local_paths=local_paths)
 
 
 def manifest_digest(files: Sequence[dict]) -> str:
   """sha256 hex over the (path, bytes, sha256) of `files`, in order."""
-  key = [(f['path'], f['bytes'], f['sha256']) for f in files]
+  key = [(f["path"], f["bytes"], f["sha256"]) for f in files]
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-def load_text_corpus(paths: Sequence[str] | None = None, *, length: int,
-                     max_bytes: int = DEFAULT_MAX_BYTES,
-                     manifest: Manifest | None = None) -> TextCorpus:
+def load_text_corpus(
+  paths: Sequence[str] | None = None,
+  *,
+  length: int,
+  max_bytes: int = DEFAULT_MAX_BYTES,
+  manifest: Manifest | None = None,
+) -> TextCorpus:
   """Reads the corpus and cuts each split into byte sequences.
 
   Args:
@@ -176,19 +186,20 @@ def load_text_corpus(paths: Sequence[str] | None = None, *, length: int,
   """
   if manifest is None:
     manifest = collect_files(paths, max_bytes=max_bytes)
-  contents = {'train': [], 'validation': []}
+  contents = {"train": [], "validation": []}
   for info, local in zip(manifest.files, manifest.local_paths):
-    with open(local, 'rb') as f:
+    with open(local, "rb") as f:
       content = f.read()
-    if hashlib.sha256(content).hexdigest() != info['sha256']:
-      raise ValueError(f'{local} changed while the corpus was being read')
-    contents[info['split']].append(content)
+    if hashlib.sha256(content).hexdigest() != info["sha256"]:
+      raise ValueError(f"{local} changed while the corpus was being read")
+    contents[info["split"]].append(content)
   splits = {split: pack_bytes(docs, length) for split, docs in contents.items()}
   for split, rows in splits.items():
     if not len(rows):
       raise ValueError(
-          f'The {split} split of {manifest.roots} holds less than one sequence '
-          f'of {length} bytes; add files or raise data.text.max_bytes.')
+        f"The {split} split of {manifest.roots} holds less than one sequence "
+        f"of {length} bytes; add files or raise data.text.max_bytes."
+      )
   return TextCorpus(manifest=manifest, **splits)
 
 
@@ -203,8 +214,8 @@ def pack_bytes(documents: Sequence[bytes], length: int) -> np.ndarray:
     <uint8>[N, length] with N = total // length; the ragged tail is dropped.
   """
   if length < 1:
-    raise ValueError(f'length must be >= 1, got {length}')
-  stream = b''.join(d + bytes([SEPARATOR]) for d in documents)
+    raise ValueError(f"length must be >= 1, got {length}")
+  stream = b"".join(d + bytes([SEPARATOR]) for d in documents)
   num_rows = len(stream) // length
   flat = np.frombuffer(stream, np.uint8, count=num_rows * length)
   return flat.reshape(num_rows, length).copy()
@@ -212,15 +223,13 @@ def pack_bytes(documents: Sequence[bytes], length: int) -> np.ndarray:
 
 def _path_hash(salt: str, rel: str) -> int:
   """A stable integer hash of a relative path."""
-  return int(hashlib.sha256(f'{salt}:{rel}'.encode()).hexdigest()[:16], 16)
+  return int(hashlib.sha256(f"{salt}:{rel}".encode()).hexdigest()[:16], 16)
 
 
 def _stdlib_files() -> list[tuple[str, str]]:
   """(relative path, local path) of the standard library's *.py files."""
-  root = sysconfig.get_paths()['stdlib']
-  return [(rel, local) for rel, local in
-          _walk(root, prefix='', skip_dirs=_SKIPPED_STDLIB_DIRS)
-          if rel.endswith('.py')]
+  root = sysconfig.get_paths()["stdlib"]
+  return [(rel, local) for rel, local in _walk(root, prefix="", skip_dirs=_SKIPPED_STDLIB_DIRS) if rel.endswith(".py")]
 
 
 def _expand(path: str) -> list[tuple[str, str]]:
@@ -238,28 +247,25 @@ def _expand(path: str) -> list[tuple[str, str]]:
     if glob.has_magic(part):
       break
     fixed.append(part)
-  base = os.path.abspath(os.sep.join(fixed) or '.')
+  base = os.path.abspath(os.sep.join(fixed) or ".")
   prefix_root = os.path.dirname(base)
   out = []
   for match in sorted(glob.glob(path, recursive=True)):
     if os.path.isfile(match):
       local = os.path.abspath(match)
-      out.append((os.path.relpath(local, prefix_root).replace(os.sep, '/'),
-                  local))
+      out.append((os.path.relpath(local, prefix_root).replace(os.sep, "/"), local))
   return out
 
 
-def _walk(root: str, prefix: str,
-          skip_dirs: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+def _walk(root: str, prefix: str, skip_dirs: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
   """Regular, non-hidden files below root, without following links."""
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames
-                         if not d.startswith('.') and d not in skip_dirs)
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
     for name in sorted(filenames):
       local = os.path.join(dirpath, name)
-      if name.startswith('.') or not os.path.isfile(local):
+      if name.startswith(".") or not os.path.isfile(local):
         continue
-      rel = os.path.relpath(local, root).replace(os.sep, '/')
-      out.append((f'{prefix}/{rel}' if prefix else rel, local))
+      rel = os.path.relpath(local, root).replace(os.sep, "/")
+      out.append((f"{prefix}/{rel}" if prefix else rel, local))
   return out

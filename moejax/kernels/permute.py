@@ -78,8 +78,7 @@ PLATFORMS = ("gpu", "tpu")
 MAX_GATHER_K = 8
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["row_of_choice", "choice_of_row"],
-                   meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["row_of_choice", "choice_of_row"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class RowMap:
   """The rows of each token's choices and the choice of each row (a partial bijection).
@@ -144,9 +143,16 @@ def _config(backend, platform, interpret, block_rows, block_d):
   return _Config(backend, platform, bool(interpret), block_rows, block_d)
 
 
-def permute(x: jax.Array, row_map: RowMap, *, backend: str = "auto", interpret: bool | None = None,
-            block_rows: int | None = None, block_d: int | None = None,
-            platform: str | None = None) -> jax.Array:
+def permute(
+  x: jax.Array,
+  row_map: RowMap,
+  *,
+  backend: str = "auto",
+  interpret: bool | None = None,
+  block_rows: int | None = None,
+  block_d: int | None = None,
+  platform: str | None = None,
+) -> jax.Array:
   """out[r] = x[row_map.token_of_row[r]], zeros for empty rows.
 
   Args:
@@ -167,9 +173,17 @@ def permute(x: jax.Array, row_map: RowMap, *, backend: str = "auto", interpret: 
   return _permute(x, row_map, _config(backend, platform, interpret, block_rows, block_d))
 
 
-def unpermute(y: jax.Array, row_map: RowMap, weight: jax.Array, *, backend: str = "auto",
-              interpret: bool | None = None, block_rows: int | None = None, block_d: int | None = None,
-              platform: str | None = None) -> jax.Array:
+def unpermute(
+  y: jax.Array,
+  row_map: RowMap,
+  weight: jax.Array,
+  *,
+  backend: str = "auto",
+  interpret: bool | None = None,
+  block_rows: int | None = None,
+  block_d: int | None = None,
+  platform: str | None = None,
+) -> jax.Array:
   """out[t] = Σ_k weight[t, k] · y[row_map.row_of_choice[t, k]]; choices with no row add 0.
 
   Args:
@@ -232,8 +246,11 @@ def _rows_to_tokens(rows, row_map, weight, cfg):
   """<[T, d] rows.dtype> Σ_k weight[t, k] · rows[row_of_choice[t, k]] (weight None: 1)."""
   t, k = row_map.row_of_choice.shape
   if k > MAX_GATHER_K:  # Reading T·K rows would cost more than the R rows: scatter-add them.
-    flat = None if weight is None else jnp.concatenate(
-        [weight.reshape(-1), jnp.zeros((1,), weight.dtype)])[row_map.choice_of_row]
+    flat = (
+      None
+      if weight is None
+      else jnp.concatenate([weight.reshape(-1), jnp.zeros((1,), weight.dtype)])[row_map.choice_of_row]
+    )
     return _scatter_add_xla(rows, row_map.token_of_row, flat, t)
   return _gather_rows(rows, row_map.row_of_choice, weight, cfg)
 
@@ -294,14 +311,14 @@ def _gather_rows_gpu(src, index, weight, cfg):
   row_block = pl.BlockSpec((bm, k), lambda i, j: (i, 0))
   kernel = functools.partial(_gpu_kernel, num_src=n, k_rows=k, block_d=bd, weighted=weight is not None)
   out = pl.pallas_call(
-      kernel,
-      out_shape=_out_shape((m_pad, d_pad), src.dtype, operands[0]),
-      grid=(m_pad // bm, d_pad // bd),
-      in_specs=[row_block] * (len(operands) - 1) + [pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((bm, bd), lambda i, j: (i, j)),
-      compiler_params=pltriton.CompilerParams(num_warps=4),
-      interpret=cfg.interpret,
-      name="moejax_gather_rows",
+    kernel,
+    out_shape=_out_shape((m_pad, d_pad), src.dtype, operands[0]),
+    grid=(m_pad // bm, d_pad // bd),
+    in_specs=[row_block] * (len(operands) - 1) + [pl.BlockSpec(memory_space=pl.ANY)],
+    out_specs=pl.BlockSpec((bm, bd), lambda i, j: (i, j)),
+    compiler_params=pltriton.CompilerParams(num_warps=4),
+    interpret=cfg.interpret,
+    name="moejax_gather_rows",
   )(*operands)
   return out[:m, :d]
 
@@ -340,22 +357,22 @@ def _gather_rows_tpu(src, index, weight, cfg):
   operands.append(src)
   in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # stays in HBM; rows are DMA'd by hand
   index, *operands = _same_variance(index, *operands)
-  kernel = functools.partial(_tpu_kernel, num_src=n, k_rows=k, block_rows=bm, block_d=bd,
-                             weighted=weight is not None)
+  kernel = functools.partial(_tpu_kernel, num_src=n, k_rows=k, block_rows=bm, block_d=bd, weighted=weight is not None)
   out = pl.pallas_call(
-      kernel,
-      out_shape=_out_shape((m_pad, d), src.dtype, index),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(m_pad // bm, d // bd),
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec((bm, bd), lambda i, j, index: (i, j)),
-          scratch_shapes=[pltpu.VMEM((k, bm, bd), src.dtype), pltpu.SemaphoreType.DMA(())]),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      # The TPU interpreter simulates the DMAs and semaphores (uninitialised VMEM reads as NaN),
-      # and unlike the generic one it runs inside shard_map with check_vma.
-      interpret=pltpu.InterpretParams() if cfg.interpret else False,
-      name="moejax_gather_rows",
+    kernel,
+    out_shape=_out_shape((m_pad, d), src.dtype, index),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(m_pad // bm, d // bd),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bm, bd), lambda i, j, index: (i, j)),
+      scratch_shapes=[pltpu.VMEM((k, bm, bd), src.dtype), pltpu.SemaphoreType.DMA(())],
+    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+    # The TPU interpreter simulates the DMAs and semaphores (uninitialised VMEM reads as NaN),
+    # and unlike the generic one it runs inside shard_map with check_vma.
+    interpret=pltpu.InterpretParams() if cfg.interpret else False,
+    name="moejax_gather_rows",
   )(index, *operands)
   return out[:m]
 
@@ -380,6 +397,7 @@ def _tpu_kernel(index_smem, *refs, num_src, k_rows, block_rows, block_d, weighte
       @pl.when(jnp.logical_not(valid))
       def _():
         buffers[k, pl.ds(row, 1), :] = jnp.zeros((1, block_d), buffers.dtype)
+
     return carry
 
   def wait(row, carry):

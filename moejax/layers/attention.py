@@ -36,9 +36,19 @@ class CausalSelfAttention(nnx.Module):
   RMS-normalises each query and key head before RoPE (OLMoE, Qwen3).
   """
 
-  def __init__(self, d_model: int, num_heads: int, rotary: bool, init_scale: float, *,
-               causal: bool = True, num_kv_heads: int = 0, head_dim: int = 0, qk_norm: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    rotary: bool,
+    init_scale: float,
+    *,
+    causal: bool = True,
+    num_kv_heads: int = 0,
+    head_dim: int = 0,
+    qk_norm: bool = False,
+    rngs: nnx.Rngs,
+  ):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
     self.rotary = rotary
@@ -55,7 +65,9 @@ class CausalSelfAttention(nnx.Module):
     else:
       self.wqkv = None
       self.wq = nnx.Param(init(rngs.params(), (d_model, num_heads * head_dim)).reshape(d_model, num_heads, head_dim))
-      self.wkv = nnx.Param(init(rngs.params(), (d_model, 2 * kv_heads * head_dim)).reshape(d_model, 2, kv_heads, head_dim))
+      self.wkv = nnx.Param(
+        init(rngs.params(), (d_model, 2 * kv_heads * head_dim)).reshape(d_model, 2, kv_heads, head_dim)
+      )
     self.q_norm = nnx.RMSNorm(head_dim, rngs=rngs) if qk_norm else None
     self.k_norm = nnx.RMSNorm(head_dim, rngs=rngs) if qk_norm else None
     self.wo = nnx.Param(init(rngs.params(), (num_heads * head_dim, d_model)))

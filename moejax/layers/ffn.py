@@ -12,12 +12,13 @@ ACTIVATIONS = ("gelu", "relu", "swiglu")
 def fan_in_init(scale: float, batch_axis: tuple[int, ...] = ()):
   """Truncated-normal init with variance scale/fan_in (Switch uses scale 0.1 for stability)."""
   return nnx.initializers.variance_scaling(
-      scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=batch_axis
+    scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=batch_axis
   )
 
 
-def ffn_apply(x: jax.Array, wi: jax.Array, wo: jax.Array, wg: jax.Array | None, activation: str,
-              spec_in: str, spec_out: str) -> jax.Array:
+def ffn_apply(
+  x: jax.Array, wi: jax.Array, wo: jax.Array, wg: jax.Array | None, activation: str, spec_in: str, spec_out: str
+) -> jax.Array:
   """FFN(x) = act(x·wi [⊙ x·wg]) · wo with einsum specs, for dense ([d,f]) or stacked ([E,d,f]) weights.
 
   Specs that open with "..." ("...d,df->...f", "...f,fd->...d") run on x flattened to [N, d], N the

@@ -28,20 +28,30 @@ from moejax.layers.router import Router
 def _layer_fields() -> dict:
   """{field: default}: every `moe.*` field, plus the `model.*` fields a layer reads, resolved."""
   model = schema.defaults("lm", "model")
-  return {**schema.defaults("lm", "moe"), "d_expert": model["d_ff"], "activation": model["activation"],
-          "init_scale": model["init_scale"]}
+  return {
+    **schema.defaults("lm", "moe"),
+    "d_expert": model["d_ff"],
+    "activation": model["activation"],
+    "init_scale": model["init_scale"],
+  }
 
 
 MoEConfig = dataclasses.make_dataclass(
-    "MoEConfig", [(name, type(default), dataclasses.field(default=default)) for name, default in _layer_fields().items()],
-    frozen=True, namespace={"__module__": __name__, "__doc__": """Static settings of one MoE layer.
+  "MoEConfig",
+  [(name, type(default), dataclasses.field(default=default)) for name, default in _layer_fields().items()],
+  frozen=True,
+  namespace={
+    "__module__": __name__,
+    "__doc__": """Static settings of one MoE layer.
 
     Its fields are the config's `moe.*` fields (defaults and meanings: moejax/config/schema.py and
     each router family's options in moejax/routers/), with d_expert resolved (the config's 0 means
     model.d_ff) and the layer's `activation` and `init_scale` from `model.*`. Built from a config by
     `moejax.models.build.moe_config`; a router family registered after this module was imported
     has no fields here (import it first).
-    """})
+    """,
+  },
+)
 
 
 class MoELayer(nnx.Module):
@@ -68,14 +78,16 @@ class MoELayer(nnx.Module):
     self.wg = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f))) if cfg.activation == "swiglu" else None
     self.wo = parallel.expert_param(expert_init(rngs.params(), (e, f, d_model)))
     # Shared experts (DeepSeekMoE): always on, so n of them are one FFN of hidden size n·f.
-    self.shared = (FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
-                   if cfg.num_shared_experts else None)
+    self.shared = (
+      FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
+      if cfg.num_shared_experts
+      else None
+    )
     # When True, an eval-mode forward pass also sows its routing decision (nnx.Intermediate
     # 'routing'): `moejax.analysis.routing_decisions` sets it to ask which tokens each expert takes.
     self.capture_routing = False
 
-  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
-               token_ids: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None, token_ids: jax.Array | None = None):
     """x: [B, L, d]; rng: key for training noise (required when the router draws any);
     token_ids: <int32>[B, L] for the hash router (else it hashes positions)."""
     cfg = self.cfg
@@ -89,11 +101,13 @@ class MoELayer(nnx.Module):
     if cfg.num_experts % num_shards:
       raise ValueError(f"num_experts={cfg.num_experts} must be divisible by the mesh's {num_shards} 'expert' devices")
     if tokens.shape[0] % mesh.size:
-      raise ValueError(f"the {tokens.shape[0]} groups of {group_size} tokens must split evenly over the "
-                       f"mesh's {mesh.size} devices")
+      raise ValueError(
+        f"the {tokens.shape[0]} groups of {group_size} tokens must split evenly over the mesh's {mesh.size} devices"
+      )
     if train and self.router.family.needs_rng(cfg) and rng is None:
-      raise ValueError(f"router {cfg.router!r} draws random numbers in training (router_noise / "
-                       "second_expert_policy): pass an rng")
+      raise ValueError(
+        f"router {cfg.router!r} draws random numbers in training (router_noise / second_expert_policy): pass an rng"
+      )
     rng = jax.random.key(0) if rng is None else rng
     router_def, router_state = nnx.split(self.router)
     if self.capture_routing:
@@ -115,8 +129,9 @@ class MoELayer(nnx.Module):
       return output.astype(tokens.dtype), router.family.aux(cfg, decision, stats, parallel.BATCH)
 
     weights = (self.wi[...], self.wo[...], None if self.wg is None else self.wg[...])
-    y, aux = parallel.per_device(route_and_compute, mesh, sharded=(tokens, ids), replicated=(router_state, rng),
-                                 experts=(weights,))
+    y, aux = parallel.per_device(
+      route_and_compute, mesh, sharded=(tokens, ids), replicated=(router_state, rng), experts=(weights,)
+    )
     y = y.reshape(b, l, d)
     if self.shared is not None:
       y = y + self.shared(x)
@@ -139,10 +154,12 @@ def _experts(expert_in, weights, cfg, num_shards: int):
   options = dict(impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend)
   if isinstance(expert_in, dispatch.Rows):
     if num_shards == 1:
-      return dropless.dropless_expert_ffn(expert_in.tokens, expert_in.expert_index, expert_in.combine_weight,
-                                          wi, wo, wg, cfg.activation, **options)
-    exchange = parallel.RowExchange(expert_in.expert_index, cfg.num_experts, num_shards, cfg.expert_exchange,
-                                    cfg.permute_backend)
+      return dropless.dropless_expert_ffn(
+        expert_in.tokens, expert_in.expert_index, expert_in.combine_weight, wi, wo, wg, cfg.activation, **options
+      )
+    exchange = parallel.RowExchange(
+      expert_in.expert_index, cfg.num_experts, num_shards, cfg.expert_exchange, cfg.permute_backend
+    )
     rows, local_id = exchange.there(expert_in.tokens)  # [n·N, d] on the receiver
     ones = jnp.ones((rows.shape[0], 1), jnp.float32)
     out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **options)

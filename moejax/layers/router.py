@@ -31,6 +31,5 @@ class Router(nnx.Module):
     """C for a group of S = group_size tokens."""
     return self.family.capacity(self.cfg, group_size, train)
 
-  def __call__(self, x: jax.Array, *, capacity: int, train: bool, rng: jax.Array,
-               token_ids: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, capacity: int, train: bool, rng: jax.Array, token_ids: jax.Array | None = None):
     return self.family.route(self, x, capacity=capacity, train=train, rng=rng, token_ids=token_ids)

@@ -17,10 +17,14 @@ def moe_config(cfg: ml_collections.ConfigDict) -> MoEConfig:
   fields = {f.name for f in dataclasses.fields(MoEConfig)}
   missing = sorted(set(cfg.moe.keys()) - fields)
   if missing:
-    raise ConfigError(f"moe.{missing[0]}", "belongs to a router family registered after moejax.layers.moe was "
-                      "imported; import the family's module before moejax's models")
-  derived = dict(d_expert=cfg.moe.d_expert or cfg.model.d_ff, activation=cfg.model.activation,
-                 init_scale=cfg.model.init_scale)
+    raise ConfigError(
+      f"moe.{missing[0]}",
+      "belongs to a router family registered after moejax.layers.moe was "
+      "imported; import the family's module before moejax's models",
+    )
+  derived = dict(
+    d_expert=cfg.moe.d_expert or cfg.model.d_ff, activation=cfg.model.activation, init_scale=cfg.model.init_scale
+  )
   return MoEConfig(**{**cfg.moe.to_dict(), **derived})
 
 
@@ -28,8 +32,12 @@ def decoder_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> DecoderCo
   """The decoder's static config; vocab_size is used when model.vocab_size is 0."""
   m = cfg.model
   fields = {f.name for f in dataclasses.fields(DecoderConfig)} - {"vocab_size", "max_len", "moe"}
-  return DecoderConfig(vocab_size=m.vocab_size or vocab_size, max_len=cfg.train.seq_len, moe=moe_config(cfg),
-                       **{name: m[name] for name in fields})
+  return DecoderConfig(
+    vocab_size=m.vocab_size or vocab_size,
+    max_len=cfg.train.seq_len,
+    moe=moe_config(cfg),
+    **{name: m[name] for name in fields},
+  )
 
 
 def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, num_mesh_devices: int = 1) -> ViTConfig:
@@ -39,14 +47,23 @@ def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, nu
   if not (height == width and height % m.patch_size == 0):
     raise ConfigError("model.patch_size", f"must divide the {height}×{width} images, got {m.patch_size}")
   fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"image_size", "channels", "num_classes", "moe"}
-  vit = ViTConfig(image_size=height, channels=channels, num_classes=num_classes, moe=moe_config(cfg),
-                  **{name: m[name] for name in fields})
+  vit = ViTConfig(
+    image_size=height,
+    channels=channels,
+    num_classes=num_classes,
+    moe=moe_config(cfg),
+    **{name: m[name] for name in fields},
+  )
   group = e.group_size or vit.num_tokens
   if not (vit.num_tokens % group == 0 or group % vit.num_tokens == 0):
-    raise ConfigError("moe.group_size", f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, "
-                      f"got {e.group_size}")
+    raise ConfigError(
+      "moe.group_size", f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, got {e.group_size}"
+    )
   tokens = cfg.train.batch_size * vit.num_tokens
   if not (tokens % group == 0 and (tokens // group) % num_mesh_devices == 0):
-    raise ConfigError("moe.group_size", f"the batch's {tokens} tokens must split into groups of {group} whose count "
-                      f"is divisible by the mesh's {num_mesh_devices} devices")
+    raise ConfigError(
+      "moe.group_size",
+      f"the batch's {tokens} tokens must split into groups of {group} whose count "
+      f"is divisible by the mesh's {num_mesh_devices} devices",
+    )
   return vit

@@ -58,21 +58,42 @@ class TransformerBlock(nnx.Module):
   dense with hidden size d_ff. Shared with the ViT (`moejax.models.vit`), which is not causal.
   """
 
-  def __init__(self, d_model: int, num_heads: int, d_ff: int, activation: str, init_scale: float, *,
-               moe: MoEConfig | None, rotary: bool, causal: bool, mesh, rngs: nnx.Rngs,
-               num_kv_heads: int = 0, head_dim: int = 0, qk_norm: bool = False):
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    d_ff: int,
+    activation: str,
+    init_scale: float,
+    *,
+    moe: MoEConfig | None,
+    rotary: bool,
+    causal: bool,
+    mesh,
+    rngs: nnx.Rngs,
+    num_kv_heads: int = 0,
+    head_dim: int = 0,
+    qk_norm: bool = False,
+  ):
     self.attention_norm = nnx.RMSNorm(d_model, rngs=rngs)
-    self.attention = CausalSelfAttention(d_model, num_heads, rotary, init_scale, causal=causal,
-                                         num_kv_heads=num_kv_heads, head_dim=head_dim, qk_norm=qk_norm,
-                                         rngs=rngs)
+    self.attention = CausalSelfAttention(
+      d_model,
+      num_heads,
+      rotary,
+      init_scale,
+      causal=causal,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      qk_norm=qk_norm,
+      rngs=rngs,
+    )
     self.ffn_norm = nnx.RMSNorm(d_model, rngs=rngs)
     if moe is not None:
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
     else:
       self.ffn = FeedForward(d_model, d_ff, activation, init_scale, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None,
-               token_ids: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None, token_ids: jax.Array | None = None):
     """rng: training noise of the router; token_ids: for the hash router."""
     x = x + self.attention(self.attention_norm(x))
     h = self.ffn_norm(x)
@@ -88,20 +109,44 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model,
-                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-    self.position_embed = (nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.02),
-                                     rngs=rngs) if cfg.positions == "learned" else None)
-    self.blocks = nnx.List([
-        TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.activation, cfg.init_scale,
-                         moe=cfg.moe if cfg.is_moe_layer(i) else None,
-                         rotary=cfg.positions == "rope", causal=True, mesh=mesh, rngs=rngs,
-                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm)
-        for i in range(cfg.num_layers)])
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.position_embed = (
+      nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+      if cfg.positions == "learned"
+      else None
+    )
+    self.blocks = nnx.List(
+      [
+        TransformerBlock(
+          cfg.d_model,
+          cfg.num_heads,
+          cfg.d_ff,
+          cfg.activation,
+          cfg.init_scale,
+          moe=cfg.moe if cfg.is_moe_layer(i) else None,
+          rotary=cfg.positions == "rope",
+          causal=True,
+          mesh=mesh,
+          rngs=rngs,
+          num_kv_heads=cfg.num_kv_heads,
+          head_dim=cfg.head_dim,
+          qk_norm=cfg.qk_norm,
+        )
+        for i in range(cfg.num_layers)
+      ]
+    )
     self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
-    self.unembed = None if cfg.tie_embeddings else nnx.Linear(
-        cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs,
-        kernel_init=nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"))
+    self.unembed = (
+      None
+      if cfg.tie_embeddings
+      else nnx.Linear(
+        cfg.d_model,
+        cfg.vocab_size,
+        use_bias=False,
+        rngs=rngs,
+        kernel_init=nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
+      )
+    )
 
   def moe_layers(self) -> list[MoELayer]:
     """The MoE layers in block order (the order of the aux list the forward pass returns)."""

@@ -111,11 +111,23 @@ class ViT(nnx.Module):
     # Zero-initialised, as in big_vision and vmoe.
     self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.d_model))) if cfg.pooling == "cls" else None
     # No rotary: learned position embeddings are the only position signal, as in ViT.
-    self.blocks = nnx.List([
-        TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.activation, cfg.init_scale,
-                         moe=cfg.moe if cfg.is_moe_layer(i) else None,
-                         rotary=False, causal=False, mesh=mesh, rngs=rngs)
-        for i in range(cfg.num_layers)])
+    self.blocks = nnx.List(
+      [
+        TransformerBlock(
+          cfg.d_model,
+          cfg.num_heads,
+          cfg.d_ff,
+          cfg.activation,
+          cfg.init_scale,
+          moe=cfg.moe if cfg.is_moe_layer(i) else None,
+          rotary=False,
+          causal=False,
+          mesh=mesh,
+          rngs=rngs,
+        )
+        for i in range(cfg.num_layers)
+      ]
+    )
     self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
     # Not zero-initialised (big_vision's head_zeroinit): a zero head would hide, at
     # initialisation, every input dependence that tests and diagnostics look at.

@@ -14,6 +14,7 @@ A new family is a module with a `RouterFamily` subclass decorated with `@registe
 
 from moejax.routers.base import Option, RouterFamily
 from moejax.routers.registry import get, names, options, owners, register
+
 # Registration order is the order of moe.router's allowed values in messages.
 from moejax.routers import top_k, expert_choice, soft_moe, hash, dense, deepseek  # noqa: E402,F401
 

@@ -54,28 +54,53 @@ class Option:
 
 # Options several families read, declared once.
 TOP_K = Option("top_k", 2, "Choices per token K: 1 = Switch, 2 = GShard; also DeepSeek's K.")  # Range: by family.
-COMBINE_WEIGHTS = Option("combine_weights", "raw", "'raw' (Switch/vmoe) | 'renormalized' over the K chosen "
-                         "(GShard/Mixtral/DeepSeek-V3).", allowed=("raw", "renormalized"))
-PRIORITY = Option("priority", "token_major", "Slot order: 'token_major' (causal) | 'choice_major' (vmoe) | "
-                  "'bpr' (V-MoE, by top-1 probability).", allowed=("choice_major", "token_major", "bpr"))
-CAPACITY_FACTOR = Option("capacity_factor", 1.25, "Training capacity factor cf; top-k C = ceil(S·K·cf / E), "
-                         "expert choice C = ceil(S·cf / E).", minimum=0, exclusive=True)
+COMBINE_WEIGHTS = Option(
+  "combine_weights",
+  "raw",
+  "'raw' (Switch/vmoe) | 'renormalized' over the K chosen (GShard/Mixtral/DeepSeek-V3).",
+  allowed=("raw", "renormalized"),
+)
+PRIORITY = Option(
+  "priority",
+  "token_major",
+  "Slot order: 'token_major' (causal) | 'choice_major' (vmoe) | 'bpr' (V-MoE, by top-1 probability).",
+  allowed=("choice_major", "token_major", "bpr"),
+)
+CAPACITY_FACTOR = Option(
+  "capacity_factor",
+  1.25,
+  "Training capacity factor cf; top-k C = ceil(S·K·cf / E), expert choice C = ceil(S·cf / E).",
+  minimum=0,
+  exclusive=True,
+)
 EVAL_CAPACITY_FACTOR = Option("eval_capacity_factor", 2.0, "cf in eval (ST-MoE).", minimum=0, exclusive=True)
-DISPATCHER = Option("dispatcher", "sort", "'sort' (row gathers) | 'einsum' (GShard one-hot) | 'dropless' "
-                    "(no capacity).", allowed=("einsum", "sort", "dropless"))
+DISPATCHER = Option(
+  "dispatcher",
+  "sort",
+  "'sort' (row gathers) | 'einsum' (GShard one-hot) | 'dropless' (no capacity).",
+  allowed=("einsum", "sort", "dropless"),
+)
 LOAD_BALANCE_LOSS_WEIGHT = Option("load_balance_loss_weight", 1e-2, "Switch α, summed over MoE layers.", minimum=0)
-LOAD_BALANCE_DENSITY = Option("load_balance_density", "top1", "'top1' (Switch) | 'topk' (any of the K choices).",
-                              allowed=("top1", "topk"))
-LOAD_BALANCE_SCOPE = Option("load_balance_scope", "group", "'group' | 'local_batch' (per device) | "
-                            "'global_batch' (f and P over the whole batch first, Qwen).",
-                            allowed=("group", "local_batch", "global_batch"))
-Z_LOSS_WEIGHT = Option("z_loss_weight", 1e-3, "ST-MoE router z-loss coefficient, summed over MoE layers.",
-                       minimum=0)
+LOAD_BALANCE_DENSITY = Option(
+  "load_balance_density", "top1", "'top1' (Switch) | 'topk' (any of the K choices).", allowed=("top1", "topk")
+)
+LOAD_BALANCE_SCOPE = Option(
+  "load_balance_scope",
+  "group",
+  "'group' | 'local_batch' (per device) | 'global_batch' (f and P over the whole batch first, Qwen).",
+  allowed=("group", "local_batch", "global_batch"),
+)
+Z_LOSS_WEIGHT = Option("z_loss_weight", 1e-3, "ST-MoE router z-loss coefficient, summed over MoE layers.", minimum=0)
 IMPORTANCE_LOSS_WEIGHT = Option("importance_loss_weight", 0.0, "Shazeer's CV²(importance).", minimum=0)
 
 CAPACITY = (CAPACITY_FACTOR, EVAL_CAPACITY_FACTOR, DISPATCHER)
-SWITCH_LOSSES = (LOAD_BALANCE_LOSS_WEIGHT, LOAD_BALANCE_DENSITY, LOAD_BALANCE_SCOPE, Z_LOSS_WEIGHT,
-                 IMPORTANCE_LOSS_WEIGHT)
+SWITCH_LOSSES = (
+  LOAD_BALANCE_LOSS_WEIGHT,
+  LOAD_BALANCE_DENSITY,
+  LOAD_BALANCE_SCOPE,
+  Z_LOSS_WEIGHT,
+  IMPORTANCE_LOSS_WEIGHT,
+)
 
 
 class BatchReduce:
@@ -118,8 +143,11 @@ class RouterFamily:
     if cls.dispatcher(cfg) != "dropless":
       return {}
     own = {o.name for o in cls.options}
-    return {name: "moe.dispatcher is 'dropless': no capacity, every choice is kept"
-            for name in ("capacity_factor", "eval_capacity_factor") if name in own}
+    return {
+      name: "moe.dispatcher is 'dropless': no capacity, every choice is kept"
+      for name in ("capacity_factor", "eval_capacity_factor")
+      if name in own
+    }
 
   @classmethod
   def choices_per_token(cls, cfg) -> int:

@@ -16,8 +16,7 @@ from moejax.routers.base import Option, routing
 from moejax.routers.registry import register
 from moejax.routers.top_k import TopK, check_top_k
 
-SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid' (V3).",
-                        allowed=("softmax", "sigmoid"))
+SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid' (V3).", allowed=("softmax", "sigmoid"))
 BIAS_UPDATE_RATE = Option("bias_update_rate", 1e-3, "Aux-loss-free balancing γ (V3); 0 = off.", minimum=0)
 NUM_EXPERT_GROUPS = Option("num_expert_groups", 1, "Group-limited routing: the experts form this many groups ...")
 TOP_EXPERT_GROUPS = Option("top_expert_groups", 1, "... of which each token may use its best ones.")
@@ -28,19 +27,31 @@ class DeepSeek(TopK):
   """Top-K of biased affinities; weights from the unbiased ones."""
 
   name = "deepseek"
-  options = (base.TOP_K, base.COMBINE_WEIGHTS, base.PRIORITY, *base.CAPACITY, *base.SWITCH_LOSSES,
-             SCORE_FUNCTION, BIAS_UPDATE_RATE, NUM_EXPERT_GROUPS, TOP_EXPERT_GROUPS)
+  options = (
+    base.TOP_K,
+    base.COMBINE_WEIGHTS,
+    base.PRIORITY,
+    *base.CAPACITY,
+    *base.SWITCH_LOSSES,
+    SCORE_FUNCTION,
+    BIAS_UPDATE_RATE,
+    NUM_EXPERT_GROUPS,
+    TOP_EXPERT_GROUPS,
+  )
 
   @classmethod
   def validate(cls, moe) -> None:
     check_top_k(moe)
     base.check_options(cls.options, moe)
     if not (moe.num_expert_groups >= 1 and moe.num_experts % moe.num_expert_groups == 0):
-      raise ConfigError("moe.num_expert_groups",
-                        f"must divide moe.num_experts ({moe.num_experts}), got {moe.num_expert_groups}")
+      raise ConfigError(
+        "moe.num_expert_groups", f"must divide moe.num_experts ({moe.num_experts}), got {moe.num_expert_groups}"
+      )
     if not 1 <= moe.top_expert_groups <= moe.num_expert_groups:
-      raise ConfigError("moe.top_expert_groups", f"must be between 1 and moe.num_expert_groups "
-                        f"({moe.num_expert_groups}), got {moe.top_expert_groups}")
+      raise ConfigError(
+        "moe.top_expert_groups",
+        f"must be between 1 and moe.num_expert_groups ({moe.num_expert_groups}), got {moe.top_expert_groups}",
+      )
     if moe.top_k > moe.top_expert_groups * (moe.num_experts // moe.num_expert_groups):
       raise ConfigError("moe.top_k", "exceeds the experts in the moe.top_expert_groups groups a token may use")
 
@@ -50,8 +61,10 @@ class DeepSeek(TopK):
 
   @classmethod
   def variables(cls, cfg, d_model, init, rngs):
-    return {**base.RouterFamily.variables(cfg, d_model, init, rngs),
-            "bias": ("state", jnp.zeros((cfg.num_experts,), jnp.float32))}
+    return {
+      **base.RouterFamily.variables(cfg, d_model, init, rngs),
+      "bias": ("state", jnp.zeros((cfg.num_experts,), jnp.float32)),
+    }
 
   @classmethod
   def route(cls, router, x, *, capacity, train, rng, token_ids=None):
@@ -65,10 +78,17 @@ class DeepSeek(TopK):
       stats["probs"] = scores
     selection = scores + router.bias[...]
     if cfg.num_expert_groups > 1:
-      selection = routing.group_limited_scores(selection, num_groups=cfg.num_expert_groups,
-                                               top_groups=cfg.top_expert_groups)
-    decision = routing.top_k_route(scores, top_k=cfg.top_k, capacity=capacity, combine_weights=cfg.combine_weights,
-                                   priority=cfg.priority, selection_scores=selection)
+      selection = routing.group_limited_scores(
+        selection, num_groups=cfg.num_expert_groups, top_groups=cfg.top_expert_groups
+      )
+    decision = routing.top_k_route(
+      scores,
+      top_k=cfg.top_k,
+      capacity=capacity,
+      combine_weights=cfg.combine_weights,
+      priority=cfg.priority,
+      selection_scores=selection,
+    )
     stats["selection_counts"] = base.selection_counts(decision)
     return decision, stats
 

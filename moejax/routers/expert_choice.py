@@ -21,18 +21,25 @@ class ExpertChoice(RouterFamily):
   """Experts pick tokens; the eval capacity is the training one (it decides the function computed)."""
 
   name = "expert_choice"
-  options = (base.CAPACITY_FACTOR, base.DISPATCHER, base.Z_LOSS_WEIGHT, base.IMPORTANCE_LOSS_WEIGHT,
-             MAX_EXPERTS_PER_TOKEN)
+  options = (
+    base.CAPACITY_FACTOR,
+    base.DISPATCHER,
+    base.Z_LOSS_WEIGHT,
+    base.IMPORTANCE_LOSS_WEIGHT,
+    MAX_EXPERTS_PER_TOKEN,
+  )
 
   @classmethod
   def validate(cls, moe) -> None:
     super().validate(moe)
     if moe.dispatcher == "dropless":
-      raise ConfigError("moe.dispatcher", "'dropless' is for token-choice routers; 'expert_choice' fixes its slots "
-                        "by construction")
+      raise ConfigError(
+        "moe.dispatcher", "'dropless' is for token-choice routers; 'expert_choice' fixes its slots by construction"
+      )
     if moe.max_experts_per_token > moe.num_experts:
-      raise ConfigError("moe.max_experts_per_token",
-                        f"must be <= moe.num_experts ({moe.num_experts}), got {moe.max_experts_per_token}")
+      raise ConfigError(
+        "moe.max_experts_per_token", f"must be <= moe.num_experts ({moe.num_experts}), got {moe.max_experts_per_token}"
+      )
 
   @classmethod
   def capacity(cls, cfg, group_size, train):
@@ -53,6 +60,7 @@ class ExpertChoice(RouterFamily):
   def route(cls, router, x, *, capacity, train, rng, token_ids=None):
     logits, stats = cls.logits(router, x, train=train, rng=None)
     probs = jax.nn.softmax(logits, axis=-1)
-    decision = routing.expert_choice_route(probs, capacity=capacity,
-                                           max_experts_per_token=router.cfg.max_experts_per_token)
+    decision = routing.expert_choice_route(
+      probs, capacity=capacity, max_experts_per_token=router.cfg.max_experts_per_token
+    )
     return decision, {**stats, "probs": probs, "selection_counts": base.selection_counts(decision)}

@@ -29,7 +29,9 @@ class Hash(RouterFamily):
     if moe.top_k != 1:
       raise ConfigError("moe.top_k", f"the hash router sends each token to 1 expert; set moe.top_k=1 (got {moe.top_k})")
     if moe.priority == "bpr":
-      raise ConfigError("moe.priority", "'bpr' orders tokens by router probability, which the hash router does not have")
+      raise ConfigError(
+        "moe.priority", "'bpr' orders tokens by router probability, which the hash router does not have"
+      )
 
   @classmethod
   def is_causal(cls, cfg) -> bool:
@@ -44,8 +46,13 @@ class Hash(RouterFamily):
     cfg = router.cfg
     ids = token_ids if token_ids is not None else jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     experts = routing.hash_experts(ids, cfg.num_experts, cfg.hash_seed)[..., None]  # [G, S, 1]
-    decision = routing.route_choices(experts, jnp.ones(experts.shape, jnp.float32), num_experts=cfg.num_experts,
-                                     capacity=capacity, priority=cfg.priority)
+    decision = routing.route_choices(
+      experts,
+      jnp.ones(experts.shape, jnp.float32),
+      num_experts=cfg.num_experts,
+      capacity=capacity,
+      priority=cfg.priority,
+    )
     probs = jax.nn.one_hot(experts[..., 0], cfg.num_experts)
     # One-hot "probabilities": entropy 0, confidence 1, and the expert shares the importance loss would read.
     return decision, {"logits": None, "probs": probs, "selection_counts": probs.sum(axis=(0, 1))}

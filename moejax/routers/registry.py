@@ -18,8 +18,10 @@ def register(family):
   known = options()
   for option in family.options:
     if option.name in known and known[option.name] != option:
-      raise ValueError(f"router family {family.name!r} redeclares option moe.{option.name} differently "
-                       f"({option} vs {known[option.name]}); share the Option object")
+      raise ValueError(
+        f"router family {family.name!r} redeclares option moe.{option.name} differently "
+        f"({option} vs {known[option.name]}); share the Option object"
+      )
   _FAMILIES[family.name] = family
   return family
 

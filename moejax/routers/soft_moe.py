@@ -12,8 +12,7 @@ from moejax.lazy import jnp
 from moejax.routers.base import Option, RouterFamily, routing
 from moejax.routers.registry import register
 
-SLOTS_PER_EXPERT = Option("slots_per_expert", 1, "Slots p per expert (the paper's best: 1).", minimum=0,
-                          exclusive=True)
+SLOTS_PER_EXPERT = Option("slots_per_expert", 1, "Slots p per expert (the paper's best: 1).", minimum=0, exclusive=True)
 SOFT_NORMALIZE = Option("soft_normalize", True, "L2-normalise tokens and slot parameters, learned scale.")
 
 
@@ -52,10 +51,10 @@ class SoftMoE(RouterFamily):
   def route(cls, router, x, *, capacity, train, rng, token_ids=None):
     cfg = router.cfg
     scale = router.scale[...] if cfg.soft_normalize else 1.0
-    decision = routing.soft_moe_route(x, router.slot_params[...], num_experts=cfg.num_experts, scale=scale,
-                                      normalize=cfg.soft_normalize)
-    return decision, {"logits": None, "probs": None,
-                      "selection_counts": jnp.zeros((cfg.num_experts,), jnp.float32)}
+    decision = routing.soft_moe_route(
+      x, router.slot_params[...], num_experts=cfg.num_experts, scale=scale, normalize=cfg.soft_normalize
+    )
+    return decision, {"logits": None, "probs": None, "selection_counts": jnp.zeros((cfg.num_experts,), jnp.float32)}
 
   @classmethod
   def kept_per_expert(cls, cfg, decision, aux, batch):

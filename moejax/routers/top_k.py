@@ -14,13 +14,22 @@ from moejax.routers import base
 from moejax.routers.base import Option, RouterFamily, losses, routing
 from moejax.routers.registry import register
 
-ROUTER_NOISE = Option("router_noise", "none", "Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch).",
-                      allowed=("none", "noisy_top_k", "jitter"))
+ROUTER_NOISE = Option(
+  "router_noise",
+  "none",
+  "Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch).",
+  allowed=("none", "noisy_top_k", "jitter"),
+)
 JITTER_EPS = Option("jitter_eps", 0.01, "Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.", minimum=0)
-SECOND_EXPERT_POLICY = Option("second_expert_policy", "all", "'all' | 'random' (GShard: 2nd expert only if "
-                              "2·g2 > u, u ~ U(0, 1), in training).", allowed=("all", "random"))
-LOAD_LOSS_WEIGHT = Option("load_loss_weight", 0.0, "Shazeer's CV²(smooth load); needs router_noise='noisy_top_k'.",
-                          minimum=0)
+SECOND_EXPERT_POLICY = Option(
+  "second_expert_policy",
+  "all",
+  "'all' | 'random' (GShard: 2nd expert only if 2·g2 > u, u ~ U(0, 1), in training).",
+  allowed=("all", "random"),
+)
+LOAD_LOSS_WEIGHT = Option(
+  "load_loss_weight", 0.0, "Shazeer's CV²(smooth load); needs router_noise='noisy_top_k'.", minimum=0
+)
 
 
 def check_top_k(moe) -> None:
@@ -45,16 +54,28 @@ class TopK(RouterFamily):
   """Softmax over E, each token takes its K best; capacity ceil(S·K·cf / E)."""
 
   name = "top_k"
-  options = (base.TOP_K, base.COMBINE_WEIGHTS, base.PRIORITY, *base.CAPACITY, *base.SWITCH_LOSSES,
-             ROUTER_NOISE, JITTER_EPS, SECOND_EXPERT_POLICY, LOAD_LOSS_WEIGHT)
+  options = (
+    base.TOP_K,
+    base.COMBINE_WEIGHTS,
+    base.PRIORITY,
+    *base.CAPACITY,
+    *base.SWITCH_LOSSES,
+    ROUTER_NOISE,
+    JITTER_EPS,
+    SECOND_EXPERT_POLICY,
+    LOAD_LOSS_WEIGHT,
+  )
 
   @classmethod
   def validate(cls, moe) -> None:
     check_top_k(moe)
     super().validate(moe)
     if moe.router_noise == "noisy_top_k" and moe.top_k >= moe.num_experts:
-      raise ConfigError("moe.router_noise", f"noisy top-k needs moe.top_k < moe.num_experts (an expert must be able "
-                        f"to miss); got top_k={moe.top_k}, num_experts={moe.num_experts}")
+      raise ConfigError(
+        "moe.router_noise",
+        f"noisy top-k needs moe.top_k < moe.num_experts (an expert must be able "
+        f"to miss); got top_k={moe.top_k}, num_experts={moe.num_experts}",
+      )
     if moe.second_expert_policy == "random" and moe.top_k != 2:
       raise ConfigError("moe.second_expert_policy", "'random' is GShard's policy for router 'top_k' with top_k = 2")
     if moe.load_loss_weight and moe.router_noise != "noisy_top_k":
@@ -114,8 +135,14 @@ class TopK(RouterFamily):
     threshold = None
     if train and cfg.second_expert_policy == "random":
       threshold = jax.random.uniform(second_rng, probs.shape[:2])
-    decision = routing.top_k_route(probs, top_k=cfg.top_k, capacity=capacity, combine_weights=cfg.combine_weights,
-                                   priority=cfg.priority, second_expert_threshold=threshold)
+    decision = routing.top_k_route(
+      probs,
+      top_k=cfg.top_k,
+      capacity=capacity,
+      combine_weights=cfg.combine_weights,
+      priority=cfg.priority,
+      second_expert_threshold=threshold,
+    )
     stats["selection_counts"] = base.selection_counts(decision)
     return decision, stats
 
