@@ -29,18 +29,24 @@ drift between minutes. The default (E ∈ {8, 64}, K = 2, T ∈ {4096, 16384}, d
 groups of 1024, float32, best of 5 rounds) covers every issue-#4 target; --top_k 1,2 doubles the
 programs to compile, and --experts 8,16,32,64,128 takes about 2.5× as long again.
 
-Last default run: 2026-11-29 17:00 UTC, the shared 2-core CPU dev VM (jax 0.10.2), 2 min 11 s
-wall, noise (median/best) up to 1.6; results in experiments/results/moe_layer_benchmark/.
-Met: routing + permutation 8-10% of the layer for sort, 7-9% for dropless (target 10%).
-Missed: sort E=8 is 1.15× (T=4k) / 1.05× (T=16k) the dense FFN of hidden cf·K·f (target 1.1×);
-sort E=64 is 1.22× sort E=8 at T=16k (target 1.2×); dropless is 1.66-1.78× (E=8) and
-1.89-2.45× (E=64) the dense FFN of hidden K·f (target 1.15×; its backward's weight-gradient
-matmuls contract over one 64-row block, which XLA:CPU runs far below peak); sort is 1.62×
-(T=4k) / 1.70× (T=16k) faster than einsum at E=64 (target 2×). Running the capacity experts as
-[E, G·C, d] matmuls instead of the 4-D 'egcd,edf' form took sort E=8 from 1.86× to 1.05-1.16×;
-gathering in both directions through a RowMap (no scatter-add) took sort's routing share from
-10-12% to 8-10%. The same machine ran faster on 2026-11-29 than on 2026-11-23 (the dense FFN
-took 141 ms instead of 207 ms at T=4k), so compare ratios only within one run.
+Last default run: 2026-12-02 06:54 UTC, the 2-core CPU dev VM (jax 0.10.2), quiet, 1 min 48 s
+wall, noise (median/best) up to 1.5; results in experiments/results/moe_layer_benchmark/. Since
+issue #11 this times the library's MoELayer itself (before, a copy of its per-device path without
+the aux losses and metrics; the 2026-11-29 figures below came from that copy).
+Met: sort E=64 is 1.09× sort E=8 at T=16k (target 1.2×; 1.22× on 2026-11-29).
+Missed: sort E=8 is 1.23× (T=4k) / 1.20× (T=16k) the dense FFN of hidden cf·K·f (target 1.1×;
+1.15× / 1.05× on 2026-11-29, without the aux computations); dropless is 1.12× (E=8, T=4k: met),
+1.29× (E=8, T=16k) and 1.78-2.10× (E=64) the dense FFN of hidden K·f (target 1.15×; 1.66-2.45× on
+2026-11-29; its backward's weight-gradient matmuls contract over one 64-row block, which XLA:CPU
+runs far below peak); sort is 1.49× (T=4k) / 1.69× (T=16k) faster than einsum at E=64 (target 2×);
+the time outside the expert FFNs is 12-28% of the layer for sort and 14-24% for dropless (target
+10%): the real layer also computes its aux losses and metrics (load balance, z-loss, importance,
+entropy, experts per token, expert loads) and their backward, which the 2026-11-29 copy (8-10%,
+7-9%) left out. History: running the capacity experts as [E, G·C, d] matmuls instead of the 4-D
+'egcd,edf' form took sort E=8 from 1.86× to 1.05-1.16×; gathering in both directions through a
+RowMap (no scatter-add) took sort's routing share from 10-12% to 8-10%. Absolute times move
+between days on this machine (the dense FFN of hidden K·f took 207 ms on 2026-11-23, 141 ms on
+2026-11-29 and 124 ms on 2026-12-02 at T=4k), so compare ratios only within one run.
 
 Writes results.csv, results.md and ratios.png (needs matplotlib; skipped with a note if it is
 missing) into --out, and prints each issue-#4 CPU target with the measured value.
