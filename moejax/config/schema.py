@@ -200,12 +200,16 @@ def active_fields(cfg) -> set[str]:
   return set(flatten(cfg)) - set(inactive_fields(cfg))
 
 
+def has_moe_layers(cfg) -> bool:
+  """Whether the model has an MoE layer (model.moe_every, or the ViT's model.moe_last)."""
+  return cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+
+
 def inactive_fields(cfg) -> dict[str, str]:
   """{'section.field': why the run does not read it} (the complement of `active_fields`)."""
   flat = flatten(cfg)
   why = {}
-  has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
-  if not has_moe:
+  if not has_moe_layers(cfg):
     why.update({f: "the model has no MoE layer: model.moe_every is 0" for f in flat if f.startswith("moe.")})
   else:
     selected = routers.get(cfg.moe.router) if cfg.moe.router in routers.names() else None

@@ -81,7 +81,7 @@ def _model(cfg) -> None:
 
 def _moe(cfg) -> None:
   e = cfg.moe
-  has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+  has_moe = schema.has_moe_layers(cfg)
   family = routers.get(e.router)  # ConfigError naming moe.router if unknown.
   _check(e.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {e.num_experts}")
   _positive(cfg, "moe.dead_expert_steps")
@@ -190,7 +190,7 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
     f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
     f"own); got data={data_devices} × expert={expert_devices}",
   )
-  has_moe = cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+  has_moe = schema.has_moe_layers(cfg)
   _check(
     not has_moe or e.num_experts % expert_devices == 0,
     "mesh.expert",
