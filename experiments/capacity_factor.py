@@ -13,7 +13,7 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   (1.18×); cf2.0 1.575 ± 0.022 (1.23×); dropless 1.565 ± 0.016 (1.24×). Mean wall time per
   run: 19, 19, 21 and 22 s for cf 1.0, 1.25, 2.0 and dropless (dense 17 s).
 Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense
 models' most.
 Table, CSV, LaTeX and plots: experiments/results/capacity_factor/quick/.
 """
@@ -44,7 +44,7 @@ EXPERIMENT = Experiment(
     "step 250 cf 1.0 still drops 17-19% of the tokens per MoE layer (cf 1.25: 10%, cf 2.0: under "
     "2%; seed 0's moe_layer*/fraction_dropped_choice1 in metrics.jsonl). "
     "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense "
     "models' most."
   ),
   paper=(

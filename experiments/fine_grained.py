@@ -16,7 +16,7 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   1.575 ± 0.014. Fine-grained runs take 1.3× the wall time of top2_E8 on CPU (more, smaller
   expert matmuls).
 Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense
 models' most.
 Table, CSV, LaTeX and plots: experiments/results/fine_grained/quick/.
 """
@@ -58,7 +58,7 @@ EXPERIMENT = Experiment(
     "deviation; the shared expert recovers little of it (1.575). All three beat the dense model by "
     "0.11-0.15 nats. The fine-grained advantage is reported for far larger models and more tokens. "
     "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense "
     "models' most."
   ),
   paper=(

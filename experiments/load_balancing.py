@@ -12,8 +12,8 @@ of 250 steps; eval cross-entropy and max/mean load at the last logged step, mean
   alpha0 1.556 / 1.17; alpha0.001 1.553 / 1.15; alpha0.01 1.553 / 1.12; alpha0.1 1.559 / 1.19;
   alpha0.01_no_z 1.548 / 1.13; aux_free_bias 1.555 / 1.11 (seed std of the loss ≈ 0.02).
 The wall-clock column was measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; every variant has the same dense blocks, so it
-overstates them all alike.
+which made dense FFN blocks faster on CPU (timings in that commit); every variant has the same
+dense blocks, so it overstates them all alike.
 Table, CSV, LaTeX and plots: experiments/results/load_balancing/quick/.
 """
 
@@ -50,8 +50,8 @@ EXPERIMENT = Experiment(
     "(1.548-1.559), so the bias's quality gain (DeepSeek-V3) does not show, and α = 0.1 was not more "
     "even than 1e-2 at the last logged step (1.19), a single-step reading. "
     "The wall-clock column was measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; every variant has the same dense blocks, so it "
-    "overstates them all alike."
+    "which made dense FFN blocks faster on CPU (timings in that commit); every variant has the same dense "
+    "blocks, so it overstates them all alike."
   ),
   paper=(
     "Switch: α = 1e-2 balances without hurting quality; ST-MoE: the z-loss (1e-3) stabilises training "

@@ -12,7 +12,7 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   E64 1.618 ± 0.019 (speed-up in steps to dense's loss: 1.04 (1 of 3 seeds), 1.12, 1.18, 1.20,
   1.21; max/mean load at the end 1.00, 1.08, 1.18, 1.65, 2.35).
 Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense
 models' most.
 Table, CSV, LaTeX and plots: experiments/results/num_experts/quick/.
 """
@@ -38,7 +38,7 @@ EXPERIMENT = Experiment(
     "are uneven (max/mean 2.35), so 27-28% of the tokens are dropped in training (E = 8: 10%; seed "
     "0's fraction_dropped_choice1 at step 250); Switch's experts see far more tokens. "
     "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense "
     "models' most."
   ),
   paper=(

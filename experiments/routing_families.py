@@ -17,7 +17,7 @@ runs of 250 steps; eval cross-entropy, mean ± std over seeds 0-2; Bayes floor 1
   (1.20×); ec_cf1 1.552 ± 0.012 (1.27×, not causal); ec_cf2 1.580 ± 0.013 (1.22×, not causal);
   dense_total_params 1.623 ± 0.020 (1.15×, at 3.2× the FLOPs per token).
 Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense
 models' most.
 Table, CSV, LaTeX and plots: experiments/results/routing_families/quick/.
 """
@@ -57,7 +57,7 @@ EXPERIMENT = Experiment(
     "dense model's speed); EC at cf 1 is the best variant, but in a decoder it sees later tokens, "
     "so its advantage is not a fair one. "
     "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense "
     "models' most."
   ),
   paper=(

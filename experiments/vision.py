@@ -16,7 +16,7 @@ runs of 300 steps; eval accuracy on the held-out 20% of the 1797 digits, mean ±
   dense 0.970 ± 0.005; top2 0.965 ± 0.013; expert_choice 0.967 ± 0.009; soft_moe 0.966 ± 0.006;
   soft_moe_unnormalized 0.960 ± 0.009.
 Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d),
-which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense
+which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense
 models' most.
 Table, CSV, LaTeX and plots: experiments/results/vision/quick/.
 """
@@ -62,7 +62,7 @@ EXPERIMENT = Experiment(
     "too small and too easy to separate Soft MoE, expert choice, token choice and dense. Soft MoE "
     "without normalization is the lowest (0.960), as in the paper's ablation, but within the noise. "
     "Wall-clock columns were measured before the dense-FFN layout fix of 2026-12-02 (commit 0d5595d), "
-    "which made dense FFN blocks about 2× faster on CPU; they overstate every model's time, the dense "
+    "which made dense FFN blocks faster on CPU (timings in that commit); they overstate every model's time, the dense "
     "models' most."
   ),
   paper=(
