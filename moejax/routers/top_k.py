@@ -20,9 +20,7 @@ ROUTER_NOISE = Option(
   "Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch).",
   allowed=("none", "noisy_top_k", "jitter"),
 )
-JITTER_EPS = Option(
-  "jitter_eps", 0.01, "Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.", minimum=0
-)
+JITTER_EPS = Option("jitter_eps", 0.01, "Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.", minimum=0)
 SECOND_EXPERT_POLICY = Option(
   "second_expert_policy",
   "all",
