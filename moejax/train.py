@@ -30,6 +30,7 @@ Faults, each handled without a read-back or collective on the other steps:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -220,7 +221,8 @@ def _why(error: BaseException, limit: int = 300) -> str:
 
 
 def _silence_abandoned_reads() -> None:
-  """Installs, once per process, an unraisable-error hook that drops the noise of orbax's abandoned reads.
+  """Installs, once per process, an unraisable-error hook (and an asyncio log filter) that drop the noise of
+  orbax's abandoned reads.
 
   When one array read of a restore fails, orbax closes its event loop with the other reads in
   flight. Collected, each of those turns its GeneratorExit into a bare Exception; a read that
@@ -243,6 +245,16 @@ def _silence_abandoned_reads() -> None:
 
   hook.moejax_silences_abandoned_reads = True
   sys.unraisablehook = hook
+  # The reads still running when the restore gave up may also fail on the same corrupt file; asyncio
+  # then logs "Task exception was never retrieved" with a traceback, through the logging module.
+  logging.getLogger("asyncio").addFilter(_drop_abandoned_read_errors)
+
+
+def _drop_abandoned_read_errors(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an orbax array read abandoned on an unreadable file."""
+  error = record.exc_info[1] if record.exc_info else None
+  abandoned_read = type(error) is Exception and isinstance(error.__cause__, (ValueError, OSError, GeneratorExit))
+  return not (abandoned_read and record.getMessage().startswith("Task exception was never retrieved"))
 
 
 def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:

@@ -292,3 +292,32 @@ def test_models_and_config_import_without_tfds_or_grain():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_asyncio_reports_of_abandoned_reads_are_dropped():
+  """After a failed restore, asyncio may log the other reads' failures on the same file: dropped; others kept."""
+  import logging
+
+  from moejax import train
+
+  def report(error):
+    return logging.LogRecord(
+      "asyncio",
+      logging.ERROR,
+      __file__,
+      1,
+      "Task exception was never retrieved\nfuture: <Task>",
+      None,
+      (type(error), error, None),
+    )
+
+  try:
+    try:
+      raise ValueError("OUT_OF_RANGE: Error reading 'params.embed.embedding.value/0.0'")
+    except ValueError as cause:
+      raise Exception("Encountered error while reading array index") from cause
+  except Exception as error:  # noqa: BLE001 - orbax raises a bare Exception here.
+    abandoned = error
+  assert not train._drop_abandoned_read_errors(report(abandoned))
+  assert train._drop_abandoned_read_errors(report(RuntimeError("a real bug")))
+  assert train._drop_abandoned_read_errors(report(Exception("no cause")))
