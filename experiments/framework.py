@@ -176,9 +176,9 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
   # A setting for every run that this run does not read (a moe.* field for the dense baseline, an
   # option of another router family) stays at its default here, and says so: the run could not use it.
   unread = schema.inactive_fields(cfg)
-  defaults = schema.flatten(schema.base_config(cfg.task))
+  defaults, current = schema.flatten(schema.base_config(cfg.task)), schema.flatten(cfg)
   for field in extra or {}:
-    if field in unread and schema.flatten(cfg)[field] != defaults[field]:
+    if field in unread and current[field] != defaults[field]:
       override(cfg, {field: defaults[field]})
       if (variant.label, field) not in _NOTED:
         _NOTED.add((variant.label, field))

@@ -37,8 +37,7 @@ class TemperedTop1(RouterFamily):
   @classmethod
   def aux(cls, cfg, decision, stats, batch):
     aux = super().aux(cfg, decision, stats, batch)
-    fraction, mean_prob = base.losses.load_balance_terms(stats["probs"], decision.expert_index)
-    aux["load_balance_loss"] = batch.mean(base.losses.switch_balance(fraction, mean_prob))
+    aux["load_balance_loss"] = batch.mean(base.losses.load_balance_loss(stats["probs"], decision.expert_index))
     return aux
 
 

@@ -182,6 +182,7 @@ def defaults(task: str, section: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _defaults(task: str, families: tuple[str, ...]) -> dict:
+  """base_config(task) as a dict, cached per set of registered families (a new family adds options)."""
   return base_config(task).to_dict()
 
 
