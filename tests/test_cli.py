@@ -44,6 +44,17 @@ BAD_VALUES = [
   ({"data.markov.branching": 100}, "data.markov.branching"),
   ({"model.positions": "alibi"}, "model.positions"),
   ({"model.dtype": "float16"}, "model.dtype"),
+  ({"model.rope_theta": 0.0}, "model.rope_theta"),
+  ({"model.positions": "learned", "model.rope_theta": 1e6}, "model.rope_theta"),  # Not read without RoPE.
+  ({"model.norm_eps": 0.0}, "model.norm_eps"),
+  ({"model.qk_norm": True, "model.qk_norm_scope": "all"}, "model.qk_norm_scope"),
+  ({"model.qk_norm_scope": "projection"}, "model.qk_norm_scope"),  # Not read with qk_norm False.
+  ({"model.attention_bias": "yes"}, "model.attention_bias"),
+  ({"model.dense_layers": (1, 4)}, "model.dense_layers"),  # 4 blocks: 0..3.
+  ({"model.dense_layers": (1, 1)}, "model.dense_layers"),
+  ({"model.moe_every": 0, "model.dense_layers": (1,)}, "model.dense_layers"),  # Every block is dense.
+  ({"moe.shared_expert_gate": "sigmoid"}, "moe.shared_expert_gate"),  # No shared experts.
+  ({"moe.num_shared_experts": 1, "moe.shared_expert_gate": "tanh"}, "moe.shared_expert_gate"),
 ]
 
 

@@ -73,26 +73,74 @@ def _np_attention(x, q, k, v, causal=True):
   return np.einsum("bnlm,bmnh->blnh", weights, v)
 
 
-def _rms(x, scale):
-  return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
+def _rms(x, scale, eps=1e-6):
+  return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * scale
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_grouped_query_attention_matches_numpy(qk_norm):
+def _np_rope(x, base):
+  """transformers' rotate_half RoPE in numpy: pair (i, i + H/2) of position t turns by t·base^(-2i/H)."""
+  _, l, _, h = x.shape
+  inv_freq = base ** (-np.arange(0, h, 2) / h)  # [H/2]
+  angle = np.arange(l)[:, None] * inv_freq[None]  # [L, H/2]
+  cos, sin = np.cos(np.concatenate([angle, angle], -1)), np.sin(np.concatenate([angle, angle], -1))
+  rotated = np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], -1)
+  return x * cos[None, :, None] + rotated * sin[None, :, None]
+
+
+@pytest.mark.parametrize(
+  "qk_norm, scope, bias, rope_theta",
+  [
+    (False, "per_head", "none", None),
+    (True, "per_head", "none", 1e6),  # Qwen3
+    (True, "projection", "qkvo", 1e4),  # OLMoE's scope, transformers' attention_bias
+    (False, "per_head", "qkv", 1e6),  # Qwen2-MoE
+  ],
+)
+def test_grouped_query_attention_matches_numpy(qk_norm, scope, bias, rope_theta):
   # 4 query heads share 2 key/value heads (heads 0, 1 -> kv 0; 2, 3 -> kv 1); head_dim 6 ≠ d/N.
+  eps = 1e-2  # Far from the default, so that an epsilon left at its default would show.
   layer = CausalSelfAttention(
-    8, 4, rotary=False, init_scale=1.0, num_kv_heads=2, head_dim=6, qk_norm=qk_norm, rngs=nnx.Rngs(0)
+    8,
+    4,
+    rotary=rope_theta is not None,
+    init_scale=1.0,
+    num_kv_heads=2,
+    head_dim=6,
+    qk_norm=qk_norm,
+    qk_norm_scope=scope,
+    bias=bias,
+    rope_theta=rope_theta or 1e4,
+    norm_eps=eps,
+    rngs=nnx.Rngs(0),
   )
+  q_size, k_size = (6, 6) if scope == "per_head" else (24, 12)
   if qk_norm:  # Non-trivial norm scales, so that a missing norm would show.
-    layer.q_norm.scale[...] = jnp.linspace(0.5, 1.5, 6)
-    layer.k_norm.scale[...] = jnp.linspace(2.0, 1.0, 6)
+    assert layer.q_norm.scale.shape == (q_size,) and layer.k_norm.scale.shape == (k_size,)
+    layer.q_norm.scale[...] = jnp.linspace(0.5, 1.5, q_size)
+    layer.k_norm.scale[...] = jnp.linspace(2.0, 1.0, k_size)
+  for name in ("bq", "bkv", "bo"):  # Non-zero biases.
+    if getattr(layer, name) is not None:
+      param = getattr(layer, name)
+      param[...] = jax.random.normal(jax.random.key(len(name)), param.shape)
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 8)), np.float64)
   wq, wkv, wo = (np.asarray(p[...], np.float64) for p in (layer.wq, layer.wkv, layer.wo))
   q = np.einsum("bld,dnh->blnh", x, wq)
   k, v = np.einsum("bld,dtkh->tblkh", x, wkv)
+  if bias != "none":
+    q = q + np.asarray(layer.bq[...])
+    k, v = k + np.asarray(layer.bkv[...])[0], v + np.asarray(layer.bkv[...])[1]
   if qk_norm:
-    q, k = _rms(q, np.asarray(layer.q_norm.scale[...])), _rms(k, np.asarray(layer.k_norm.scale[...]))
+    qs, ks = np.asarray(layer.q_norm.scale[...]), np.asarray(layer.k_norm.scale[...])
+    if scope == "per_head":
+      q, k = _rms(q, qs, eps), _rms(k, ks, eps)
+    else:  # All heads of the projection at once.
+      q = _rms(q.reshape(2, 5, -1), qs, eps).reshape(q.shape)
+      k = _rms(k.reshape(2, 5, -1), ks, eps).reshape(k.shape)
+  if rope_theta is not None:
+    q, k = _np_rope(q, rope_theta), _np_rope(k, rope_theta)
   k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head n reads kv head n // 2
   want = _np_attention(x, q, k, v).reshape(2, 5, -1) @ wo
+  if bias == "qkvo":
+    want = want + np.asarray(layer.bo[...])
   np.testing.assert_allclose(layer(jnp.asarray(x, jnp.float32)), want, rtol=1e-4, atol=1e-5)
   assert layer.wqkv is None and wq.shape == (8, 4, 6) and wkv.shape == (8, 2, 2, 6)

@@ -27,6 +27,9 @@ POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 POOLINGS = ("gap", "cls")
+QK_NORM_SCOPES = ("per_head", "projection")
+ATTENTION_BIASES = ("none", "qkv", "qkvo")
+SHARED_EXPERT_GATES = ("none", "sigmoid")
 
 # The dispatchers' own options (moe.dispatcher selects one; moejax.dispatch implements them).
 DISPATCHER_OPTIONS = {
@@ -81,14 +84,24 @@ def _model(task: str) -> ml_collections.ConfigDict:
   if task == "lm":
     m.num_kv_heads = 0  # 0: num_heads; fewer: grouped-query attention (Mixtral, Qwen3).
     m.head_dim = 0  # 0: d_model / num_heads (Qwen3 sets 128 with d_model 2048, 32 heads).
-    m.qk_norm = False  # RMSNorm on each query and key head (OLMoE, Qwen3).
+    m.qk_norm = False  # RMSNorm on the queries and keys before RoPE (OLMoE, Qwen3).
+    # 'per_head': each head normalised, one [H] weight shared by the heads (Qwen3) | 'projection':
+    # the whole [N·H] query (and [N_kv·H] key) projection normalised at once, a weight per channel (OLMoE).
+    m.qk_norm_scope = "per_head"
+    # Biases of the attention projections: 'none' | 'qkv' (Qwen2-MoE) | 'qkvo' (transformers' attention_bias).
+    m.attention_bias = "none"
+    m.rope_theta = 10000.0  # RoPE base (transformers' rope_theta): Mixtral, Qwen2/3-MoE 1e6.
   m.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
   if task == "lm":
     m.positions = "rope"  # 'rope' | 'learned'
   m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu'
   m.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
   if task == "lm":
-    m.tie_embeddings = False
+    # Blocks whose FFN stays dense although moe_every would make it MoE (0-based; transformers'
+    # mlp_only_layers, DeepSeek's first_k_dense_replace = (0, ..., k-1)).
+    m.dense_layers = ()
+    m.tie_embeddings = False  # The output projection is the input embedding, transposed.
+  m.norm_eps = 1e-6  # Epsilon of every RMSNorm (transformers' rms_norm_eps): Mixtral, OLMoE 1e-5.
   m.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
   m.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
   return m
@@ -102,6 +115,8 @@ def _moe() -> ml_collections.ConfigDict:
   e.num_experts = 8
   e.d_expert = 0  # 0: model.d_ff. Fine-grained experts: many experts, small d_expert, larger K.
   e.num_shared_experts = 0  # Always-on experts of hidden size d_expert (DeepSeekMoE).
+  # 'none' | 'sigmoid': the shared experts' output × sigmoid(x·w), w [d] learned (Qwen2-MoE).
+  e.shared_expert_gate = "none"
   e.group_size = 0  # Tokens per routing group; 0 = one sequence (or image) per group.
   e.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
   e.dead_expert_steps = 100  # An expert with no tokens for this many steps counts as dead.
@@ -201,9 +216,22 @@ def active_fields(cfg) -> set[str]:
   return set(flatten(cfg)) - set(inactive_fields(cfg))
 
 
+def moe_layer_indices(model) -> list[int]:
+  """The 0-based blocks whose FFN is an MoE layer, from the config's `model` section (or a model dataclass).
+
+  Decoder: every P-th block (P = moe_every: blocks P-1, 2P-1, ...) but those in dense_layers;
+  ViT: the last moe_last blocks, or every P-th.
+  """
+  moe_last, every = getattr(model, "moe_last", 0), model.moe_every
+  if moe_last:
+    return list(range(model.num_layers - moe_last, model.num_layers))
+  dense = set(getattr(model, "dense_layers", ()))
+  return [i for i in range(model.num_layers) if every > 0 and i % every == every - 1 and i not in dense]
+
+
 def has_moe_layers(cfg) -> bool:
-  """Whether the model has an MoE layer (model.moe_every, or the ViT's model.moe_last)."""
-  return cfg.model.moe_every > 0 or cfg.model.get("moe_last", 0) > 0
+  """Whether the model has an MoE layer (model.moe_every and model.dense_layers, or the ViT's model.moe_last)."""
+  return bool(moe_layer_indices(cfg.model))
 
 
 def inactive_fields(cfg) -> dict[str, str]:
@@ -211,7 +239,12 @@ def inactive_fields(cfg) -> dict[str, str]:
   flat = flatten(cfg)
   why = {}
   if not has_moe_layers(cfg):
-    why.update({f: "the model has no MoE layer: model.moe_every is 0" for f in flat if f.startswith("moe.")})
+    reason = "the model has no MoE layer: " + (
+      "model.moe_every is 0" if cfg.model.moe_every == 0 else "model.dense_layers holds every MoE block"
+    )
+    why.update({f: reason for f in flat if f.startswith("moe.")})
+    if cfg.model.moe_every == 0 and "model.dense_layers" in flat:
+      why["model.dense_layers"] = "model.moe_every is 0: every block is dense already"
   else:
     selected = routers.get(cfg.moe.router) if cfg.moe.router in routers.names() else None
     own = {o.name for o in selected.options} if selected else set()
@@ -228,6 +261,12 @@ def inactive_fields(cfg) -> dict[str, str]:
         why[f"moe.{name}"] = f"an option of dispatcher {users}, and router {cfg.moe.router!r} uses {dispatcher!r}"
     if cfg.task != "lm":
       why["moe.allow_noncausal"] = "only a decoder is causal; the ViT sees every token"
+  if "model.qk_norm_scope" in flat and not cfg.model.qk_norm:
+    why["model.qk_norm_scope"] = "model.qk_norm is False"
+  if "model.rope_theta" in flat and cfg.model.positions != "rope":
+    why["model.rope_theta"] = f"model.positions is {cfg.model.positions!r}, not 'rope'"
+  if has_moe_layers(cfg) and cfg.moe.num_shared_experts == 0:
+    why["moe.shared_expert_gate"] = "moe.num_shared_experts is 0"
   source_section = DATA_SUBSECTIONS.get(cfg.data.source)
   for key, value in cfg.data.items():
     if isinstance(value, (ml_collections.ConfigDict, dict)) and key != source_section:

@@ -57,6 +57,21 @@ def _model(cfg) -> None:
       "model.num_kv_heads",
       f"must divide num_heads ({m.num_heads}), or be 0 (= num_heads); got {m.num_kv_heads}",
     )
+    _one_of(cfg, "model.qk_norm_scope", schema.QK_NORM_SCOPES)
+    _one_of(cfg, "model.attention_bias", schema.ATTENTION_BIASES)
+    _check(
+      isinstance(m.rope_theta, (int, float)) and m.rope_theta > 1,
+      "model.rope_theta",
+      f"must be a number > 1 (the RoPE base), got {m.rope_theta!r}",
+    )
+    dense = m.dense_layers
+    _check(
+      isinstance(dense, (tuple, list))
+      and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m.num_layers for i in dense)
+      and len(set(dense)) == len(dense),
+      "model.dense_layers",
+      f"must be distinct block indices in [0, model.num_layers = {m.num_layers}), got {dense!r}",
+    )
   else:
     _positive(cfg, "model.patch_size")
     _positive(cfg, "model.moe_last", allow_zero=True)
@@ -77,6 +92,11 @@ def _model(cfg) -> None:
     _one_of(cfg, "model.positions", schema.POSITIONS)
   _one_of(cfg, "model.activation", schema.ACTIVATIONS)
   _one_of(cfg, "model.dtype", schema.DTYPES)
+  _check(
+    isinstance(m.norm_eps, (int, float)) and 0 < m.norm_eps < 1,
+    "model.norm_eps",
+    f"must be in (0, 1) (the RMSNorm epsilon), got {m.norm_eps!r}",
+  )
 
 
 def _moe(cfg) -> None:
@@ -86,6 +106,7 @@ def _moe(cfg) -> None:
   _check(e.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {e.num_experts}")
   _positive(cfg, "moe.dead_expert_steps")
   _positive(cfg, "moe.d_expert", "moe.group_size", "moe.num_shared_experts", allow_zero=True)
+  _one_of(cfg, "moe.shared_expert_gate", schema.SHARED_EXPERT_GATES)
   family.validate(e)
   for name in schema.DISPATCHER_OPTIONS[family.dispatcher(e)]:
     allowed = {

@@ -83,6 +83,12 @@ class MoELayer(nnx.Module):
       if cfg.num_shared_experts
       else None
     )
+    # Qwen2-MoE's shared-expert gate: the shared output × sigmoid(x·w), a [d, 1] kernel.
+    self.shared_gate = (
+      nnx.Param(fan_in_init(cfg.init_scale)(rngs.params(), (d_model, 1)))
+      if self.shared is not None and cfg.shared_expert_gate == "sigmoid"
+      else None
+    )
     # When True, an eval-mode forward pass also sows its routing decision (nnx.Intermediate
     # 'routing'): `moejax.analysis.routing_decisions` sets it to ask which tokens each expert takes.
     self.capture_routing = False
@@ -134,7 +140,12 @@ class MoELayer(nnx.Module):
     )
     y = y.reshape(b, l, d)
     if self.shared is not None:
-      y = y + self.shared(x)
+      shared = self.shared(x)
+      if self.shared_gate is not None:
+        flat = x.reshape(b * l, d)
+        gate = jax.nn.sigmoid(flat @ self.shared_gate[...].astype(x.dtype)).reshape(b, l, 1)  # [B, L, 1]
+        shared = gate * shared
+      y = y + shared
     return y, aux
 
   def update_balance(self, aux: dict[str, jax.Array]) -> None:

@@ -3,8 +3,9 @@
 Legend: B batch, L sequence length, d model dim, V vocabulary.
 
 Pre-norm blocks: x + Attn(Norm(x)), then x + FFN(Norm(x)). With `moe_every = P > 0`, the FFN of
-every P-th block (blocks P-1, 2P-1, ...; P = 2 is Switch's every-other-layer) is an MoE layer;
-`moe_every = 0` is the dense baseline.
+every P-th block (blocks P-1, 2P-1, ...; P = 2 is Switch's every-other-layer) is an MoE layer,
+but for the blocks listed in `dense_layers`; `moe_every = 0` is the dense baseline. This is the
+architecture of Mixtral, OLMoE and Qwen2/3-MoE (`moejax.convert.hf` maps their weights).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config.schema import DTYPES, POSITIONS, defaults
+from moejax.config.schema import DTYPES, POSITIONS, defaults, moe_layer_indices
 from moejax.layers.attention import CausalSelfAttention
 from moejax.layers.ffn import FeedForward
 from moejax.layers.moe import MoEConfig, MoELayer
@@ -37,18 +38,26 @@ class DecoderConfig:
   num_kv_heads: int = _MODEL["num_kv_heads"]
   head_dim: int = _MODEL["head_dim"]
   qk_norm: bool = _MODEL["qk_norm"]
+  qk_norm_scope: str = _MODEL["qk_norm_scope"]
+  attention_bias: str = _MODEL["attention_bias"]
+  rope_theta: float = _MODEL["rope_theta"]
+  norm_eps: float = _MODEL["norm_eps"]
   d_ff: int = _MODEL["d_ff"]
   max_len: int = defaults("lm", "train")["seq_len"]
   positions: str = _MODEL["positions"]
   activation: str = _MODEL["activation"]
   moe_every: int = _MODEL["moe_every"]
+  dense_layers: tuple = _MODEL["dense_layers"]
   tie_embeddings: bool = _MODEL["tie_embeddings"]
   init_scale: float = _MODEL["init_scale"]
   dtype: str = _MODEL["dtype"]
   moe: MoEConfig = MoEConfig()
 
+  def __post_init__(self):
+    object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # Hashable: the config is static.
+
   def is_moe_layer(self, index: int) -> bool:
-    return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
+    return index in moe_layer_indices(self)
 
 
 class TransformerBlock(nnx.Module):
@@ -71,23 +80,15 @@ class TransformerBlock(nnx.Module):
     causal: bool,
     mesh,
     rngs: nnx.Rngs,
-    num_kv_heads: int = 0,
-    head_dim: int = 0,
-    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
+    **attention,
   ):
-    self.attention_norm = nnx.RMSNorm(d_model, rngs=rngs)
+    """attention: CausalSelfAttention's options (num_kv_heads, head_dim, qk_norm, bias, rope_theta, ...)."""
+    self.attention_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
     self.attention = CausalSelfAttention(
-      d_model,
-      num_heads,
-      rotary,
-      init_scale,
-      causal=causal,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
-      qk_norm=qk_norm,
-      rngs=rngs,
+      d_model, num_heads, rotary, init_scale, causal=causal, norm_eps=norm_eps, rngs=rngs, **attention
     )
-    self.ffn_norm = nnx.RMSNorm(d_model, rngs=rngs)
+    self.ffn_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
     if moe is not None:
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
     else:
@@ -128,14 +129,18 @@ class DecoderLM(nnx.Module):
           causal=True,
           mesh=mesh,
           rngs=rngs,
+          norm_eps=cfg.norm_eps,
           num_kv_heads=cfg.num_kv_heads,
           head_dim=cfg.head_dim,
           qk_norm=cfg.qk_norm,
+          qk_norm_scope=cfg.qk_norm_scope,
+          bias=cfg.attention_bias,
+          rope_theta=cfg.rope_theta,
         )
         for i in range(cfg.num_layers)
       ]
     )
-    self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
     self.unembed = (
       None
       if cfg.tie_embeddings

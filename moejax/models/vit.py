@@ -60,6 +60,7 @@ class ViTConfig:
   moe_last: int = _MODEL["moe_last"]
   pooling: str = _MODEL["pooling"]
   init_scale: float = _MODEL["init_scale"]
+  norm_eps: float = _MODEL["norm_eps"]
   dtype: str = _MODEL["dtype"]
   moe: MoEConfig = MoEConfig()
 
@@ -124,11 +125,12 @@ class ViT(nnx.Module):
           causal=False,
           mesh=mesh,
           rngs=rngs,
+          norm_eps=cfg.norm_eps,
         )
         for i in range(cfg.num_layers)
       ]
     )
-    self.final_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
     # Not zero-initialised (big_vision's head_zeroinit): a zero head would hide, at
     # initialisation, every input dependence that tests and diagnostics look at.
     self.head = nnx.Linear(cfg.d_model, cfg.num_classes, kernel_init=fan_in_init(cfg.init_scale), rngs=rngs)

@@ -1,0 +1,1 @@
+"""Conversion between moejax and other codebases' configs and weights (`hf`: Hugging Face transformers)."""

@@ -1,0 +1,256 @@
+"""Tiny random transformers models of the released MoE architectures, for the parity tests.
+
+Each case is a released model's config.json with only the sizes made small (>= 2 layers, >= 8
+experts, top-k >= 2, grouped-query attention and head_dim != d/N where the release has them),
+its weights drawn at random, run on fixed tokens in float32 and bfloat16 by transformers itself.
+
+  pip install -e '.[hf]'           # torch==2.13.0 (CPU build on these machines), transformers
+  python tests/hf_reference.py     # rewrites tests/fixtures/hf/<case>.safetensors and .json
+
+tests/test_hf_parity.py compares moejax with the committed files (no torch needed) and, when
+torch and transformers are installed, with models this module builds afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
+BATCH, SEQ_LEN = 2, 12
+
+# The released config.json values of the architectural options (Hugging Face Hub, as of 2026-12).
+MIXTRAL_8X7B = dict(  # mistralai/Mixtral-8x7B-v0.1
+  model_type="mixtral",
+  rope_theta=1e6,
+  rms_norm_eps=1e-5,
+  sliding_window=None,
+  num_local_experts=8,
+  num_experts_per_tok=2,
+  router_aux_loss_coef=0.02,
+  tie_word_embeddings=False,
+)
+MIXTRAL_8X22B = {**MIXTRAL_8X7B, "router_aux_loss_coef": 0.001}  # mistralai/Mixtral-8x22B-v0.1
+OLMOE = dict(  # allenai/OLMoE-1B-7B-0924
+  model_type="olmoe",
+  rope_theta=10000.0,
+  rms_norm_eps=1e-5,
+  clip_qkv=None,
+  attention_bias=False,
+  norm_topk_prob=False,
+  router_aux_loss_coef=0.01,
+  tie_word_embeddings=False,
+)
+QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B
+  model_type="qwen3_moe",
+  rope_theta=1e6,
+  rms_norm_eps=1e-6,
+  attention_bias=False,
+  norm_topk_prob=True,
+  decoder_sparse_step=1,
+  mlp_only_layers=[],
+  use_sliding_window=False,
+  router_aux_loss_coef=0.001,
+  tie_word_embeddings=False,
+)
+QWEN2_MOE = dict(  # Qwen/Qwen2-57B-A14B and Qwen/Qwen1.5-MoE-A2.7B
+  model_type="qwen2_moe",
+  rope_theta=1e6,
+  rms_norm_eps=1e-6,
+  norm_topk_prob=False,
+  decoder_sparse_step=1,
+  mlp_only_layers=[],
+  use_sliding_window=False,
+  router_aux_loss_coef=0.001,
+  tie_word_embeddings=False,
+)
+
+# Small sizes; head_dim != hidden_size / heads only where the release has it (Qwen3: 128 vs 64).
+_GQA = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+_MHA = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=4)
+
+# case: (preset it checks or None, released options, small sizes, seed).
+CASES = {
+  "mixtral_8x7b": ("mixtral_8x7b", MIXTRAL_8X7B, dict(_GQA, num_hidden_layers=2, intermediate_size=24), 0),
+  "mixtral_8x22b": ("mixtral_8x22b", MIXTRAL_8X22B, dict(_GQA, num_hidden_layers=3, intermediate_size=16), 1),
+  "olmoe_1b_7b": (
+    "olmoe_1b_7b",
+    OLMOE,
+    dict(_MHA, num_hidden_layers=2, intermediate_size=16, num_experts=16, num_experts_per_tok=4),
+    2,
+  ),
+  "qwen3_30b_a3b": (
+    "qwen3_30b_a3b",
+    QWEN3_30B_A3B,
+    dict(
+      _GQA,
+      num_hidden_layers=2,
+      head_dim=16,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      num_experts=16,
+      num_experts_per_tok=4,
+    ),
+    3,
+  ),
+  "qwen2_57b_a14b": (
+    "qwen2_57b_a14b",
+    QWEN2_MOE,
+    dict(
+      _GQA,
+      num_hidden_layers=2,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      shared_expert_intermediate_size=32,
+      num_experts=16,
+      num_experts_per_tok=4,
+    ),
+    4,
+  ),
+  "qwen1_5_moe_a2_7b": (
+    "qwen1_5_moe_a2_7b",
+    QWEN2_MOE,
+    dict(
+      _MHA,
+      num_hidden_layers=2,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      shared_expert_intermediate_size=64,
+      num_experts=12,
+      num_experts_per_tok=4,
+    ),
+    5,
+  ),
+  # Options the releases leave at their defaults but transformers implements: dense blocks among
+  # the MoE ones, MoE every 2nd block, tied embeddings, top-k renormalisation in Qwen2-MoE.
+  "qwen3_moe_dense_layers": (
+    None,
+    {**QWEN3_30B_A3B, "mlp_only_layers": [0, 2]},
+    dict(
+      _GQA,
+      num_hidden_layers=4,
+      head_dim=16,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      num_experts=8,
+      num_experts_per_tok=2,
+    ),
+    6,
+  ),
+  "qwen2_moe_sparse_step_tied": (
+    None,
+    {**QWEN2_MOE, "decoder_sparse_step": 2, "tie_word_embeddings": True, "norm_topk_prob": True},
+    dict(
+      _GQA,
+      num_hidden_layers=4,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      shared_expert_intermediate_size=16,
+      num_experts=8,
+      num_experts_per_tok=2,
+    ),
+    7,
+  ),
+}
+
+_CLASSES = {
+  "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+  "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+  "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+
+
+def build(case: str):
+  """(transformers model in float32 eval mode, its config.json dict, tokens <int64>[B, L]) of a case."""
+  import torch
+  import transformers
+
+  _, released, sizes, seed = CASES[case]
+  options = dict(released)
+  model_type = options.pop("model_type")
+  config_cls, model_cls = (getattr(transformers, name) for name in _CLASSES[model_type])
+  rope_theta = options.pop("rope_theta")
+  config = config_cls(**options, **sizes, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+  config._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = model_cls(config).eval()
+  # Weights of std 0.1 (logits of order 1, router logits well apart) and norm weights near 1 but
+  # not 1, so that a norm weight left out of the conversion would show.
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("norm.weight") or "layernorm" in name:
+        param.copy_(1.0 + 0.1 * torch.randn_like(param))
+      else:
+        param.copy_(0.1 * torch.randn_like(param))
+  generator = torch.Generator().manual_seed(seed)
+  tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=generator)
+  hf_config = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version",)}
+  return model, hf_config, tokens
+
+
+def run(model, tokens, dtype: str):
+  """(logits <float32>[B, L, V], [<int32>[B·L, K] chosen experts of each MoE layer, sorted]) in `dtype`."""
+  import torch
+
+  model = model.to(getattr(torch, dtype))
+  with torch.no_grad():
+    out = model(tokens, output_router_logits=True)
+  k = model.config.num_experts_per_tok
+  experts = [
+    np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1).astype(np.int32) for r in out.router_logits
+  ]
+  model.to(torch.float32)
+  return out.logits.float().numpy(), experts
+
+
+def reference(case: str) -> dict:
+  """Everything a fixture holds: config, weights, tokens, float32 and bfloat16 logits, experts."""
+  import torch
+  import transformers
+
+  model, hf_config, tokens = build(case)
+  weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  if hf_config.get("tie_word_embeddings"):
+    weights.pop("lm_head.weight", None)  # The same tensor as the embedding (safetensors stores one).
+  logits32, experts = run(model, tokens, "float32")
+  logits16, experts16 = run(model, tokens, "bfloat16")
+  return dict(
+    config=hf_config,
+    weights=weights,
+    tokens=tokens.numpy().astype(np.int32),
+    logits_float32=logits32,
+    logits_bfloat16=logits16,
+    experts=experts,
+    experts_bfloat16=experts16,
+    versions={"transformers": transformers.__version__, "torch": torch.__version__},
+  )
+
+
+def write(case: str, directory: str = FIXTURES) -> str:
+  """Writes <case>.safetensors (arrays) and <case>.json (config, versions); returns the .json path."""
+  from safetensors.numpy import save_file
+
+  ref = reference(case)
+  arrays = {f"weights/{k}": np.ascontiguousarray(v) for k, v in ref["weights"].items()}
+  arrays["tokens"] = ref["tokens"]
+  arrays["logits_float32"], arrays["logits_bfloat16"] = ref["logits_float32"], ref["logits_bfloat16"]
+  for i, (e32, e16) in enumerate(zip(ref["experts"], ref["experts_bfloat16"])):
+    arrays[f"experts/{i}"], arrays[f"experts_bfloat16/{i}"] = e32, e16
+  os.makedirs(directory, exist_ok=True)
+  save_file(arrays, os.path.join(directory, f"{case}.safetensors"))
+  preset = CASES[case][0]
+  meta = {"case": case, "preset": preset, "config": ref["config"], "versions": ref["versions"]}
+  path = os.path.join(directory, f"{case}.json")
+  with open(path, "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True, default=str)
+    f.write("\n")
+  return path
+
+
+if __name__ == "__main__":
+  for name in sys.argv[1:] or CASES:
+    print(write(name))
