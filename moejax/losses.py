@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOAD_BALANCE_DENSITIES = ("top1", "topk")
+LOAD_BALANCE_DENSITIES = ("top1", "topk", "topk_sum")
 LOAD_BALANCE_SCOPES = ("group", "local_batch", "global_batch")
 
 
@@ -20,22 +20,35 @@ def load_balance_terms(probs: jax.Array, expert_index: jax.Array, density: str =
     expert_index: <int32>[G, S, K] chosen experts, best first (before any dropping).
     density: 'top1': f_e = share of tokens whose first choice is e (Switch);
       'topk': f_e = share of the S·K choices that picked e (any-of-top-K, normalized so that
-      Σ_e f_e = 1 and a perfectly balanced router scores 1 for every K).
+      Σ_e f_e = 1 and a perfectly balanced router scores 1 for every K);
+      'topk_sum': f_e = share of the S tokens that have e among their K choices (Σ_e f_e = K, a
+      balanced router scores K), as flaxformer, MaxText and transformers compute it.
   """
   num_experts = probs.shape[-1]
   if density == "top1":
     chosen = expert_index[..., :1]
-  elif density == "topk":
+  elif density in ("topk", "topk_sum"):
     chosen = expert_index
   else:
     raise ValueError(f"density must be one of {LOAD_BALANCE_DENSITIES}, got {density!r}")
   counts = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32).sum(axis=2)  # [G, S, E]
-  return counts.mean(axis=1) / chosen.shape[-1], probs.astype(jnp.float32).mean(axis=1)
+  per_choice = chosen.shape[-1] if density == "topk" else 1
+  return counts.mean(axis=1) / per_choice, probs.astype(jnp.float32).mean(axis=1)
 
 
 def switch_balance(fraction: jax.Array, mean_prob: jax.Array) -> jax.Array:
   """E·Σ_e f_e·P_e over the last axis, averaged over any leading (group) axes."""
   return (fraction.shape[-1] * jnp.sum(fraction * mean_prob, axis=-1)).mean()
+
+
+def pooled_load_balance(fractions: jax.Array, mean_probs: jax.Array) -> jax.Array:
+  """transformers' one loss for the whole model: E·Σ_e f_e·P_e with f and P over all layers' tokens.
+
+  Args:
+    fractions, mean_probs: <float32>[L, E] each MoE layer's f and P over the whole batch (every
+      layer sees the same number of tokens, so the pooled f and P are their means over layers).
+  """
+  return switch_balance(fractions.mean(axis=0), mean_probs.mean(axis=0))
 
 
 def load_balance_loss(probs: jax.Array, expert_index: jax.Array, density: str = "top1") -> jax.Array:

@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from moejax import accounting
+from moejax import accounting, losses
 from moejax.models import build
 
 TASKS = ("lm", "vit")
 
 
 def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The weighted sum of the MoE auxiliary losses (each summed over MoE layers) and per-layer metrics."""
+  """The weighted sum of the MoE auxiliary losses (each summed over MoE layers, or the load balance
+  pooled over them with moe.load_balance_pooling='all_layers') and per-layer metrics."""
   if not moe_aux:
     return jnp.zeros(()), {}
   weights = {
@@ -33,6 +34,9 @@ def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dic
   metrics, total = {}, jnp.zeros(())
   for name, weight in weights.items():
     metrics[name] = sum(a[name] for a in moe_aux)
+    if name == "load_balance_loss" and "balance_fraction" in moe_aux[0]:  # load_balance_pooling 'all_layers'
+      fractions, probs = (jnp.stack([a[key] for a in moe_aux]) for key in ("balance_fraction", "balance_prob"))
+      metrics[name] = losses.pooled_load_balance(fractions, probs)
     total = total + weight * metrics[name]
   for i, aux in enumerate(moe_aux):
     prefix = f"moe_layer{i}/"

@@ -193,7 +193,10 @@ def build(case: str):
 
 
 def run(model, tokens, dtype: str):
-  """(logits <float32>[B, L, V], [<int32>[B·L, K] chosen experts of each MoE layer, sorted]) in `dtype`."""
+  """(logits <float32>[B, L, V], [<int32>[B·L, K] chosen experts of each MoE layer, sorted], aux loss) in `dtype`.
+
+  The aux loss is transformers' load_balancing_loss_func before router_aux_loss_coef.
+  """
   import torch
 
   model = model.to(getattr(torch, dtype))
@@ -204,7 +207,7 @@ def run(model, tokens, dtype: str):
     np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1).astype(np.int32) for r in out.router_logits
   ]
   model.to(torch.float32)
-  return out.logits.float().numpy(), experts
+  return out.logits.float().numpy(), experts, float(out.aux_loss)
 
 
 def reference(case: str) -> dict:
@@ -216,8 +219,8 @@ def reference(case: str) -> dict:
   weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
   if hf_config.get("tie_word_embeddings"):
     weights.pop("lm_head.weight", None)  # The same tensor as the embedding (safetensors stores one).
-  logits32, experts = run(model, tokens, "float32")
-  logits16, experts16 = run(model, tokens, "bfloat16")
+  logits32, experts, aux_loss = run(model, tokens, "float32")
+  logits16, experts16, _ = run(model, tokens, "bfloat16")
   return dict(
     config=hf_config,
     weights=weights,
@@ -226,6 +229,7 @@ def reference(case: str) -> dict:
     logits_bfloat16=logits16,
     experts=experts,
     experts_bfloat16=experts16,
+    aux_loss=np.float32(aux_loss),
     versions={"transformers": transformers.__version__, "torch": torch.__version__},
   )
 
@@ -238,6 +242,7 @@ def write(case: str, directory: str = FIXTURES) -> str:
   arrays = {f"weights/{k}": np.ascontiguousarray(v) for k, v in ref["weights"].items()}
   arrays["tokens"] = ref["tokens"]
   arrays["logits_float32"], arrays["logits_bfloat16"] = ref["logits_float32"], ref["logits_bfloat16"]
+  arrays["aux_loss"] = np.asarray(ref["aux_loss"], np.float32)
   for i, (e32, e16) in enumerate(zip(ref["experts"], ref["experts_bfloat16"])):
     arrays[f"experts/{i}"], arrays[f"experts_bfloat16/{i}"] = e32, e16
   os.makedirs(directory, exist_ok=True)

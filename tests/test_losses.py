@@ -41,3 +41,40 @@ def test_router_z_loss():
 def test_importance_cv_squared():
   # Shazeer's importance loss: CV² of the per-expert sums of the probabilities (population std).
   np.testing.assert_allclose(losses.cv_squared(PROBS.sum(axis=0)), 0.03874999, rtol=1e-5)
+
+
+def _transformers_load_balancing_loss(layer_logits: list, top_k: int) -> float:
+  """transformers' load_balancing_loss_func (no attention mask), re-written in numpy."""
+  logits = np.concatenate(layer_logits)  # [L·T, E]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  selected = np.argsort(-probs, axis=-1)[:, :top_k]
+  expert_mask = np.eye(logits.shape[-1])[selected]  # [L·T, K, E]
+  tokens_per_expert = expert_mask.mean(axis=0)  # [K, E]
+  router_prob_per_expert = probs.mean(axis=0)  # [E]
+  return float(np.sum(tokens_per_expert * router_prob_per_expert[None]) * logits.shape[-1])
+
+
+def test_topk_sum_density_is_k_times_topk():
+  _, expert_index = jax.lax.top_k(PROBS, 2)
+  topk = losses.load_balance_loss(PROBS[None], expert_index[None], "topk")
+  topk_sum = losses.load_balance_loss(PROBS[None], expert_index[None], "topk_sum")
+  np.testing.assert_allclose(topk_sum, 2 * topk, rtol=1e-6)
+  np.testing.assert_allclose(topk_sum, 3 * (6 / 8 * 0.425 + 6 / 8 * 0.275 + 4 / 8 * 0.3), rtol=1e-6)
+
+
+def test_pooled_load_balance_is_transformers_loss_over_all_layers():
+  # 3 layers of 10 tokens, 6 experts, top-2: the pooled loss differs from the mean of the layers' losses.
+  rng = np.random.default_rng(0)
+  layer_logits = [rng.normal(size=(10, 6)) * s for s in (0.5, 1.0, 3.0)]
+  fractions, probs = [], []
+  for logits in layer_logits:
+    p = jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)[None]  # [1, S, E]
+    _, index = jax.lax.top_k(p, 2)
+    f, mean_p = losses.load_balance_terms(p, index, "topk_sum")
+    fractions.append(f[0])
+    probs.append(mean_p[0])
+  pooled = losses.pooled_load_balance(jnp.stack(fractions), jnp.stack(probs))
+  np.testing.assert_allclose(pooled, _transformers_load_balancing_loss(layer_logits, 2), rtol=1e-5)
+  per_layer_mean = np.mean([float(losses.switch_balance(f, p)) for f, p in zip(fractions, probs)])
+  assert abs(float(pooled) - per_layer_mean) > 1e-3

@@ -49,7 +49,7 @@ def test_count_params_command(tmp_path):
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
   assert result.returncode == 0, result.stderr
-  assert "6,919,100,416 (6.92B)" in result.stdout and "1,281,955,840 (1.28B)" in result.stdout
+  assert "6,919,161,856 (6.92B)" in result.stdout and "1,282,017,280 (1.28B)" in result.stdout
   bad = subprocess.run(
     [sys.executable, "-m", "moejax.count_params", "--config", "configs/quickstart.py", "--config.model.num_kv_heads=3"],
     cwd=REPO,

@@ -239,7 +239,7 @@ class Architecture:
 ARCHITECTURES = {
   a.model_type: a
   for a in (
-    Architecture("mixtral", _mixtral, expert_names=("w1", "w3", "w2")),
+    Architecture("mixtral", _mixtral, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
     Architecture("olmoe", _olmoe),
     Architecture("qwen2_moe", _qwen2_moe, shared_expert=("shared_expert", "shared_expert_gate")),
     Architecture("qwen3_moe", _qwen3_moe),

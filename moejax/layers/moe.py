@@ -128,6 +128,8 @@ class MoELayer(nnx.Module):
     def route_and_compute(tokens, ids, router_state, rng, weights):
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.MESH_AXES))  # Each device draws its own noise.
       router = nnx.merge(router_def, router_state)
+      # What router and experts both read: the tokens, or (transformers' Mixtral jitter) a perturbation of them.
+      tokens = router.family.layer_inputs(cfg, tokens, train=train, rng=jax.random.fold_in(rng, 1))
       decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
       expert_in = dispatcher.dispatch(decision, tokens)
       expert_out = _experts(expert_in, weights, cfg, num_shards)

@@ -82,7 +82,18 @@ DISPATCHER = Option(
 )
 LOAD_BALANCE_LOSS_WEIGHT = Option("load_balance_loss_weight", 1e-2, "Switch α, summed over MoE layers.", minimum=0)
 LOAD_BALANCE_DENSITY = Option(
-  "load_balance_density", "top1", "'top1' (Switch) | 'topk' (any of the K choices).", allowed=("top1", "topk")
+  "load_balance_density",
+  "top1",
+  "'top1' (Switch) | 'topk' (any of the K choices, shares sum to 1) | 'topk_sum' (shares sum to K: "
+  "flaxformer, MaxText, transformers).",
+  allowed=("top1", "topk", "topk_sum"),
+)
+LOAD_BALANCE_POOLING = Option(
+  "load_balance_pooling",
+  "per_layer",
+  "'per_layer' (each MoE layer's loss, summed) | 'all_layers' (transformers: one E·Σ f·P over every "
+  "layer's router outputs pooled; needs load_balance_scope='global_batch').",
+  allowed=("per_layer", "all_layers"),
 )
 LOAD_BALANCE_SCOPE = Option(
   "load_balance_scope",
@@ -98,6 +109,7 @@ SWITCH_LOSSES = (
   LOAD_BALANCE_LOSS_WEIGHT,
   LOAD_BALANCE_DENSITY,
   LOAD_BALANCE_SCOPE,
+  LOAD_BALANCE_POOLING,
   Z_LOSS_WEIGHT,
   IMPORTANCE_LOSS_WEIGHT,
 )
@@ -188,6 +200,11 @@ class RouterFamily:
   def variables(cls, cfg, d_model: int, init, rngs) -> dict[str, tuple[str, Any]]:
     """{attribute: ('param' | 'state', initial array)}; `init(key, shape)` is the fan-in init."""
     return {"kernel": ("param", init(rngs.params(), (d_model, cfg.num_experts)))}
+
+  @classmethod
+  def layer_inputs(cls, cfg, tokens, *, train: bool, rng):
+    """The [G, S, d] tokens that the router and the experts both receive; `tokens` for most families."""
+    return tokens
 
   @classmethod
   def logits(cls, router, x, *, train: bool, rng):

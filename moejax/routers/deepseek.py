@@ -14,7 +14,7 @@ from moejax.lazy import jax, jnp
 from moejax.routers import base
 from moejax.routers.base import Option, routing
 from moejax.routers.registry import register
-from moejax.routers.top_k import TopK, check_top_k
+from moejax.routers.top_k import TopK, check_balance_pooling, check_top_k
 
 SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid' (V3).", allowed=("softmax", "sigmoid"))
 BIAS_UPDATE_RATE = Option("bias_update_rate", 1e-3, "Aux-loss-free balancing γ (V3); 0 = off.", minimum=0)
@@ -43,6 +43,7 @@ class DeepSeek(TopK):
   def validate(cls, moe) -> None:
     check_top_k(moe)
     base.check_options(cls.options, moe)
+    check_balance_pooling(moe)
     if not (moe.num_expert_groups >= 1 and moe.num_experts % moe.num_expert_groups == 0):
       raise ConfigError(
         "moe.num_expert_groups", f"must divide moe.num_experts ({moe.num_experts}), got {moe.num_expert_groups}"

@@ -21,6 +21,13 @@ ROUTER_NOISE = Option(
   allowed=("none", "noisy_top_k", "jitter"),
 )
 JITTER_EPS = Option("jitter_eps", 0.01, "Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.", minimum=0)
+JITTER_SCOPE = Option(
+  "jitter_scope",
+  "router",
+  "What the jitter multiplies: 'router' (Switch: the router's input only) | 'router_and_experts' "
+  "(transformers' Mixtral router_jitter_noise: the hidden states both receive).",
+  allowed=("router", "router_and_experts"),
+)
 SECOND_EXPERT_POLICY = Option(
   "second_expert_policy",
   "all",
@@ -36,6 +43,16 @@ def check_top_k(moe) -> None:
   """moe.top_k in [1, E]."""
   if not 1 <= moe.top_k <= moe.num_experts:
     raise ConfigError("moe.top_k", f"must be between 1 and moe.num_experts ({moe.num_experts}), got {moe.top_k}")
+
+
+def check_balance_pooling(moe) -> None:
+  """Pooling over all layers (transformers) pools over the whole batch too."""
+  if moe.load_balance_pooling == "all_layers" and moe.load_balance_scope != "global_batch":
+    raise ConfigError(
+      "moe.load_balance_pooling",
+      f"'all_layers' pools f and P over the whole batch: set moe.load_balance_scope='global_batch' "
+      f"(it is {moe.load_balance_scope!r})",
+    )
 
 
 def token_choice_is_causal(cfg, k: int) -> bool:
@@ -62,6 +79,7 @@ class TopK(RouterFamily):
     *base.SWITCH_LOSSES,
     ROUTER_NOISE,
     JITTER_EPS,
+    JITTER_SCOPE,
     SECOND_EXPERT_POLICY,
     LOAD_LOSS_WEIGHT,
   )
@@ -70,6 +88,7 @@ class TopK(RouterFamily):
   def validate(cls, moe) -> None:
     check_top_k(moe)
     super().validate(moe)
+    check_balance_pooling(moe)
     if moe.router_noise == "noisy_top_k" and moe.top_k >= moe.num_experts:
       raise ConfigError(
         "moe.router_noise",
@@ -86,6 +105,7 @@ class TopK(RouterFamily):
     unused = super().unused_options(cfg)
     if cfg.router_noise != "jitter":
       unused["jitter_eps"] = f"moe.router_noise is {cfg.router_noise!r}, not 'jitter'"
+      unused["jitter_scope"] = f"moe.router_noise is {cfg.router_noise!r}, not 'jitter'"
     return unused
 
   @classmethod
@@ -109,11 +129,18 @@ class TopK(RouterFamily):
     return out
 
   @classmethod
+  def layer_inputs(cls, cfg, tokens, *, train, rng):
+    if not (train and cfg.router_noise == "jitter" and cfg.jitter_scope == "router_and_experts"):
+      return tokens
+    eps = cfg.jitter_eps
+    return tokens * jax.random.uniform(rng, tokens.shape, minval=1 - eps, maxval=1 + eps).astype(tokens.dtype)
+
+  @classmethod
   def logits(cls, router, x, *, train, rng):
     cfg = router.cfg
     noise_rng, jitter_rng = rng
     router_in = x.astype(jnp.float32)
-    if train and cfg.router_noise == "jitter":
+    if train and cfg.router_noise == "jitter" and cfg.jitter_scope == "router":
       eps = cfg.jitter_eps
       router_in = router_in * jax.random.uniform(jitter_rng, router_in.shape, minval=1 - eps, maxval=1 + eps)
     logits = base.project(router_in, router.kernel[...].astype(jnp.float32))
@@ -150,6 +177,9 @@ class TopK(RouterFamily):
   def aux(cls, cfg, decision, stats, batch):
     aux = super().aux(cfg, decision, stats, batch)
     aux["load_balance_loss"] = switch_load_balance(cfg, decision, stats["probs"], batch)
+    if cfg.load_balance_pooling == "all_layers":  # The model pools these over its layers (moejax.tasks).
+      fraction, mean_prob = losses.load_balance_terms(stats["probs"], decision.expert_index, cfg.load_balance_density)
+      aux["balance_fraction"], aux["balance_prob"] = batch.mean(fraction.mean(0)), batch.mean(mean_prob.mean(0))
     aux["fraction_dropped"] = base.fraction_dropped(decision, batch)
     if cfg.second_expert_policy == "random":
       aux["second_expert_skipped"] = batch.mean(1.0 - decision.routed[..., 1].astype(jnp.float32).mean())
