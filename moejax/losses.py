@@ -78,19 +78,34 @@ def cv_squared(values: jax.Array) -> jax.Array:
   return jnp.var(values) / jnp.maximum(jnp.square(jnp.mean(values)), 1e-12)
 
 
-def smooth_load(clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax.Array, top_k: int) -> jax.Array:
+LOAD_LOSS_THRESHOLDS = ("others", "overall")
+
+
+def smooth_load(
+  clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax.Array, top_k: int, threshold: str = "others"
+) -> jax.Array:
   """Shazeer's differentiable load estimate of noisy top-k gating: <float32>[E].
 
   load_e = Σ_tokens P(e stays in the top-k when its own noise is re-drawn)
-         = Σ_tokens Φ((clean_e − threshold_e) / std_e), where threshold_e is the k-th largest
-  noisy logit among the *other* experts.
+         = Σ_tokens Φ((clean_e − threshold_e) / std_e).
 
   Args:
     clean_logits, noisy_logits, noise_std: <float32>[..., E].
+    top_k: K.
+    threshold: 'others': threshold_e is the k-th largest noisy logit among the *other* experts
+      (Shazeer et al. 2017: the value e must beat to be in the top k); 'overall': the k-th largest
+      noisy logit of all E, e included, the same for every expert (vmoe's load loss,
+      vmoe/nn/routing.py): an expert inside the top k is measured against the k-th, maybe itself.
   """
   top = jax.lax.top_k(noisy_logits, top_k + 1)[0]  # [..., K+1]
-  in_top = noisy_logits >= top[..., top_k - 1 : top_k]
-  # For an expert inside the top k, the others' k-th largest is the (k+1)-th overall.
-  threshold = jnp.where(in_top, top[..., top_k : top_k + 1], top[..., top_k - 1 : top_k])
+  kth = top[..., top_k - 1 : top_k]
+  if threshold == "overall":
+    threshold = kth
+  elif threshold == "others":
+    in_top = noisy_logits >= kth
+    # For an expert inside the top k, the others' k-th largest is the (k+1)-th overall.
+    threshold = jnp.where(in_top, top[..., top_k : top_k + 1], kth)
+  else:
+    raise ValueError(f"threshold must be one of {LOAD_LOSS_THRESHOLDS}, got {threshold!r}")
   prob = jax.scipy.stats.norm.cdf((clean_logits - threshold) / jnp.maximum(noise_std, 1e-9))
   return prob.reshape(-1, prob.shape[-1]).sum(axis=0)

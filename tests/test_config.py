@@ -96,6 +96,15 @@ INACTIVE = [
   ({"optim.schedule": "constant", "optim.end_lr_fraction": 0.5}, "optim.end_lr_fraction", "cosine"),
   ({"moe.jitter_eps": 0.5}, "moe.jitter_eps", "not 'jitter'"),
   ({"moe.dispatcher": "dropless", "moe.capacity_factor": 4.0}, "moe.capacity_factor", "no capacity"),
+  ({"moe.jitter_scope": "router_and_experts"}, "moe.jitter_scope", "not 'jitter'"),
+  ({"moe.load_loss_threshold": "overall"}, "moe.load_loss_threshold", "load_loss_weight is 0"),
+  (
+    {"moe.router_noise": "noisy_top_k", "moe.load_loss_threshold": "overall"},
+    "moe.load_loss_threshold",
+    "load_loss_weight is 0",
+  ),
+  ({"moe.routed_scaling_factor": 2.5}, "moe.routed_scaling_factor", "router 'deepseek'"),
+  ({"moe.soft_similarity_metrics": False}, "moe.soft_similarity_metrics", "router 'soft_moe'"),
 ]
 
 
@@ -133,6 +142,10 @@ def test_inactive_fields_at_their_defaults_and_active_ones_pass():
     {"data.source": "tfds", "data.tfds.name": "c4"},
     {"model.moe_every": 0},
     {"optim.schedule": "constant"},
+    {"moe.router_noise": "noisy_top_k", "moe.load_loss_weight": 0.01, "moe.load_loss_threshold": "overall"},
+    {"moe.load_balance_pooling": "all_layers", "moe.load_balance_scope": "global_batch"},
+    {"moe.router": "deepseek", "moe.routed_scaling_factor": 2.5},
+    {"moe.router_noise": "jitter", "moe.jitter_scope": "router_and_experts"},
   ):
     config_lib.validate(config_lib.override(config_lib.base_config(), overrides), num_devices=8)
   vit = config_lib.override(config_lib.base_config("vit"), {"data.source": "tfds", "data.tfds.name": "cifar10"})
@@ -151,6 +164,12 @@ FAMILY_CASES = [
   ({"moe.router": "top_k", "moe.combine_weights": "softmax"}, "moe.combine_weights"),
   ({"moe.router": "dense", "moe.dispatcher": "gather"}, "moe.dispatcher"),
   ({"moe.router": "no_such_router"}, "moe.router"),
+  ({"moe.load_balance_pooling": "all_layers"}, "moe.load_balance_pooling"),  # Needs scope 'global_batch'.
+  ({"moe.router": "deepseek", "moe.routed_scaling_factor": 0.0}, "moe.routed_scaling_factor"),
+  (
+    {"moe.router_noise": "noisy_top_k", "moe.load_loss_weight": 0.01, "moe.load_loss_threshold": "vmoe"},
+    "moe.load_loss_threshold",
+  ),
 ]
 
 

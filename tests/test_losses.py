@@ -43,7 +43,7 @@ def test_importance_cv_squared():
   np.testing.assert_allclose(losses.cv_squared(PROBS.sum(axis=0)), 0.03874999, rtol=1e-5)
 
 
-def _transformers_load_balancing_loss(layer_logits: list, top_k: int) -> float:
+def transformers_load_balancing_loss(layer_logits: list, top_k: int) -> float:
   """transformers' load_balancing_loss_func (no attention mask), re-written in numpy."""
   logits = np.concatenate(layer_logits)  # [L·T, E]
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -75,6 +75,6 @@ def test_pooled_load_balance_is_transformers_loss_over_all_layers():
     fractions.append(f[0])
     probs.append(mean_p[0])
   pooled = losses.pooled_load_balance(jnp.stack(fractions), jnp.stack(probs))
-  np.testing.assert_allclose(pooled, _transformers_load_balancing_loss(layer_logits, 2), rtol=1e-5)
+  np.testing.assert_allclose(pooled, transformers_load_balancing_loss(layer_logits, 2), rtol=1e-5)
   per_layer_mean = np.mean([float(losses.switch_balance(f, p)) for f, p in zip(fractions, probs)])
   assert abs(float(pooled) - per_layer_mean) > 1e-3

@@ -21,7 +21,8 @@ that the config schema can collect every family's options without starting JAX.
 stats (float32, per device, from `route`): 'logits' [G, S, E] or None (the z-loss reads them;
 with noisy top-k the noisy logits), 'probs' [G, S, E] or None (load balance, importance,
 entropy), 'selection_counts' [E] (choices per expert before capacity), and for noisy top-k
-'noise_std' and 'clean_logits' [G, S, E] (Shazeer's smooth load).
+'noise_std' and 'clean_logits' [G, S, E] (Shazeer's smooth load); Soft MoE adds 'slot_params'
+[d, E·p] (its similarity metrics).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ SWITCH_LOSSES = (
 
 
 class BatchReduce:
-  """Means and sums over every device of the mesh, for code that runs per device in shard_map."""
+  """Means, sums, minima and maxima over every device of the mesh, for code that runs per device in shard_map."""
 
   def __init__(self, axes: tuple[str, ...]):
     self.axes = axes
@@ -126,6 +127,12 @@ class BatchReduce:
 
   def sum(self, tree):
     return jax.lax.psum(tree, self.axes)
+
+  def min(self, tree):
+    return jax.lax.pmin(tree, self.axes)
+
+  def max(self, tree):
+    return jax.lax.pmax(tree, self.axes)
 
 
 class RouterFamily:
@@ -246,11 +253,23 @@ class RouterFamily:
 
   @classmethod
   def kept_per_expert(cls, cfg, decision, aux: dict, batch: BatchReduce):
-    """<float32>[E] this device's kept assignments per expert; adds the experts-per-token metrics."""
+    """<float32>[E] this device's kept assignments per expert; adds the experts-per-token metrics.
+
+    Metrics (after capacity, over the whole batch): 'tokens_with_ge{1,2,3}_experts' shares of
+    tokens; vmoe's 'num_experts_per_token_min' / '_max' (its num_experts_per_item_min / _max) and
+    'min_selected_gate' / 'max_selected_gate', the extreme combine weights of the kept choices
+    (0 when nothing is kept).
+    """
     kept = decision.kept.astype(jnp.float32)
     experts_per_token = kept.sum(axis=-1)
     for n in (1, 2, 3):
       aux[f"tokens_with_ge{n}_experts"] = batch.mean((experts_per_token >= n).mean())
+    aux["num_experts_per_token_min"] = batch.min(experts_per_token.min())
+    aux["num_experts_per_token_max"] = batch.max(experts_per_token.max())
+    gate = jax.lax.stop_gradient(decision.combine_weight.astype(jnp.float32))
+    min_gate = batch.min(jnp.where(decision.kept, gate, jnp.inf).min())
+    aux["min_selected_gate"] = jnp.where(jnp.isfinite(min_gate), min_gate, 0.0)
+    aux["max_selected_gate"] = batch.max(jnp.where(decision.kept, gate, 0.0).max())
     return jnp.einsum("gsk,gske->e", kept, jax.nn.one_hot(decision.expert_index, cfg.num_experts))
 
   @classmethod

@@ -3,7 +3,8 @@
 Scores are sigmoid (V3) or softmax (V2) affinities; a per-expert bias, which is state and not a
 parameter, is added only to *choose* experts (aux-loss-free balancing, V3) and moves after each
 training step by γ·sign(mean load − load). Group-limited routing keeps each token's experts in
-its best `top_expert_groups` of `num_expert_groups` groups. Shared experts (`num_shared_experts`)
+its best `top_expert_groups` of `num_expert_groups` groups. The routed experts' combine weights
+are then multiplied by `routed_scaling_factor` (V3 2.5). Shared experts (`num_shared_experts`)
 and fine-grained experts (`num_experts`, `d_expert`, `top_k`) are layer options every family has.
 """
 
@@ -20,6 +21,14 @@ SCORE_FUNCTION = Option("score_function", "softmax", "'softmax' (V2) | 'sigmoid'
 BIAS_UPDATE_RATE = Option("bias_update_rate", 1e-3, "Aux-loss-free balancing γ (V3); 0 = off.", minimum=0)
 NUM_EXPERT_GROUPS = Option("num_expert_groups", 1, "Group-limited routing: the experts form this many groups ...")
 TOP_EXPERT_GROUPS = Option("top_expert_groups", 1, "... of which each token may use its best ones.")
+ROUTED_SCALING_FACTOR = Option(
+  "routed_scaling_factor",
+  1.0,
+  "The routed experts' combine weights × this, after any renormalisation (DeepSeek-V3 2.5, V2 16.0, "
+  "V2-Lite 1.0; transformers' routed_scaling_factor).",
+  minimum=0,
+  exclusive=True,
+)
 
 
 @register
@@ -37,6 +46,7 @@ class DeepSeek(TopK):
     BIAS_UPDATE_RATE,
     NUM_EXPERT_GROUPS,
     TOP_EXPERT_GROUPS,
+    ROUTED_SCALING_FACTOR,
   )
 
   @classmethod
@@ -90,6 +100,8 @@ class DeepSeek(TopK):
       priority=cfg.priority,
       selection_scores=selection,
     )
+    if cfg.routed_scaling_factor != 1.0:
+      decision = decision.replace(combine_weight=decision.combine_weight * cfg.routed_scaling_factor)
     stats["selection_counts"] = base.selection_counts(decision)
     return decision, stats
 

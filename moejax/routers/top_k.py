@@ -1,7 +1,9 @@
 """Top-k token choice: softmax over E, each token takes its K best experts (Switch K=1, GShard K=2).
 
 Options beyond the shared ones: router noise in training, Shazeer's noisy top-k (learned noise,
-and its smooth load loss) or Switch's multiplicative jitter; GShard's random 2nd expert.
+and its smooth load loss, with Shazeer's or vmoe's threshold) or multiplicative jitter (of the
+router's input, Switch, or of the tokens both router and experts receive, transformers'
+Mixtral); GShard's random 2nd expert.
 Conventions (REFERENCES.md): combine weights raw or renormalized over the K chosen; slot
 priority token-major (causal), choice-major (vmoe) or batch-prioritized (V-MoE).
 """
@@ -36,6 +38,13 @@ SECOND_EXPERT_POLICY = Option(
 )
 LOAD_LOSS_WEIGHT = Option(
   "load_loss_weight", 0.0, "Shazeer's CV²(smooth load); needs router_noise='noisy_top_k'.", minimum=0
+)
+LOAD_LOSS_THRESHOLD = Option(
+  "load_loss_threshold",
+  "others",
+  "The smooth load's threshold for expert e: 'others' (Shazeer: the k-th largest noisy logit of the other "
+  "experts) | 'overall' (vmoe: the k-th largest noisy logit of all experts, e included).",
+  allowed=("others", "overall"),
 )
 
 
@@ -82,6 +91,7 @@ class TopK(RouterFamily):
     JITTER_SCOPE,
     SECOND_EXPERT_POLICY,
     LOAD_LOSS_WEIGHT,
+    LOAD_LOSS_THRESHOLD,
   )
 
   @classmethod
@@ -106,7 +116,10 @@ class TopK(RouterFamily):
     if cfg.router_noise != "jitter":
       unused["jitter_eps"] = f"moe.router_noise is {cfg.router_noise!r}, not 'jitter'"
       unused["jitter_scope"] = f"moe.router_noise is {cfg.router_noise!r}, not 'jitter'"
-    return unused
+    if cfg.router_noise != "noisy_top_k" or not cfg.load_loss_weight:
+      unused["load_loss_threshold"] = "Shazeer's load loss is off (moe.load_loss_weight is 0)"
+    own = {o.name for o in cls.options}  # A subclass (DeepSeek) need not have these options.
+    return {name: why for name, why in unused.items() if name in own}
 
   @classmethod
   def choices_per_token(cls, cfg) -> int:
@@ -184,7 +197,9 @@ class TopK(RouterFamily):
     if cfg.second_expert_policy == "random":
       aux["second_expert_skipped"] = batch.mean(1.0 - decision.routed[..., 1].astype(jnp.float32).mean())
     if stats.get("noise_std") is not None:
-      load = losses.smooth_load(stats["clean_logits"], stats["logits"], stats["noise_std"], cfg.top_k)
+      load = losses.smooth_load(
+        stats["clean_logits"], stats["logits"], stats["noise_std"], cfg.top_k, cfg.load_loss_threshold
+      )
       aux["load_loss"] = losses.cv_squared(batch.sum(load))
     return aux
 
