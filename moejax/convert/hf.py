@@ -173,8 +173,7 @@ def _qwen_moe_layers(r: _Reader) -> dict:
   r.expect("use_sliding_window", (False,), "moejax's attention is full causal")
   r.get("sliding_window")  # Read only with use_sliding_window (refused above).
   r.get("max_window_layers")  # Likewise.
-  r.get("layer_types")  # Every layer 'full_attention' without sliding windows.
-  layer_types = r.hf.get("layer_types") or []
+  layer_types = r.get("layer_types") or []  # Every layer 'full_attention' without sliding windows.
   if any(t != "full_attention" for t in layer_types):
     raise ConfigError(r.field("layer_types"), f"{layer_types!r}: moejax converts 'full_attention' layers only")
   step = r.get("decoder_sparse_step", 1)
@@ -286,6 +285,10 @@ def moejax_config(hf_config: Mapping, seq_len: int = 0):
 # ----- Weights. -----
 
 
+# A SwiGLU FFN's moejax parameter and transformers' name for it (dense MLPs and shared experts).
+_FFN_NAMES = (("wi", "gate_proj"), ("wg", "up_proj"), ("wo", "down_proj"))
+
+
 def _linear(w: np.ndarray) -> np.ndarray:
   """torch Linear weight [out, in] -> moejax kernel [in, out]."""
   return np.ascontiguousarray(np.asarray(w).T)
@@ -296,8 +299,7 @@ def _expert_stacks(weights: Mapping, layer: str, arch: Architecture, num_experts
   for prefix in dict.fromkeys((arch.moe_prefix, "mlp")):
     fused = f"{layer}.{prefix}.experts.gate_up_proj"
     if fused in weights:
-      gate_up, down = np.asarray(weights[fused]), np.asarray(weights[f"{layer}.{prefix}.experts.down_proj"])
-      used.update({fused, f"{layer}.{prefix}.experts.down_proj"})
+      gate_up, down = _take(weights, fused, used), _take(weights, f"{layer}.{prefix}.experts.down_proj", used)
       f = gate_up.shape[1] // 2
       gate, up = gate_up[:, :f].transpose(0, 2, 1), gate_up[:, f:].transpose(0, 2, 1)  # [E, d, f]
       return gate, up, down.transpose(0, 2, 1)
@@ -361,11 +363,11 @@ def hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str) -> dic
       out[(*ffn, "wi")], out[(*ffn, "wg")], out[(*ffn, "wo")] = gate, up, down
       if arch.shared_expert:
         shared, shared_gate = arch.shared_expert
-        for ours, theirs in (("wi", "gate_proj"), ("wg", "up_proj"), ("wo", "down_proj")):
+        for ours, theirs in _FFN_NAMES:
           out[(*ffn, "shared", ours)] = _linear(_take(weights, f"{layer}.{prefix}.{shared}.{theirs}.weight", used))
         out[(*ffn, "shared_gate")] = _linear(_take(weights, f"{layer}.{prefix}.{shared_gate}.weight", used))
     else:
-      for ours, theirs in (("wi", "gate_proj"), ("wg", "up_proj"), ("wo", "down_proj")):
+      for ours, theirs in _FFN_NAMES:
         out[(*ffn, ours)] = _linear(_take(weights, f"{layer}.mlp.{theirs}.weight", used))
   unused = sorted(set(weights) - used)
   if unused:
@@ -473,10 +475,10 @@ def export_hf_weights(model, model_type: str) -> dict[str, np.ndarray]:
       out[f"{layer}.mlp.experts.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
       if arch.shared_expert:
         shared, shared_gate = arch.shared_expert
-        for ours, theirs in (("wi", "gate_proj"), ("wg", "up_proj"), ("wo", "down_proj")):
+        for ours, theirs in _FFN_NAMES:
           out[f"{layer}.mlp.{shared}.{theirs}.weight"] = _linear(flat[(*ffn, "shared", ours)])
         out[f"{layer}.mlp.{shared_gate}.weight"] = _linear(flat[(*ffn, "shared_gate")])
     else:
-      for ours, theirs in (("wi", "gate_proj"), ("wg", "up_proj"), ("wo", "down_proj")):
+      for ours, theirs in _FFN_NAMES:
         out[f"{layer}.mlp.{theirs}.weight"] = _linear(flat[(*ffn, ours)])
   return out
