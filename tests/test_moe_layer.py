@@ -117,28 +117,3 @@ def test_pallas_permutation_equals_xla_in_the_layer(dispatcher):
   np.testing.assert_allclose(y_pallas, y_xla, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_pallas), jax.tree.leaves(g_xla)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_jitter_on_router_and_experts_feeds_both_the_same_jittered_tokens():
-  """transformers' Mixtral jitter: training output on x equals the eval output on x·u, u the layer's draw."""
-  from flax import nnx as _nnx
-
-  cfg = MoEConfig(
-    num_experts=4,
-    top_k=2,
-    d_expert=8,
-    dispatcher="dropless",
-    router_noise="jitter",
-    jitter_eps=0.3,
-    jitter_scope="router_and_experts",
-  )
-  layer = MoELayer(8, cfg, rngs=_nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (2, 6, 8))
-  rng = jax.random.key(7)
-  trained, _ = layer(x, train=True, rng=rng)
-  # The layer draws per device (one here: axis index 0) from fold_in(rng, device), then fold_in(., 1).
-  u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, 0), 1), (2, 6, 8), minval=0.7, maxval=1.3)
-  expected, _ = layer(x * u, train=False)
-  np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-6)
-  plain, _ = layer(x, train=False)
-  assert np.abs(np.asarray(trained) - np.asarray(plain)).max() > 1e-3  # The jitter reached the experts.

@@ -63,7 +63,11 @@ class MoELayer(nnx.Module):
     'fraction_dropped' [K]: share of routed choices of each rank that found their expert full.
     'expert_load' [E]: share of the kept assignments each expert processed.
     'selection_counts' [E]: choices per expert before capacity (DeepSeek's bias update).
-    and the family's scalar metrics (router entropy, experts per token, ...).
+    'balance_fraction', 'balance_prob' [E]: with moe.load_balance_pooling 'all_layers', the
+      layer's f and P, which the task pools over layers before the product (transformers).
+    and the family's scalar metrics: router entropy, experts per token and its min/max,
+    min/max selected gate (token choice); Soft MoE's extreme dispatch/combine weights and,
+    with moe.soft_similarity_metrics, their cosine similarities (vmoe's metrics).
   Dropped choices contribute 0: a token dropped from every choice leaves the layer as 0 (plus
   the shared experts, if any) and passes through the residual connection around it.
   """
