@@ -17,6 +17,8 @@ preset's options are the converted ones. Where each architecture is defined:
                      6.9B total, 1.3B active.
   qwen3_30b_a3b      Qwen3 technical report 2025; Qwen/Qwen3-30B-A3B; modeling_qwen3_moe.
                      30.5B total, 3.3B active (truncated: counted 3.35B).
+  qwen3_235b_a22b    Qwen3 technical report 2025; Qwen/Qwen3-235B-A22B; modeling_qwen3_moe.
+                     235B total, 22B active (counted 235.09B / 22.19B).
   qwen2_57b_a14b     Qwen2 technical report 2024; Qwen/Qwen2-57B-A14B; modeling_qwen2_moe.
                      57B total, 14B active.
   qwen1_5_moe_a2_7b  Qwen blog "Qwen1.5-MoE" 2024; Qwen/Qwen1.5-MoE-A2.7B; modeling_qwen2_moe.
@@ -45,6 +47,7 @@ PUBLISHED = {
   "mixtral_8x22b": (141e9, 39e9),
   "olmoe_1b_7b": (6.9e9, 1.3e9),
   "qwen3_30b_a3b": (30.5e9, 3.3e9),
+  "qwen3_235b_a22b": (235e9, 22e9),
   "qwen2_57b_a14b": (57e9, 14e9),
   "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9),
 }
@@ -134,6 +137,21 @@ PRESETS = {
     "model.qk_norm_scope": "per_head",
     "model.d_ff": 6144,  # intermediate_size: no block is dense, so no parameter has it.
     "moe.d_expert": 768,
+    "moe.num_experts": 128,
+    "moe.top_k": 8,
+    "moe.combine_weights": "renormalized",  # norm_topk_prob True
+  },
+  "qwen3_235b_a22b": {
+    **_QWEN_MOE,
+    "model.vocab_size": 151936,
+    "model.num_layers": 94,
+    "model.d_model": 4096,
+    "model.num_heads": 64,
+    "model.num_kv_heads": 4,
+    "model.qk_norm": True,
+    "model.qk_norm_scope": "per_head",
+    "model.d_ff": 12288,  # intermediate_size: no block is dense, so no parameter has it.
+    "moe.d_expert": 1536,
     "moe.num_experts": 128,
     "moe.top_k": 8,
     "moe.combine_weights": "renormalized",  # norm_topk_prob True

@@ -44,7 +44,7 @@ OLMOE = dict(  # allenai/OLMoE-1B-7B-0924
   router_aux_loss_coef=0.01,
   tie_word_embeddings=False,
 )
-QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B
+QWEN3_30B_A3B = dict(  # Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B
   model_type="qwen3_moe",
   rope_theta=1e6,
   rms_norm_eps=1e-6,
@@ -95,6 +95,23 @@ CASES = {
       num_experts_per_tok=4,
     ),
     3,
+  ),
+  "qwen3_235b_a22b": (  # Released options as Qwen3-30B-A3B's; 16 query heads per key/value head, top-8.
+    "qwen3_235b_a22b",
+    QWEN3_30B_A3B,
+    dict(
+      vocab_size=128,
+      hidden_size=32,
+      num_attention_heads=8,
+      num_key_value_heads=2,
+      head_dim=8,
+      num_hidden_layers=3,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      num_experts=16,
+      num_experts_per_tok=8,
+    ),
+    8,
   ),
   "qwen2_57b_a14b": (
     "qwen2_57b_a14b",
