@@ -87,6 +87,18 @@ _QWEN_MOE = {
   **_HF_BALANCE,
 }
 
+# Qwen3-MoE's released options, the same in Qwen3-30B-A3B and Qwen3-235B-A22B.
+_QWEN3_MOE = {
+  **_QWEN_MOE,
+  "model.vocab_size": 151936,
+  "model.num_kv_heads": 4,
+  "model.qk_norm": True,
+  "model.qk_norm_scope": "per_head",
+  "moe.num_experts": 128,
+  "moe.top_k": 8,
+  "moe.combine_weights": "renormalized",  # norm_topk_prob True
+}
+
 PRESETS = {
   "mixtral_8x7b": {
     **_MIXTRAL,
@@ -127,34 +139,20 @@ PRESETS = {
     "moe.z_loss_weight": 1e-3,  # ... and router z-loss 0.001
   },
   "qwen3_30b_a3b": {
-    **_QWEN_MOE,
-    "model.vocab_size": 151936,
+    **_QWEN3_MOE,
     "model.num_layers": 48,
     "model.d_model": 2048,
     "model.num_heads": 32,
-    "model.num_kv_heads": 4,
-    "model.qk_norm": True,
-    "model.qk_norm_scope": "per_head",
     "model.d_ff": 6144,  # intermediate_size: no block is dense, so no parameter has it.
     "moe.d_expert": 768,
-    "moe.num_experts": 128,
-    "moe.top_k": 8,
-    "moe.combine_weights": "renormalized",  # norm_topk_prob True
   },
   "qwen3_235b_a22b": {
-    **_QWEN_MOE,
-    "model.vocab_size": 151936,
+    **_QWEN3_MOE,
     "model.num_layers": 94,
     "model.d_model": 4096,
     "model.num_heads": 64,
-    "model.num_kv_heads": 4,
-    "model.qk_norm": True,
-    "model.qk_norm_scope": "per_head",
     "model.d_ff": 12288,  # intermediate_size: no block is dense, so no parameter has it.
     "moe.d_expert": 1536,
-    "moe.num_experts": 128,
-    "moe.top_k": 8,
-    "moe.combine_weights": "renormalized",  # norm_topk_prob True
   },
   "qwen2_57b_a14b": {
     **_QWEN_MOE,
