@@ -23,16 +23,29 @@ preset's options are the converted ones. Where each architecture is defined:
                      57B total, 14B active.
   qwen1_5_moe_a2_7b  Qwen blog "Qwen1.5-MoE" 2024; Qwen/Qwen1.5-MoE-A2.7B; modeling_qwen2_moe.
                      14.3B total, 2.7B active.
+  deepseek_v2        DeepSeek-AI 2024, "DeepSeek-V2" (MLA §2.1, device-limited routing and its
+                     balance losses §2.2); deepseek-ai/DeepSeek-V2; modeling_deepseek_v2.
+                     236B total, 21B active (counted 235.74B / 20.85B without the input embedding).
+  deepseek_v2_lite   The DeepSeek-V2 paper, Appendix B; deepseek-ai/DeepSeek-V2-Lite. 15.7B total,
+                     2.4B active (counted 15.71B / 2.45B without the input embedding).
+  deepseek_v3        DeepSeek-AI 2024, "DeepSeek-V3" (node-limited routing, auxiliary-loss-free
+                     balancing, MTP §2.2); deepseek-ai/DeepSeek-V3 config.json and README_WEIGHTS.md;
+                     modeling_deepseek_v3. 671B total, 36.7B active, both without the MTP module
+                     (the checkpoint: 685B); counted 671.03B / 36.63B without the input embedding
+                     (37.55B with it, although README_WEIGHTS.md says its 36.7B includes it), MTP
+                     11.61B apart (published 11.5B; 11.51B without its eh_proj).
 Counted figures: tests/test_presets.py (`nnx.eval_shape`, nothing allocated). Active parameters
-include the embedding and unembedding matrices, as the published figures do.
+include the embedding and unembedding matrices, as the published figures do, but DeepSeek's,
+which leave out the input embedding (ACTIVE_WITHOUT_EMBEDDING).
 
 Training recipes (the balance loss as the release's reference code computes it, so that the
 published coefficient means the same here): transformers' load_balancing_loss_func, one loss over
 all layers' router logits pooled, any-of-top-K density, times router_aux_loss_coef from the
 released config.json (Mixtral 8x7B 0.02, 8x22B 0.001, Qwen 0.001), no z-loss; OLMoE: the paper's
-load-balancing 0.01 and router z-loss 0.001. Not modelled (no effect on these releases'
-function at the context lengths their configs give): sliding windows (off in every release
-here), YaRN / other RoPE scalings (refused by the converter).
+load-balancing 0.01 and router z-loss 0.001; DeepSeek: its own per-sequence loss, α = the
+released aux_loss_alpha (V2 0.003, V2-Lite 0.001), V3 the paper's 1e-4 beside the bias (γ 1e-3);
+V2 also its device- and communication-level losses (α2 0.05, α3 0.02), over its 8 device groups.
+Not modelled: Qwen's sliding windows (off in every release here).
 
 The training fields are a starting point for an accelerator pod (bfloat16 activations, 4k
 tokens per sequence, dropless routing, a TFDS text dataset you have prepared, byte-tokenized);
@@ -49,8 +62,17 @@ PUBLISHED = {
   "qwen3_30b_a3b": (30.5e9, 3.3e9),
   "qwen3_235b_a22b": (235e9, 22e9),
   "qwen2_57b_a14b": (57e9, 14e9),
+  "deepseek_v2": (236e9, 21e9),
+  "deepseek_v2_lite": (15.7e9, 2.4e9),
+  "deepseek_v3": (671e9, 36.7e9),
   "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9),
 }
+
+# Presets whose published active count leaves out the input embedding (a lookup, no matmul):
+# DeepSeek's. V3's 36.7B (README_WEIGHTS.md) is matched by 36.62B without it, not by 37.55B
+# with it, although that file says the 36.7B includes the embedding; V2-Lite's 2.4B by 2.45B
+# (2.66B with it).
+ACTIVE_WITHOUT_EMBEDDING = {"deepseek_v2", "deepseek_v2_lite", "deepseek_v3"}
 
 # transformers' load_balancing_loss_func, which every release below trains with in its reference
 # code: one loss for the whole model over all layers' router logits pooled (f and P over the
@@ -97,6 +119,48 @@ _QWEN3_MOE = {
   "moe.num_experts": 128,
   "moe.top_k": 8,
   "moe.combine_weights": "renormalized",  # norm_topk_prob True
+}
+
+# DeepSeek-V2's and V3's released options (config.json; DeepSeek's modeling code): multi-head
+# latent attention with interleaved RoPE and YaRN (factor 40 over a 4k pre-training context),
+# DeepSeekMoE (fine-grained routed experts, shared experts, the first blocks dense), no z-loss.
+_DEEPSEEK = {
+  "model.attention": "mla",
+  "model.kv_lora_rank": 512,
+  "model.qk_nope_head_dim": 128,
+  "model.qk_rope_head_dim": 64,
+  "model.v_head_dim": 128,
+  "model.activation": "swiglu",
+  "model.moe_every": 1,
+  "model.norm_eps": 1e-6,
+  "model.rope_theta": 10000.0,
+  "model.rope_interleaved": True,
+  "model.rope_scaling": "yarn",
+  "model.yarn_factor": 40.0,
+  "model.yarn_original_max_len": 4096,
+  "model.yarn_beta_fast": 32.0,
+  "model.yarn_beta_slow": 1.0,
+  "moe.router": "deepseek",
+  "moe.dispatcher": "dropless",
+  # DeepSeek's balance loss: α·Σ f_i·P_i per MoE layer over each sequence (seq_aux), f_i =
+  # E/(K·T)·count_i — moejax's 'topk' density (shares sum to 1) times E.
+  "moe.load_balance_density": "topk",
+  "moe.load_balance_pooling": "per_layer",
+  "moe.load_balance_scope": "group",
+  "moe.z_loss_weight": 0.0,
+}
+
+# DeepSeek-V2 and V2-Lite: softmax affinities, raw top-k weights, no balancing bias, YaRN mscale 0.707.
+_DEEPSEEK_V2 = {
+  **_DEEPSEEK,
+  "model.vocab_size": 102400,
+  "model.dense_layers": (0,),  # first_k_dense_replace 1
+  "model.yarn_mscale": 0.707,
+  "model.yarn_mscale_all_dim": 0.707,
+  "moe.score_function": "softmax",
+  "moe.combine_weights": "raw",  # norm_topk_prob False
+  "moe.bias_update_rate": 0.0,
+  "moe.num_shared_experts": 2,
 }
 
 PRESETS = {
@@ -153,6 +217,69 @@ PRESETS = {
     "model.num_heads": 64,
     "model.d_ff": 12288,  # intermediate_size: no block is dense, so no parameter has it.
     "moe.d_expert": 1536,
+  },
+  "deepseek_v2": {
+    **_DEEPSEEK_V2,
+    "model.num_layers": 60,
+    "model.d_model": 5120,
+    "model.num_heads": 128,
+    "model.q_lora_rank": 1536,
+    "model.d_ff": 12288,
+    "moe.num_experts": 160,
+    "moe.top_k": 6,
+    "moe.d_expert": 1536,
+    "moe.routed_scaling_factor": 16.0,
+    # Device-limited routing: 8 groups (devices), a token's experts on its best 3 by their best expert.
+    "moe.num_expert_groups": 8,
+    "moe.top_expert_groups": 3,
+    "moe.group_score": "max",
+    "moe.load_balance_loss_weight": 3e-3,  # α1 (expert level), aux_loss_alpha of config.json
+    "moe.device_balance_loss_weight": 0.05,  # α2 (device level), the paper's §3.1.2 ...
+    "moe.comm_balance_loss_weight": 0.02,  # ... and α3 (communication)
+  },
+  "deepseek_v2_lite": {
+    **_DEEPSEEK_V2,
+    "model.num_layers": 27,
+    "model.d_model": 2048,
+    "model.num_heads": 16,
+    "model.q_lora_rank": 0,  # Queries straight from x.
+    "model.d_ff": 10944,
+    "moe.num_experts": 64,
+    "moe.top_k": 6,
+    "moe.d_expert": 1408,
+    "moe.routed_scaling_factor": 1.0,
+    "moe.load_balance_loss_weight": 1e-3,  # aux_loss_alpha of config.json
+  },
+  "deepseek_v3": {
+    **_DEEPSEEK,
+    "model.vocab_size": 129280,
+    "model.num_layers": 61,
+    "model.d_model": 7168,
+    "model.num_heads": 128,
+    "model.q_lora_rank": 1536,
+    "model.d_ff": 18432,
+    "model.dense_layers": (0, 1, 2),  # first_k_dense_replace 3
+    "model.yarn_mscale": 1.0,
+    "model.yarn_mscale_all_dim": 1.0,
+    "moe.num_experts": 256,
+    "moe.top_k": 8,
+    "moe.d_expert": 2048,
+    "moe.num_shared_experts": 1,
+    "moe.score_function": "sigmoid",
+    "moe.combine_weights": "renormalized",  # norm_topk_prob True
+    "moe.routed_scaling_factor": 2.5,
+    # Node-limited routing: 8 groups (nodes), a token's experts on its best 4 by their top-2 sum.
+    "moe.num_expert_groups": 8,
+    "moe.top_expert_groups": 4,
+    "moe.group_score": "top2_sum",
+    "moe.bias_update_rate": 1e-3,  # γ of the auxiliary-loss-free balancing (V3 paper §4.2)
+    # The sequence-wise balance loss's α: the V3 paper's 1e-4 (§4.2), "to avoid extreme imbalance
+    # within any single sequence"; the released config.json's aux_loss_alpha says 1e-3.
+    "moe.load_balance_loss_weight": 1e-4,
+    # One multi-token-prediction module (num_nextn_predict_layers 1), λ 0.3 (the paper's for the
+    # first 10T tokens, then 0.1).
+    "model.mtp_depth": 1,
+    "model.mtp_loss_weight": 0.3,
   },
   "qwen2_57b_a14b": {
     **_QWEN_MOE,

@@ -3,8 +3,10 @@
 Active parameters per token count each MoE layer's experts (experts per token)/E times: a token
 is processed by K of the E experts under top-k routing (`experts_per_token`: each router family's
 rule). Training FLOPs per token follow Kaplan et al. (2020): 6 per active matmul
-parameter (forward 2, backward 4) plus 6·n_layers·L·d for attention scores and values, with no
-saving from the causal mask. The input embedding lookup costs no FLOPs; a tied unembedding
+parameter (forward 2, backward 4) plus 6·n_layers·L·d_attn for attention scores and values, with
+no saving from the causal mask; d_attn is the width the scores and values are taken over (d for
+d/N-wide heads; N·H for heads of another width; (N·(H_n + H_r) + N·H_v)/2 for latent attention,
+whose query-key and value widths differ) and a sliding window of w keys caps L at w. The input embedding lookup costs no FLOPs; a tied unembedding
 does. Capacity padding and dropped tokens are not counted: these are *active* FLOPs, the
 quantity on which dense and MoE models are compared at "matched FLOPs".
 """
@@ -26,6 +28,9 @@ class ModelCost:
   total_params: int
   active_params: int  # Per token.
   train_flops_per_token: float  # Active, forward + backward.
+  lookup_params: int = 0  # Looked up, not multiplied: embedding tables (DeepSeek's active counts leave them out).
+  mtp_params: int = 0  # In the multi-token-prediction modules (in the totals; DeepSeek-V3's 671B leaves them out).
+  mtp_active_params: int = 0  # Of those, active per token.
 
   def summary(self) -> str:
     return (
@@ -55,9 +60,10 @@ def model_cost(
   group_size: int,
   num_layers: int,
   seq_len: int,
-  d_model: int,
+  attention_width: float,
   lookup_params=lambda model: 0,
   extra_matmul: int = 0,
+  mtp_modules=lambda model: (),
 ) -> ModelCost:
   """Counts parameters and FLOPs of the model `make_model()` builds, from `nnx.eval_shape`.
 
@@ -66,17 +72,28 @@ def model_cost(
     lookup_params: model -> how many parameters are looked up or added, not multiplied
       (embedding tables, position embeddings, a class token).
     extra_matmul: matmul parameters used but not held (a tied unembedding).
+    mtp_modules: model -> its multi-token-prediction modules (counted, and reported apart).
   """
   model = nnx.eval_shape(make_model)
   total = _num_params(model)
   expert = sum(_num_params(layer, min_ndim=3) for layer in model.moe_layers())
   share = min(1.0, experts_per_token(moe_cfg, group_size) / moe_cfg.num_experts)
   inactive = expert * (1.0 - share)
+  mtp = list(mtp_modules(model))
+  mtp_total = sum(_num_params(m) for m in mtp)
+  mtp_expert = sum(_num_params(m.block.ffn, min_ndim=3) for m in mtp if hasattr(m.block.ffn, "router"))
   # Matmul weights: every array of >= 2 dims but the lookups; norm scales are vectors.
   lookup = lookup_params(model)
   matmul_active = _num_params(model, min_ndim=2) - lookup - inactive + extra_matmul
-  attention = num_layers * seq_len * d_model
-  return ModelCost(int(total), int(round(total - inactive)), 6.0 * (matmul_active + attention))
+  attention = num_layers * seq_len * attention_width
+  return ModelCost(
+    int(total),
+    int(round(total - inactive)),
+    6.0 * (matmul_active + attention),
+    int(lookup),
+    int(mtp_total),
+    int(round(mtp_total - mtp_expert * (1.0 - share))),
+  )
 
 
 def decoder_cost(cfg: DecoderConfig) -> ModelCost:
@@ -87,11 +104,12 @@ def decoder_cost(cfg: DecoderConfig) -> ModelCost:
     group_size=cfg.moe.group_size or cfg.max_len,
     num_layers=cfg.num_layers,
     seq_len=cfg.max_len,
-    d_model=cfg.d_model,
+    attention_width=cfg.attention_width(),
     lookup_params=lambda m: (
       _num_params(m.embed) + (_num_params(m.position_embed) if m.position_embed is not None else 0)
     ),
     extra_matmul=cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0,
+    mtp_modules=lambda m: m.mtp or (),
   )
 
 
@@ -105,6 +123,6 @@ def vit_cost(cfg) -> ModelCost:
     group_size=cfg.moe.group_size or cfg.num_tokens,
     num_layers=cfg.num_layers,
     seq_len=cfg.num_tokens,
-    d_model=cfg.d_model,
+    attention_width=cfg.d_model,
     lookup_params=lambda m: m.position_embed.size + (m.cls_token.size if m.cls_token is not None else 0),
   )

@@ -108,7 +108,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
 @nnx.jit
 def _captured_forward(model, inputs):
   """The nnx.Intermediate values the capturing layers sow during an eval forward pass."""
-  _, captured = nnx.capture(lambda m, x: m(x, train=False), nnx.Intermediate)(model, inputs)
+  # A DecoderLM's `forward` also runs its multi-token-prediction modules, whose MoE layers moe_layers() lists.
+  _, captured = nnx.capture(lambda m, x: getattr(m, "forward", m)(x, train=False), nnx.Intermediate)(model, inputs)
   return captured
 
 

@@ -51,6 +51,15 @@ def main(argv) -> int:
     return 2
   print(f"total parameters:            {cost.total_params:>18,} ({cost.total_params / 1e9:.2f}B)")
   print(f"active parameters per token: {cost.active_params:>18,} ({cost.active_params / 1e9:.2f}B)")
+  without = cost.active_params - cost.lookup_params
+  print(f"  without the input embedding: {without:>16,} ({without / 1e9:.2f}B; how DeepSeek counts)")
+  if cost.mtp_params:
+    main_total, main_active = cost.total_params - cost.mtp_params, without - cost.mtp_active_params
+    print(f"  of the total, multi-token prediction: {cost.mtp_params:>9,} ({cost.mtp_params / 1e9:.2f}B)")
+    print(
+      f"  main model without MTP: {main_total:,} total ({main_total / 1e9:.2f}B), {main_active:,} active "
+      f"without the input embedding ({main_active / 1e9:.2f}B)"
+    )
   print(f"training FLOPs per token:    {cost.train_flops_per_token:>18.4g} (active, forward + backward)")
   return 0
 

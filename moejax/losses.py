@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 LOAD_BALANCE_DENSITIES = ("top1", "topk", "topk_sum")
 LOAD_BALANCE_SCOPES = ("group", "local_batch", "global_batch")
@@ -109,3 +110,47 @@ def smooth_load(
     raise ValueError(f"threshold must be one of {LOAD_LOSS_THRESHOLDS}, got {threshold!r}")
   prob = jax.scipy.stats.norm.cdf((clean_logits - threshold) / jnp.maximum(noise_std, 1e-9))
   return prob.reshape(-1, prob.shape[-1]).sum(axis=0)
+
+
+def multi_token_prediction_loss(mtp_logits: list[jax.Array], targets: jax.Array) -> jax.Array:
+  """DeepSeek-V3's L_MTP / λ (§2.2): the mean over depths k = 1..D of each depth's cross-entropy.
+
+  Args:
+    mtp_logits: D arrays <float32>[B, L, V]; the k-th predicts token i + 1 + k at position i.
+    targets: <int32>[B, L], targets[:, i] = token i + 1 (the main model's labels).
+
+  Depth k is scored at positions i < L - k (their target targets[:, i + k] is in the sequence),
+  averaged over those B·(L - k) predictions.
+  """
+  length = targets.shape[1]
+  per_depth = []
+  for k, logits in enumerate(mtp_logits, start=1):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, : length - k], targets[:, k:])
+    per_depth.append(ce.mean())
+  return sum(per_depth) / len(per_depth)
+
+
+def device_balance_terms(probs: jax.Array, expert_index: jax.Array, num_devices: int, max_devices: int):
+  """DeepSeek-V2's device- and communication-level balance terms (§2.2.3), per group.
+
+  The E experts sit on D = num_devices devices, E/D each, in order (expert j on device j·D // E);
+  a token's experts span at most M = max_devices of them (device-limited routing).
+
+  Args:
+    probs: <float32>[G, S, E] affinities s; expert_index: <int32>[G, S, K] chosen experts.
+
+  Returns:
+    (f_device, f_comm, p_device), <float32>[G, D] each: f'_i = the mean over device i's experts
+    of f_j = E/(K·S)·(choices of expert j); f''_i = D/(M·S)·(tokens sending to device i);
+    P'_i = Σ_{j on i} of the mean affinity. Σ_i f'_i·P'_i and Σ_i f''_i·P''_i (P'' = P') are 1
+    for a perfectly balanced router, like E·Σ f·P.
+  """
+  g, s, e = probs.shape
+  k = expert_index.shape[-1]
+  counts = jax.nn.one_hot(expert_index, e, dtype=jnp.float32).sum(axis=2)  # [G, S, E] choices per expert
+  f_expert = counts.sum(axis=1) * e / (k * s)  # [G, E]
+  f_device = f_expert.reshape(g, num_devices, e // num_devices).mean(axis=-1)  # [G, D]
+  p_device = probs.astype(jnp.float32).mean(axis=1).reshape(g, num_devices, e // num_devices).sum(axis=-1)
+  reached = counts.reshape(g, s, num_devices, e // num_devices).sum(axis=-1) > 0  # [G, S, D]
+  f_comm = reached.astype(jnp.float32).sum(axis=1) * num_devices / (max_devices * s)
+  return f_device, f_comm, p_device

@@ -271,20 +271,31 @@ def hash_experts(token_ids: jax.Array, num_experts: int, seed: int = 0) -> jax.A
   return (h % jnp.uint32(num_experts)).astype(jnp.int32)
 
 
-def group_limited_scores(scores: jax.Array, *, num_groups: int, top_groups: int) -> jax.Array:
-  """DeepSeek-V3 group-limited routing: keep the experts of the best `top_groups` groups.
+GROUP_SCORES = ("top2_sum", "max")
+
+
+def group_limited_scores(
+  scores: jax.Array, *, num_groups: int, top_groups: int, group_score: str = "top2_sum"
+) -> jax.Array:
+  """DeepSeek's group-limited routing: keep the experts of the best `top_groups` groups.
 
   Args:
     scores: <float32>[G, S, E] selection scores (with the balancing bias), E divisible by
-      num_groups. A group's score is the sum of its two best expert scores.
+      num_groups.
+    group_score: a group's score, 'top2_sum' the sum of its two best expert scores (V3's
+      node-limited routing, `noaux_tc`) | 'max' its best one (V2's device-limited routing,
+      `group_limited_greedy`).
 
   Returns:
     scores with experts outside the chosen groups set to -inf.
   """
+  if group_score not in GROUP_SCORES:
+    raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
   g, s, e = scores.shape
   grouped = scores.reshape(g, s, num_groups, e // num_groups)
-  best_two = jax.lax.top_k(grouped, min(2, e // num_groups))[0].sum(axis=-1)  # [G, S, groups]
-  _, keep = jax.lax.top_k(best_two, top_groups)
+  best = min(2, e // num_groups) if group_score == "top2_sum" else 1
+  group_scores = jax.lax.top_k(grouped, best)[0].sum(axis=-1)  # [G, S, groups]
+  _, keep = jax.lax.top_k(group_scores, top_groups)
   group_mask = jax.nn.one_hot(keep, num_groups, dtype=bool).any(axis=-2)  # [G, S, groups]
   mask = jnp.repeat(group_mask, e // num_groups, axis=-1)
   return jnp.where(mask, scores, -jnp.inf)

@@ -25,11 +25,12 @@ def moe_losses_and_metrics(moe_aux: list[dict], moe_cfg) -> tuple[jax.Array, dic
   pooled over them with moe.load_balance_pooling='all_layers') and per-layer metrics."""
   if not moe_aux:
     return jnp.zeros(()), {}
+  # Every '<name>_loss' of the aux with a moe.<name>_loss_weight: the Switch, z, importance and load
+  # losses of every family, and a family's own (DeepSeek-V2's device and communication balance).
   weights = {
-    "load_balance_loss": moe_cfg.load_balance_loss_weight,
-    "z_loss": moe_cfg.z_loss_weight,
-    "importance_loss": moe_cfg.importance_loss_weight,
-    "load_loss": moe_cfg.load_loss_weight,
+    name: getattr(moe_cfg, f"{name}_weight")
+    for name in moe_aux[0]
+    if name.endswith("_loss") and hasattr(moe_cfg, f"{name}_weight")
   }
   metrics, total = {}, jnp.zeros(())
   for name, weight in weights.items():
@@ -80,9 +81,12 @@ class LMTask:
     return accounting.decoder_cost(self.model_cfg)
 
   def loss(self, model, batch, train: bool, rng=None):
-    """(loss, metrics, moe_aux): cross-entropy plus the MoE auxiliary losses."""
-    logits, moe_aux = model(batch["inputs"], train=train, rng=rng)
+    """(loss, metrics, moe_aux): cross-entropy plus the MoE auxiliary losses (and λ·MTP loss)."""
+    logits, moe_aux, mtp_logits = model.forward(batch["inputs"], train=train, rng=rng)
     loss, metrics = _cross_entropy_and_moe_losses(logits, batch["targets"], moe_aux, self.cfg.moe)
+    if mtp_logits:
+      metrics["mtp_loss"] = losses.multi_token_prediction_loss(mtp_logits, batch["targets"])
+      metrics["loss"] = loss = loss + self.model_cfg.mtp_loss_weight * metrics["mtp_loss"]
     return loss, metrics, moe_aux
 
   def eval_metrics(self, model, batch) -> dict[str, jax.Array]:

@@ -68,6 +68,84 @@ QWEN2_MOE = dict(  # Qwen/Qwen2-57B-A14B and Qwen/Qwen1.5-MoE-A2.7B
   tie_word_embeddings=False,
 )
 
+# deepseek-ai/DeepSeek-V2: YaRN to 160k tokens (factor 40 over 4k), mscale = mscale_all_dim = 0.707;
+# device-limited routing (8 groups, the best 3 by their best expert), softmax affinities, weights
+# × 16; one dense block first; DeepSeek's own balance loss per sequence (α 0.003).
+DEEPSEEK_V2 = dict(
+  model_type="deepseek_v2",
+  rope_parameters=dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=40.0,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=0.707,
+    mscale_all_dim=0.707,
+    original_max_position_embeddings=4096,
+  ),
+  max_position_embeddings=163840,
+  rms_norm_eps=1e-6,
+  attention_bias=False,
+  first_k_dense_replace=1,
+  n_group=8,
+  topk_group=3,
+  topk_method="group_limited_greedy",
+  routed_scaling_factor=16.0,
+  norm_topk_prob=False,
+  scoring_func="softmax",
+  aux_loss_alpha=0.003,
+  seq_aux=True,
+  ep_size=1,
+  moe_layer_freq=1,
+  tie_word_embeddings=False,
+)
+# deepseek-ai/DeepSeek-V2-Lite: no query latent, no group limit, weights × 1, α 0.001.
+DEEPSEEK_V2_LITE = {
+  **DEEPSEEK_V2,
+  "n_group": 1,
+  "topk_group": 1,
+  "topk_method": "greedy",
+  "routed_scaling_factor": 1.0,
+  "aux_loss_alpha": 0.001,
+}
+# deepseek-ai/DeepSeek-V3: sigmoid affinities with the balancing bias (e_score_correction_bias),
+# node-limited routing (8 groups, the best 4 by their top-2 sum), renormalised weights × 2.5,
+# three dense blocks first, interleaved RoPE with YaRN (mscale = mscale_all_dim = 1), one MTP module.
+DEEPSEEK_V3 = dict(
+  model_type="deepseek_v3",
+  rope_parameters={**DEEPSEEK_V2["rope_parameters"], "mscale": 1.0, "mscale_all_dim": 1.0},
+  max_position_embeddings=163840,
+  rms_norm_eps=1e-6,
+  attention_bias=False,
+  first_k_dense_replace=3,
+  n_group=8,
+  topk_group=4,
+  topk_method="noaux_tc",
+  routed_scaling_factor=2.5,
+  norm_topk_prob=True,
+  scoring_func="sigmoid",
+  rope_interleave=True,
+  aux_loss_alpha=0.001,
+  seq_aux=True,
+  ep_size=1,
+  moe_layer_freq=1,
+  num_nextn_predict_layers=1,
+  tie_word_embeddings=False,
+)
+# MLA's small sizes: no key/value heads apart from the query heads (transformers needs them equal).
+_MLA = dict(
+  vocab_size=128,
+  hidden_size=32,
+  num_attention_heads=4,
+  num_key_value_heads=4,
+  kv_lora_rank=16,
+  qk_nope_head_dim=8,
+  qk_rope_head_dim=8,
+  v_head_dim=12,
+  intermediate_size=48,
+  moe_intermediate_size=16,
+)
+
 # Small sizes; head_dim != hidden_size / heads only where the release has it (Qwen3: 128 vs 64).
 _GQA = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
 _MHA = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=4)
@@ -141,6 +219,24 @@ CASES = {
     ),
     5,
   ),
+  "deepseek_v2": (  # 24 experts in 8 groups of 3, the best 3 groups, top-4; 2 shared experts.
+    "deepseek_v2",
+    DEEPSEEK_V2,
+    dict(_MLA, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=24, num_experts_per_tok=4, n_shared_experts=2),
+    9,
+  ),
+  "deepseek_v2_lite": (
+    "deepseek_v2_lite",
+    DEEPSEEK_V2_LITE,
+    dict(_MLA, num_hidden_layers=3, q_lora_rank=None, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2),
+    10,
+  ),
+  "deepseek_v3": (  # 32 experts in 8 groups of 4, the best 4 groups, top-4; 1 shared expert.
+    "deepseek_v3",
+    DEEPSEEK_V3,
+    dict(_MLA, num_hidden_layers=5, q_lora_rank=24, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1),
+    11,
+  ),
   # Options the releases leave at their defaults but transformers implements: dense blocks among
   # the MoE ones, MoE every 2nd block, tied embeddings, top-k renormalisation in Qwen2-MoE.
   "qwen3_moe_dense_layers": (
@@ -178,6 +274,8 @@ _CLASSES = {
   "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
   "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
   "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+  "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+  "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -190,8 +288,9 @@ def build(case: str):
   options = dict(released)
   model_type = options.pop("model_type")
   config_cls, model_cls = (getattr(transformers, name) for name in _CLASSES[model_type])
-  rope_theta = options.pop("rope_theta")
-  config = config_cls(**options, **sizes, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+  if "rope_parameters" not in options:
+    options["rope_parameters"] = {"rope_type": "default", "rope_theta": options.pop("rope_theta")}
+  config = config_cls(**options, **sizes)
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
   model = model_cls(config).eval()
@@ -203,6 +302,9 @@ def build(case: str):
         param.copy_(1.0 + 0.1 * torch.randn_like(param))
       else:
         param.copy_(0.1 * torch.randn_like(param))
+    for name, buffer in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's balancing bias: non-zero, so that it shows.
+        buffer.copy_(0.05 * torch.randn_like(buffer))
   generator = torch.Generator().manual_seed(seed)
   tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=generator)
   hf_config = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version",)}
@@ -217,14 +319,62 @@ def run(model, tokens, dtype: str):
   import torch
 
   model = model.to(getattr(torch, dtype))
-  with torch.no_grad():
-    out = model(tokens, output_router_logits=True)
-  k = model.config.num_experts_per_tok
-  experts = [
-    np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1).astype(np.int32) for r in out.router_logits
-  ]
+  if model.config.model_type.startswith("deepseek"):
+    logits, experts, aux_loss = _run_deepseek(model, tokens)
+  else:
+    with torch.no_grad():
+      out = model(tokens, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    experts = [
+      np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1).astype(np.int32) for r in out.router_logits
+    ]
+    logits, aux_loss = out.logits.float().numpy(), float(out.aux_loss)
   model.to(torch.float32)
-  return out.logits.float().numpy(), experts, float(out.aux_loss)
+  return logits, experts, aux_loss
+
+
+def _run_deepseek(model, tokens):
+  """DeepSeek's run: the experts each router chose (group limits and bias included) and its balance loss.
+
+  transformers computes no balance loss for DeepSeek; this is the one DeepSeek's own modeling code
+  computes (MoEGate with seq_aux, before aux_loss_alpha), per MoE layer and summed: for each
+  sequence of T tokens, Σ_i f_i·P_i with f_i = E/(K·T)·(tokens choosing i) and P_i the mean over
+  the sequence of the affinities (V2: softmax; V3: sigmoid normalised to sum 1, the V3 paper's
+  s'), then the mean over sequences.
+  """
+  import torch
+
+  chosen, logits_of = [], []
+
+  def record(module, inputs, out):  # The router's (logits, weights, chosen experts); returns None: output kept.
+    logits_of.append(out[0])
+    chosen.append(out[2])
+
+  gates = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
+  hooks = [g.register_forward_hook(record) for g in gates]
+  try:
+    with torch.no_grad():
+      out = model(tokens)
+  finally:
+    for hook in hooks:
+      hook.remove()
+  b, t = tokens.shape
+  num_experts, k = model.config.n_routed_experts, model.config.num_experts_per_tok
+  experts, aux_loss = [], 0.0
+  for router_logits, index in zip(logits_of, chosen):
+    index = index.numpy().reshape(b, t, k)
+    experts.append(np.sort(index.reshape(b * t, k), axis=-1).astype(np.int32))
+    logits = router_logits.float().numpy().astype(np.float64).reshape(b, t, num_experts)
+    if model.config.model_type == "deepseek_v3":
+      scores = 1 / (1 + np.exp(-logits))
+      scores = scores / scores.sum(-1, keepdims=True)
+    else:
+      scores = np.exp(logits - logits.max(-1, keepdims=True))
+      scores = scores / scores.sum(-1, keepdims=True)
+    counts = np.stack([np.bincount(index[s].reshape(-1), minlength=num_experts) for s in range(b)])  # [B, E]
+    f = counts * num_experts / (k * t)
+    aux_loss += float(np.mean(np.sum(f * scores.mean(axis=1), axis=-1)))
+  return out.logits.float().numpy(), experts, aux_loss
 
 
 def reference(case: str) -> dict:

@@ -105,7 +105,36 @@ INACTIVE = [
   ),
   ({"moe.routed_scaling_factor": 2.5}, "moe.routed_scaling_factor", "router 'deepseek'"),
   ({"moe.soft_similarity_metrics": False}, "moe.soft_similarity_metrics", "router 'soft_moe'"),
+  ({"model.kv_lora_rank": 128}, "model.kv_lora_rank", "model.attention 'mla'"),
+  ({"model.attention": "mla", "model.num_kv_heads": 2}, "model.num_kv_heads", "model.attention 'mha'"),
+  ({"model.attention": "mla", "model.attention_sinks": True}, "model.attention_sinks", "model.attention 'mha'"),
+  ({"model.yarn_factor": 4.0}, "model.yarn_factor", "model.rope_scaling is 'none'"),
+  ({"model.positions": "learned", "model.rope_interleaved": True}, "model.rope_interleaved", "not 'rope'"),
+  ({"model.full_attention_every": 2}, "model.full_attention_every", "model.sliding_window is 0"),
+  ({"model.mtp_loss_weight": 0.1}, "model.mtp_loss_weight", "model.mtp_depth is 0"),
+  ({"moe.router": "deepseek", "moe.group_score": "max"}, "moe.group_score", "num_expert_groups is 1"),
 ]
+
+# Bad values of the attention, RoPE and MTP fields: each refused by name.
+MODEL_CASES = [
+  ({"model.attention": "gqa"}, "model.attention"),
+  ({"model.attention": "mla", "model.kv_lora_rank": 0}, "model.kv_lora_rank"),
+  ({"model.attention": "mla", "model.qk_rope_head_dim": 7}, "model.qk_rope_head_dim"),
+  ({"model.attention": "mla", "model.positions": "learned"}, "model.positions"),
+  ({"model.sliding_window": -1}, "model.sliding_window"),
+  ({"model.rope_scaling": "ntk"}, "model.rope_scaling"),
+  ({"model.rope_scaling": "yarn", "model.yarn_factor": 0.5}, "model.yarn_factor"),
+  ({"model.rope_scaling": "yarn", "model.yarn_beta_fast": 0.5}, "model.yarn_beta_fast"),
+  ({"model.rope_scaling": "yarn", "model.yarn_original_max_len": 0}, "model.yarn_original_max_len"),
+  ({"model.rope_scaling": "yarn", "model.yarn_mscale": -1.0}, "model.yarn_mscale"),
+  ({"model.mtp_depth": -1}, "model.mtp_depth"),
+  ({"moe.router": "deepseek", "moe.num_expert_groups": 2, "moe.group_score": "mean"}, "moe.group_score"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", MODEL_CASES, ids=[f for _, f in MODEL_CASES])
+def test_attention_rope_and_mtp_values_are_checked(overrides, field):
+  assert _refused(overrides).field == field
 
 
 @pytest.mark.parametrize("overrides,field,reason", INACTIVE, ids=[f for _, f, _ in INACTIVE])
@@ -145,6 +174,11 @@ def test_inactive_fields_at_their_defaults_and_active_ones_pass():
     {"moe.router_noise": "noisy_top_k", "moe.load_loss_weight": 0.01, "moe.load_loss_threshold": "overall"},
     {"moe.load_balance_pooling": "all_layers", "moe.load_balance_scope": "global_batch"},
     {"moe.router": "deepseek", "moe.routed_scaling_factor": 2.5},
+    {"moe.router": "deepseek", "moe.num_expert_groups": 2, "moe.group_score": "max"},
+    {"model.attention": "mla", "model.q_lora_rank": 32, "model.rope_interleaved": True},
+    {"model.rope_scaling": "yarn", "model.yarn_factor": 4.0, "model.yarn_mscale_all_dim": 0.707},
+    {"model.sliding_window": 8, "model.full_attention_every": 2, "model.attention_sinks": True},
+    {"model.mtp_depth": 2, "model.mtp_loss_weight": 0.1},
     {"moe.router_noise": "jitter", "moe.jitter_scope": "router_and_experts"},
   ):
     config_lib.validate(config_lib.override(config_lib.base_config(), overrides), num_devices=8)

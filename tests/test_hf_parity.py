@@ -54,6 +54,9 @@ def _fixture(case):
 def _moejax_model(hf_config, weights, dtype="float32"):
   cfg = hf.moejax_config(hf_config, seq_len=hf_reference.SEQ_LEN)
   cfg.model.dtype = dtype
+  # transformers' models hold no multi-token-prediction module (DeepSeek-V3's layer 61 is dropped
+  # on load); the logits are the main model's either way.
+  cfg.model.mtp_depth = 0
   model = DecoderLM(decoder_config(cfg, 0), rngs=nnx.Rngs(0))
   hf.load_hf_weights(model, weights, hf_config["model_type"])
   return model
@@ -115,8 +118,16 @@ def _architectural(overrides: dict) -> dict:
     "moe.num_experts",
     "moe.top_k",
     "moe.num_shared_experts",
+    "model.kv_lora_rank",
+    "model.qk_nope_head_dim",
+    "model.qk_rope_head_dim",
+    "model.v_head_dim",
   }
-  return {k: v for k, v in overrides.items() if k not in sizes and not k.startswith("moe.load_balance")}
+  training = ("moe.load_balance", "model.mtp_")  # How the model trains, not what it computes.
+  out = {k: v for k, v in overrides.items() if k not in sizes and not k.startswith(training)}
+  if "model.q_lora_rank" in out:  # Its size is not architectural; whether queries have a latent is.
+    out["model.q_lora_rank"] = bool(out["model.q_lora_rank"])
+  return out
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if hf_reference.CASES[c][0]])
@@ -134,7 +145,8 @@ def test_preset_is_the_released_architecture(case):
     if field in skip:
       continue
     section, name = field.split(".")
-    assert cfg[section][name] == value, f"{preset}: {field} is {cfg[section][name]!r}, released {value!r}"
+    ours = bool(cfg[section][name]) if field == "model.q_lora_rank" else cfg[section][name]
+    assert ours == value, f"{preset}: {field} is {cfg[section][name]!r}, released {value!r}"
 
 
 def test_both_expert_layouts_load_the_same_model():
@@ -175,7 +187,15 @@ def test_bad_configs_and_checkpoints_name_the_key_or_tensor():
   config = meta["config"]
   cases = [
     ({**config, "model_type": "llama"}, "config.model_type"),
-    ({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_type"),
+    ({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 4.0}}, "rope_type"),
+    (
+      {**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta": 2}},
+      "rope_parameters.beta",
+    ),
+    (
+      {**config, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "factor": 4.0}},
+      "rope_parameters.factor",
+    ),
     ({**config, "use_sliding_window": True}, "use_sliding_window"),
     ({**config, "hidden_act": "gelu"}, "hidden_act"),
     ({**config, "some_new_option": 1}, "some_new_option"),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moejax import losses
 
@@ -78,3 +79,41 @@ def test_pooled_load_balance_is_transformers_loss_over_all_layers():
   np.testing.assert_allclose(pooled, transformers_load_balancing_loss(layer_logits, 2), rtol=1e-5)
   per_layer_mean = np.mean([float(losses.switch_balance(f, p)) for f, p in zip(fractions, probs)])
   assert abs(float(pooled) - per_layer_mean) > 1e-3
+
+
+def test_deepseek_v2_device_and_communication_balance_by_hand():
+  # E 4 experts on D 2 devices ({0, 1} on device 0, {2, 3} on device 1), K 2, S 2 tokens.
+  # Token 0 picks experts 0 and 1 (device 0 only); token 1 picks 0 and 2 (both devices).
+  probs = jnp.array([[[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1]]])
+  chosen = jnp.array([[[0, 1], [0, 2]]])
+  f_device, f_comm, p_device = losses.device_balance_terms(probs, chosen, num_devices=2, max_devices=2)
+  # f_j = E/(K·S)·count_j = [2, 1, 1, 0]: f' = the mean per device = [1.5, 0.5].
+  np.testing.assert_allclose(f_device, [[1.5, 0.5]])
+  # Mean affinities [0.45, 0.2, 0.25, 0.1]: P' = [0.65, 0.35].
+  np.testing.assert_allclose(p_device, [[0.65, 0.35]], rtol=1e-6)
+  # Device 0 receives both tokens, device 1 one: f'' = D/(M·S)·[2, 1] = [1, 0.5].
+  np.testing.assert_allclose(f_comm, [[1.0, 0.5]])
+  device_loss = float(jnp.sum(f_device * p_device))
+  comm_loss = float(jnp.sum(f_comm * p_device))
+  assert device_loss == pytest.approx(1.5 * 0.65 + 0.5 * 0.35) and comm_loss == pytest.approx(0.65 + 0.5 * 0.35)
+
+
+def test_a_familys_own_losses_are_weighted_by_their_option():
+  from moejax.layers.moe import MoEConfig
+  from moejax.tasks import moe_losses_and_metrics
+
+  cfg = MoEConfig(
+    router="deepseek", load_balance_loss_weight=0.003, device_balance_loss_weight=0.05, comm_balance_loss_weight=0.02
+  )
+  zero = jnp.zeros(())
+  layer = {
+    "load_balance_loss": jnp.float32(1.2),
+    "z_loss": zero,
+    "importance_loss": zero,
+    "load_loss": zero,
+    "device_balance_loss": jnp.float32(1.1),
+    "comm_balance_loss": jnp.float32(1.4),
+  }
+  total, metrics = moe_losses_and_metrics([layer, layer], cfg)  # Two MoE layers: each loss summed.
+  assert float(metrics["device_balance_loss"]) == pytest.approx(2.2)
+  assert float(total) == pytest.approx(0.003 * 2.4 + 0.05 * 2.2 + 0.02 * 2.8, rel=1e-6)

@@ -13,6 +13,7 @@ from flax import nnx
 from cli_util import REPO
 from moejax.count_params import cost_of
 from moejax.layers.attention import CausalSelfAttention
+from moejax.layers.rope import Rope
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import architectures  # noqa: E402
@@ -28,10 +29,31 @@ def _published_precision(value: float) -> float:
 def test_preset_matches_published_counts(preset):
   cost = cost_of(architectures.get_config(preset))
   total, active = architectures.PUBLISHED[preset]
-  for name, got, want in (("total", cost.total_params, total), ("active", cost.active_params, active)):
-    # Published figures are rounded (46.7B for 46.70B) or truncated (Qwen3's 3.3B active for 3.35B).
+  # Published figures leave out multi-token prediction (DeepSeek-V3's 671B; its checkpoint holds 685B).
+  counted_total, counted_active = cost.total_params - cost.mtp_params, cost.active_params - cost.mtp_active_params
+  if preset in architectures.ACTIVE_WITHOUT_EMBEDDING:
+    counted_active -= cost.lookup_params
+  for name, got, want in (("total", counted_total, total), ("active", counted_active, active)):
+    # Within 0.5% (issue #13), or what the published figure's precision allows: figures are rounded
+    # (46.7B for 46.70B) or truncated (Qwen3's 3.3B active for 3.35B), DeepSeek-V2's 21B to 2 digits.
     step = _published_precision(want)
-    assert want - step / 2 <= got < want + step, f"{preset} {name}: {got / 1e9:.3f}B vs published {want / 1e9:g}B"
+    close = abs(got - want) <= 0.005 * want or want - step / 2 <= got < want + step
+    assert close, f"{preset} {name}: {got / 1e9:.3f}B vs published {want / 1e9:g}B"
+
+
+def test_deepseek_v3_multi_token_prediction_is_counted_apart():
+  cost = cost_of(architectures.get_config("deepseek_v3"))
+  # One MTP module: eh_proj [2d, d], a block as layer 60 (MLA, 256 experts + 1 shared), 3 norms.
+  d, mla = 7168, 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168
+  expert = 3 * 7168 * 2048
+  moe = 257 * expert + 7168 * 256
+  assert cost.mtp_params == 2 * d * d + mla + moe + 5 * d  # 5 RMSNorms of d: embed, hidden, block's two, output.
+  assert cost.mtp_active_params == cost.mtp_params - 248 * expert  # 8 of the 256 routed experts run.
+  # README_WEIGHTS.md of deepseek-ai/DeepSeek-V3: 671B main model + 11.5B MTP (we count 11.61B:
+  # the published figure is matched, 11.51B, without eh_proj's 0.10B) = the 685B checkpoint (with
+  # the MTP's own copies of the 0.9B embedding and head).
+  assert cost.total_params - cost.mtp_params == 671_026_404_352
+  assert round(cost.mtp_params / 1e9, 2) == 11.61 and round((cost.mtp_params - 2 * d * d) / 1e9, 2) == 11.51
 
 
 def test_mixtral_8x7b_is_exactly_the_released_checkpoint():
@@ -102,14 +124,13 @@ def test_grouped_query_attention_matches_numpy(qk_norm, scope, bias, rope_theta)
   layer = CausalSelfAttention(
     8,
     4,
-    rotary=rope_theta is not None,
     init_scale=1.0,
+    rope=None if rope_theta is None else Rope(rope_theta=rope_theta),
     num_kv_heads=2,
     head_dim=6,
     qk_norm=qk_norm,
     qk_norm_scope=scope,
     bias=bias,
-    rope_theta=rope_theta or 1e4,
     norm_eps=eps,
     rngs=nnx.Rngs(0),
   )

@@ -25,6 +25,7 @@ def _config_module(name):
 
 
 LM_PRESETS = _config_module("lm_routers")
+ARCHITECTURE_PRESETS = _config_module("lm_architectures")
 VIT_PRESETS = _config_module("vit_digits")
 CAUSAL = [p for p in LM_PRESETS.PRESETS if not LM_PRESETS.get_config(p).moe.allow_noncausal and p != "dense"]
 
@@ -70,6 +71,19 @@ def _lm_config(data_dir, preset, **extra):
 @pytest.mark.parametrize("preset", list(LM_PRESETS.PRESETS))
 def test_each_lm_preset_trains(preset, data_dir):
   losses = _train(_lm_config(data_dir, preset), steps=25)
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+
+
+@pytest.mark.parametrize("preset", list(ARCHITECTURE_PRESETS.PRESETS))
+def test_each_architecture_piece_trains(preset, data_dir):
+  # MLA and YaRN, multi-token prediction, DeepSeek-V2/V3 routing, sliding windows and sinks.
+  cfg = ARCHITECTURE_PRESETS.get_config(preset)
+  config_lib.override(cfg, {**TINY_LM, "data.data_dir": data_dir})
+  if cfg.moe.d_expert:
+    cfg.moe.d_expert = 8
+  if cfg.model.sliding_window:
+    cfg.model.sliding_window = 4  # Shorter than the tiny 16-token sequences, so that it cuts.
+  losses = _train(cfg, steps=25)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 

@@ -17,6 +17,19 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+def test_deepseek_v3_pieces_train_from_the_cli(tmp_path, data_dir):
+  # MLA with YaRN, multi-token prediction, V3's group-limited sigmoid routing with its bias.
+  workdir = tmp_path / "run"
+  result = run_cli(
+    workdir, "--config.train.num_steps=30", data_dir=data_dir, config="configs/lm_architectures.py:deepseek_v3"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = list(read_metrics(workdir).values())
+  losses = [row["loss"] for row in rows]
+  assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+  assert all(row["mtp_loss"] > 0 for row in rows)  # λ·MTP is in the loss.
+
+
 def _checkpoint_steps(workdir):
   path = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []

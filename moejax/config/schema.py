@@ -30,6 +30,31 @@ POOLINGS = ("gap", "cls")
 QK_NORM_SCOPES = ("per_head", "projection")
 ATTENTION_BIASES = ("none", "qkv", "qkvo")
 SHARED_EXPERT_GATES = ("none", "sigmoid")
+ROPE_SCALINGS = ("none", "yarn")
+# model.attention selects one kind; each kind reads its own model fields (the other kind's are inactive).
+ATTENTION_OPTIONS = {
+  "mha": (
+    "num_kv_heads",
+    "head_dim",
+    "qk_norm",
+    "qk_norm_scope",
+    "attention_bias",
+    "sliding_window",
+    "full_attention_every",
+    "attention_sinks",
+  ),
+  "mla": ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+}
+YARN_FIELDS = (
+  "yarn_factor",
+  "yarn_original_max_len",
+  "yarn_beta_fast",
+  "yarn_beta_slow",
+  "yarn_truncate",
+  "yarn_mscale",
+  "yarn_mscale_all_dim",
+  "yarn_attention_factor",
+)
 
 # The dispatchers' own options (moe.dispatcher selects one; moejax.dispatch implements them).
 DISPATCHER_OPTIONS = {
@@ -82,6 +107,9 @@ def _model(task: str) -> ml_collections.ConfigDict:
   m.d_model = 128
   m.num_heads = 4
   if task == "lm":
+    # 'mha': multi-head / grouped-query attention (its fields: ATTENTION_OPTIONS['mha']) | 'mla':
+    # DeepSeek-V2/V3's multi-head latent attention (moejax/layers/mla.py; ATTENTION_OPTIONS['mla']).
+    m.attention = "mha"
     m.num_kv_heads = 0  # 0: num_heads; fewer: grouped-query attention (Mixtral, Qwen3).
     m.head_dim = 0  # 0: d_model / num_heads (Qwen3 sets 128 with d_model 2048, 32 heads).
     m.qk_norm = False  # RMSNorm on the queries and keys before RoPE (OLMoE, Qwen3).
@@ -90,7 +118,34 @@ def _model(task: str) -> ml_collections.ConfigDict:
     m.qk_norm_scope = "per_head"
     # Biases of the attention projections: 'none' | 'qkv' (Qwen2-MoE) | 'qkvo' (transformers' attention_bias).
     m.attention_bias = "none"
+    # Sliding-window attention: > 0, each query sees itself and the sliding_window - 1 keys before
+    # it, in every block but every P-th (P = full_attention_every: blocks P-1, 2P-1, ... attend to all;
+    # 0: every block slides). gpt-oss: window 128, P = 2 (even blocks slide).
+    m.sliding_window = 0
+    m.full_attention_every = 0
+    m.attention_sinks = False  # A learned logit per head joins each softmax, adding no value (gpt-oss).
+    # Multi-head latent attention (model.attention 'mla'), DeepSeek-V2's names: the query latent's
+    # rank (0: queries straight from x, V2-Lite), the key/value latent's rank, per-head dims of the
+    # query/key part without and with RoPE, and of the values.
+    m.q_lora_rank = 0
+    m.kv_lora_rank = 64
+    m.qk_nope_head_dim = 32
+    m.qk_rope_head_dim = 16
+    m.v_head_dim = 32
     m.rope_theta = 10000.0  # RoPE base (transformers' rope_theta): Mixtral, Qwen2/3-MoE 1e6.
+    # Pairs (2i, 2i+1) rotate together (the RoPE paper, DeepSeek) instead of (i, i + H/2) (transformers' rotate_half).
+    m.rope_interleaved = False
+    # 'none' | 'yarn': YaRN context extension (moejax/layers/rope.py; transformers' rope_type 'yarn',
+    # its parameters the yarn_* fields; DeepSeek-V2/V3 factor 40, gpt-oss 32).
+    m.rope_scaling = "none"
+    m.yarn_factor = 1.0  # Context extension factor.
+    m.yarn_original_max_len = 4096  # The pre-training context (original_max_position_embeddings).
+    m.yarn_beta_fast = 32.0  # Dims turning more often than this over the context keep their frequency ...
+    m.yarn_beta_slow = 1.0  # ... those turning fewer times than this are interpolated by 1/factor.
+    m.yarn_truncate = True  # Round the ramp's ends to whole dims (gpt-oss: False).
+    m.yarn_mscale = 0.0  # DeepSeek's mscale (0: unset): with mscale_all_dim, sets the attention factor.
+    m.yarn_mscale_all_dim = 0.0  # DeepSeek: the softmax scale × (0.1·mscale_all_dim·ln(factor) + 1)².
+    m.yarn_attention_factor = 0.0  # On the rotated q, k; 0: from factor, mscale, mscale_all_dim.
   m.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
   if task == "lm":
     m.positions = "rope"  # 'rope' | 'learned'
@@ -101,6 +156,12 @@ def _model(task: str) -> ml_collections.ConfigDict:
     # mlp_only_layers, DeepSeek's first_k_dense_replace = (0, ..., k-1)).
     m.dense_layers = ()
     m.tie_embeddings = False  # The output projection is the input embedding, transposed.
+    # Multi-token prediction (DeepSeek-V3 §2.2): D extra modules, module k predicting token i+1+k
+    # at position i from the previous depth's hidden state and the embedding of token i+k; their
+    # mean cross-entropy × mtp_loss_weight λ joins the loss (V3: D 1, λ 0.3 then 0.1). Training
+    # only: the logits are the main model's.
+    m.mtp_depth = 0
+    m.mtp_loss_weight = 0.3
   m.norm_eps = 1e-6  # Epsilon of every RMSNorm (transformers' rms_norm_eps): Mixtral, OLMoE 1e-5.
   m.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
   m.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
@@ -261,10 +322,22 @@ def inactive_fields(cfg) -> dict[str, str]:
         why[f"moe.{name}"] = f"an option of dispatcher {users}, and router {cfg.moe.router!r} uses {dispatcher!r}"
     if cfg.task != "lm":
       why["moe.allow_noncausal"] = "only a decoder is causal; the ViT sees every token"
-  if "model.qk_norm_scope" in flat and not cfg.model.qk_norm:
+  m = cfg.model
+  if "model.attention" in flat:
+    for kind, names in ATTENTION_OPTIONS.items():
+      if kind != m.attention:
+        why.update({f"model.{n}": f"an option of model.attention {kind!r}, and it is {m.attention!r}" for n in names})
+    if m.attention == "mha" and m.sliding_window == 0:
+      why["model.full_attention_every"] = "model.sliding_window is 0: every block attends to all keys"
+    if m.positions != "rope":
+      rope_fields = ("rope_theta", "rope_interleaved", "rope_scaling", *YARN_FIELDS)
+      why.update({f"model.{n}": f"model.positions is {m.positions!r}, not 'rope'" for n in rope_fields})
+    elif m.rope_scaling != "yarn":
+      why.update({f"model.{n}": f"model.rope_scaling is {m.rope_scaling!r}, not 'yarn'" for n in YARN_FIELDS})
+  if "model.mtp_loss_weight" in flat and m.mtp_depth == 0:
+    why["model.mtp_loss_weight"] = "model.mtp_depth is 0: no multi-token prediction"
+  if "model.qk_norm_scope" in flat and not cfg.model.qk_norm and "model.qk_norm_scope" not in why:
     why["model.qk_norm_scope"] = "model.qk_norm is False"
-  if "model.rope_theta" in flat and cfg.model.positions != "rope":
-    why["model.rope_theta"] = f"model.positions is {cfg.model.positions!r}, not 'rope'"
   if has_moe_layers(cfg) and cfg.moe.num_shared_experts == 0:
     why["moe.shared_expert_gate"] = "moe.num_shared_experts is 0"
   source_section = DATA_SUBSECTIONS.get(cfg.data.source)

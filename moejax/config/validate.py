@@ -64,6 +64,8 @@ def _model(cfg) -> None:
       "model.rope_theta",
       f"must be a number > 1 (the RoPE base), got {m.rope_theta!r}",
     )
+    _attention(cfg)
+    _positive(cfg, "model.mtp_depth", "model.mtp_loss_weight", allow_zero=True)
     dense = m.dense_layers
     _check(
       isinstance(dense, (tuple, list))
@@ -80,14 +82,16 @@ def _model(cfg) -> None:
     _one_of(cfg, "model.pooling", schema.POOLINGS)
   head_dim = m.head_dim if lm and m.head_dim else None
   _check(
-    head_dim or m.d_model % m.num_heads == 0,
+    head_dim or m.d_model % m.num_heads == 0 or (lm and m.attention == "mla"),
     "model.num_heads",
     f"d_model ({m.d_model}) must be divisible by num_heads ({m.num_heads}) unless model.head_dim is set",
   )
   if lm:
     head_dim = head_dim or m.d_model // m.num_heads
     _check(
-      m.positions != "rope" or head_dim % 2 == 0, "model.positions", f"'rope' needs an even head dim, got {head_dim}"
+      m.positions != "rope" or m.attention == "mla" or head_dim % 2 == 0,
+      "model.positions",
+      f"'rope' needs an even head dim, got {head_dim}",
     )
     _one_of(cfg, "model.positions", schema.POSITIONS)
   _one_of(cfg, "model.activation", schema.ACTIVATIONS)
@@ -97,6 +101,52 @@ def _model(cfg) -> None:
     "model.norm_eps",
     f"must be in (0, 1) (the RMSNorm epsilon), got {m.norm_eps!r}",
   )
+
+
+def _attention(cfg) -> None:
+  """model.attention and the fields of its kind, model.rope_scaling and YaRN's fields."""
+  m = cfg.model
+  _one_of(cfg, "model.attention", tuple(schema.ATTENTION_OPTIONS))
+  _positive(cfg, "model.sliding_window", "model.full_attention_every", allow_zero=True)
+  _check(
+    isinstance(m.attention_sinks, bool), "model.attention_sinks", f"must be True or False, got {m.attention_sinks!r}"
+  )
+  _check(
+    isinstance(m.rope_interleaved, bool), "model.rope_interleaved", f"must be True or False, got {m.rope_interleaved!r}"
+  )
+  if m.attention == "mla":
+    _positive(cfg, "model.kv_lora_rank", "model.qk_rope_head_dim", "model.v_head_dim")
+    _positive(cfg, "model.q_lora_rank", "model.qk_nope_head_dim", allow_zero=True)
+    _check(
+      m.qk_rope_head_dim % 2 == 0,
+      "model.qk_rope_head_dim",
+      f"must be even (RoPE turns pairs), got {m.qk_rope_head_dim}",
+    )
+    _check(m.positions == "rope", "model.positions", "model.attention 'mla' is built around RoPE: set 'rope'")
+  _one_of(cfg, "model.rope_scaling", schema.ROPE_SCALINGS)
+  if m.rope_scaling == "yarn":
+    _check(
+      isinstance(m.yarn_factor, (int, float)) and m.yarn_factor >= 1,
+      "model.yarn_factor",
+      f"must be a number >= 1 (the context extension), got {m.yarn_factor!r}",
+    )
+    _positive(cfg, "model.yarn_original_max_len")
+    for name in ("yarn_beta_fast", "yarn_beta_slow"):
+      value = m[name]
+      _check(isinstance(value, (int, float)) and value > 0, f"model.{name}", f"must be a number > 0, got {value!r}")
+    _check(
+      m.yarn_beta_fast > m.yarn_beta_slow,
+      "model.yarn_beta_fast",
+      f"must exceed model.yarn_beta_slow ({m.yarn_beta_slow}), got {m.yarn_beta_fast}",
+    )
+    _check(isinstance(m.yarn_truncate, bool), "model.yarn_truncate", f"must be True or False, got {m.yarn_truncate!r}")
+    for name in ("yarn_mscale", "yarn_mscale_all_dim", "yarn_attention_factor"):
+      value = m[name]
+      _check(
+        isinstance(value, (int, float)) and value >= 0,
+        f"model.{name}",
+        f"must be a number >= 0 (0: unset), got {value!r}",
+      )
 
 
 def _moe(cfg) -> None:

@@ -16,6 +16,12 @@ x·W, so every projection is transposed. Experts come in two layouts, both read:
     [f, d], `up_proj` [f, d], `down_proj` [d, f]; Mixtral names them `block_sparse_moe.experts.{j}.w1`
     (gate), `w3` (up), `w2` (down), its router `block_sparse_moe.gate`.
 moejax's SwiGLU is silu(x·wi) ⊙ (x·wg) · wo: wi is transformers' gate, wg its up projection.
+DeepSeek-V2/V3 (`deepseek_v2`, `deepseek_v3`): multi-head latent attention (q_a_proj,
+q_a_layernorm, q_b_proj or q_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj ->
+moejax.layers.mla), `mlp.shared_experts`, V3's `mlp.gate.e_score_correction_bias` (the router's
+balancing bias, state) and its multi-token-prediction module `model.layers.{L}` (enorm, hnorm,
+eh_proj, shared_head.norm, and a decoder layer; the copies of the shared embedding and head it
+may hold must equal them).
 
 A config.json key that moejax does not model is refused with the key's name (`ConfigError`),
 never dropped: a converted model computes the released function or does not convert.
@@ -89,19 +95,55 @@ class _Reader:
     return sorted(set(self.hf) - self.read)
 
 
-def _rope_theta(r: _Reader) -> float:
-  """The RoPE base from transformers 5's rope_parameters or transformers 4's rope_theta / rope_scaling."""
-  params = r.get("rope_parameters") or {}
-  scaling = r.get("rope_scaling") or {}
-  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  if kind != "default":
-    raise ConfigError(
-      r.field("rope_parameters.rope_type"), f"{kind!r} is not supported; moejax implements 'default' RoPE"
-    )
-  theta = params.get("rope_theta", r.get("rope_theta"))
+# transformers' YaRN parameters -> moejax's model.yarn_* fields (moejax/layers/rope.py).
+_YARN_KEYS = {
+  "factor": "yarn_factor",
+  "original_max_position_embeddings": "yarn_original_max_len",
+  "beta_fast": "yarn_beta_fast",
+  "beta_slow": "yarn_beta_slow",
+  "truncate": "yarn_truncate",
+  "mscale": "yarn_mscale",
+  "mscale_all_dim": "yarn_mscale_all_dim",
+  "attention_factor": "yarn_attention_factor",
+}
+
+
+def _rope(r: _Reader) -> dict:
+  """RoPE fields from transformers 5's rope_parameters or transformers 4's rope_theta / rope_scaling.
+
+  'default' and 'yarn' RoPE convert; any other rope_type, or a parameter moejax does not model,
+  is refused by name.
+  """
+  params = {**(r.get("rope_scaling") or {}), **(r.get("rope_parameters") or {})}
+  kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+  params.pop("type", None)
+  theta = params.pop("rope_theta", r.get("rope_theta"))
   if theta is None:
     raise ConfigError(r.field("rope_theta"), "is missing from the config (and from rope_parameters)")
-  return float(theta)
+  out = {"model.positions": "rope", "model.rope_theta": float(theta)}
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ConfigError(r.field("rope_parameters.partial_rotary_factor"), "moejax rotates every dim of the RoPE part")
+  params.pop("partial_rotary_factor", None)
+  if kind == "yarn":
+    out["model.rope_scaling"] = "yarn"
+    if params.get("factor") is None:  # transformers: the context ratio (DeepSeek-V3's convention).
+      original = params.get("original_max_position_embeddings") or r.get("max_position_embeddings")
+      params["factor"] = r.get("max_position_embeddings") / original
+    for key, field in _YARN_KEYS.items():
+      value = params.pop(key, None)
+      if value is not None:
+        out[f"model.{field}"] = (
+          bool(value) if key == "truncate" else (int(value) if field.endswith("len") else float(value))
+        )
+    if "model.yarn_original_max_len" not in out:  # transformers: the model's max_position_embeddings.
+      out["model.yarn_original_max_len"] = int(r.get("max_position_embeddings"))
+  elif kind != "default":
+    raise ConfigError(
+      r.field("rope_parameters.rope_type"), f"{kind!r} is not supported; moejax implements 'default' and 'yarn' RoPE"
+    )
+  if params:
+    raise ConfigError(r.field(f"rope_parameters.{min(params)}"), f"is not a {kind!r} RoPE parameter moejax models")
+  return out
 
 
 def _attention_and_sizes(r: _Reader) -> dict:
@@ -117,8 +159,7 @@ def _attention_and_sizes(r: _Reader) -> dict:
     "model.num_heads": heads,
     "model.num_kv_heads": r.get("num_key_value_heads") or heads,
     "model.head_dim": head_dim,
-    "model.positions": "rope",
-    "model.rope_theta": _rope_theta(r),
+    **_rope(r),
     "model.norm_eps": float(r.require("rms_norm_eps")),
     "model.tie_embeddings": bool(r.get("tie_word_embeddings", False)),
     "model.activation": "swiglu",
@@ -218,6 +259,108 @@ def _qwen2_moe(r: _Reader) -> dict:
   return out
 
 
+def _deepseek(r: _Reader, version: int) -> dict:
+  """DeepSeek-V2 (V2-Lite) and V3: multi-head latent attention, DeepSeekMoE with shared experts.
+
+  Reads the keys transformers' DeepseekV2Config / DeepseekV3Config write and those of the
+  released config.json files (DeepSeek's own modeling code: aux_loss_alpha, seq_aux, ep_size,
+  scoring_func, moe_layer_freq).
+  """
+  d, heads = r.require("hidden_size"), r.require("num_attention_heads")
+  r.expect("hidden_act", ("silu",), "the experts are SwiGLU")
+  r.expect("attention_dropout", (0.0, 0), "moejax's attention has no dropout")
+  r.expect("attention_bias", (False,), "moejax's latent attention has no biases")
+  r.expect("mlp_bias", (False,), "moejax's FFNs have no biases")
+  r.expect("pretraining_tp", (1, None), "a tensor-parallel emulation of the matmuls")
+  r.expect("moe_layer_freq", (1,), "every block after first_k_dense_replace is MoE")
+  r.get("ep_size")  # Devices the released training split the experts over: no effect on the function.
+  kv_heads = r.get("num_key_value_heads") or heads
+  if kv_heads != heads:
+    raise ConfigError(
+      r.field("num_key_value_heads"), f"{kv_heads} != num_attention_heads ({heads}): MLA has a latent, not kv heads"
+    )
+  rope_dim = r.require("qk_rope_head_dim")
+  nope_dim = r.require("qk_nope_head_dim")
+  for key, want in (("head_dim", rope_dim), ("qk_head_dim", nope_dim + rope_dim)):  # Derived by transformers.
+    if r.get(key, want) != want:
+      raise ConfigError(r.field(key), f"{r.get(key)} is not the derived {want}")
+  scoring = r.expect(
+    "scoring_func", ("softmax",) if version == 2 else ("sigmoid",), f"DeepSeek-V{version}'s affinities"
+  )
+  methods = ("greedy", "group_limited_greedy") if version == 2 else ("noaux_tc",)
+  method = r.expect("topk_method", methods, f"DeepSeek-V{version}'s routing")
+  groups = r.get("n_group") or 1
+  if version == 2:
+    # transformers' V2 router ignores norm_topk_prob; DeepSeek's own code renormalises with it: refused.
+    r.expect("norm_topk_prob", (False, None), "transformers' DeepSeek-V2 never renormalises")
+    combine = "raw"
+    if method == "greedy":
+      groups = 1
+  else:
+    combine = "renormalized" if r.get("norm_topk_prob", True) else "raw"
+  if version == 3:
+    r.expect("rope_interleave", (True,), "DeepSeek-V3's RoPE pairs are interleaved")
+  first_dense = r.get("first_k_dense_replace") or 0
+  num_layers = r.require("num_hidden_layers")
+  out = {
+    "model.vocab_size": r.require("vocab_size"),
+    "model.num_layers": num_layers,
+    "model.d_model": d,
+    "model.num_heads": heads,
+    "model.attention": "mla",
+    "model.q_lora_rank": r.get("q_lora_rank") or 0,
+    "model.kv_lora_rank": r.require("kv_lora_rank"),
+    "model.qk_nope_head_dim": nope_dim,
+    "model.qk_rope_head_dim": rope_dim,
+    "model.v_head_dim": r.require("v_head_dim"),
+    **_rope(r),
+    "model.rope_interleaved": True,
+    "model.norm_eps": float(r.require("rms_norm_eps")),
+    "model.tie_embeddings": bool(r.get("tie_word_embeddings", False)),
+    "model.activation": "swiglu",
+    "model.d_ff": r.require("intermediate_size"),
+    "model.moe_every": 1,
+    "model.dense_layers": tuple(range(min(first_dense, num_layers))),
+    "moe.router": "deepseek",
+    "moe.score_function": scoring,
+    "moe.num_experts": r.require("n_routed_experts"),
+    "moe.top_k": r.require("num_experts_per_tok"),
+    "moe.d_expert": r.require("moe_intermediate_size"),
+    "moe.num_shared_experts": r.get("n_shared_experts") or 0,
+    "moe.combine_weights": combine,
+    "moe.routed_scaling_factor": float(r.get("routed_scaling_factor", 1.0)),
+    "moe.num_expert_groups": groups,
+    "moe.dispatcher": "dropless",
+    # DeepSeek's balance loss (its own code; transformers has none): α·Σ_i f_i·P_i per MoE layer,
+    # f_i = E/(K·T)·(tokens choosing i), P_i the mean affinity, over each sequence with seq_aux.
+    "moe.load_balance_loss_weight": float(r.get("aux_loss_alpha", 0.0)),
+    "moe.load_balance_density": "topk",
+    "moe.load_balance_pooling": "per_layer",
+    "moe.load_balance_scope": "group" if r.get("seq_aux", True) else "global_batch",
+    "moe.z_loss_weight": 0.0,
+  }
+  if groups > 1:
+    out["moe.top_expert_groups"] = r.require("topk_group")
+    out["moe.group_score"] = "max" if version == 2 else "top2_sum"
+  else:
+    r.get("topk_group")  # Read only with groups.
+  if version == 2:
+    out["moe.bias_update_rate"] = 0.0  # V2 has no balancing bias.
+  else:
+    # The multi-token-prediction modules the checkpoint holds (model.layers.{L + k}; transformers
+    # drops them): a training objective, not part of the logits.
+    out["model.mtp_depth"] = r.get("num_nextn_predict_layers") or 0
+  return out
+
+
+def _deepseek_v2(r: _Reader) -> dict:
+  return _deepseek(r, 2)
+
+
+def _deepseek_v3(r: _Reader) -> dict:
+  return _deepseek(r, 3)
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   """What moejax knows of one transformers model_type.
@@ -225,14 +368,17 @@ class Architecture:
   overrides: config.json reader -> {'section.field': value}.
   moe_prefix: the MoE block's name in a layer ('mlp'; Mixtral's released files 'block_sparse_moe').
   expert_names: per-expert file names of (gate, up, down).
-  shared_expert: the shared expert's and its gate's names in the MoE block, or None.
+  shared_expert: the shared expert's and its gate's names in the MoE block (the gate None if it
+    has none), or None.
+  router_bias: the router's balancing-bias buffer (DeepSeek-V3's e_score_correction_bias), or None.
   """
 
   model_type: str
   overrides: Callable[[_Reader], dict]
   moe_prefix: str = "mlp"
   expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-  shared_expert: tuple[str, str] | None = None
+  shared_expert: tuple[str, str | None] | None = None
+  router_bias: str | None = None
 
 
 ARCHITECTURES = {
@@ -242,6 +388,10 @@ ARCHITECTURES = {
     Architecture("olmoe", _olmoe),
     Architecture("qwen2_moe", _qwen2_moe, shared_expert=("shared_expert", "shared_expert_gate")),
     Architecture("qwen3_moe", _qwen3_moe),
+    Architecture("deepseek_v2", _deepseek_v2, shared_expert=("shared_experts", None)),
+    Architecture(
+      "deepseek_v3", _deepseek_v3, shared_expert=("shared_experts", None), router_bias="e_score_correction_bias"
+    ),
   )
 }
 
@@ -351,27 +501,61 @@ def hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str) -> dic
   else:
     out[("unembed", "kernel")] = _linear(_take(weights, "lm_head.weight", used))
   for i in range(cfg.num_layers):
-    layer, block = f"model.layers.{i}", ("blocks", i)
-    out[(*block, "attention_norm", "scale")] = _take(weights, f"{layer}.input_layernorm.weight", used)
-    out[(*block, "ffn_norm", "scale")] = _take(weights, f"{layer}.post_attention_layernorm.weight", used)
-    out.update(_attention_to_moejax(weights, f"{layer}.self_attn", (*block, "attention"), cfg, used))
-    ffn = (*block, "ffn")
-    if cfg.is_moe_layer(i):
-      prefix = _moe_prefix(weights, layer, arch)
-      out[(*ffn, "router", "kernel")] = _linear(_take(weights, f"{layer}.{prefix}.gate.weight", used))
-      gate, up, down = _expert_stacks(weights, layer, arch, cfg.moe.num_experts, used)
-      out[(*ffn, "wi")], out[(*ffn, "wg")], out[(*ffn, "wo")] = gate, up, down
-      if arch.shared_expert:
-        shared, shared_gate = arch.shared_expert
-        for ours, theirs in _FFN_NAMES:
-          out[(*ffn, "shared", ours)] = _linear(_take(weights, f"{layer}.{prefix}.{shared}.{theirs}.weight", used))
-        out[(*ffn, "shared_gate")] = _linear(_take(weights, f"{layer}.{prefix}.{shared_gate}.weight", used))
-    else:
-      for ours, theirs in _FFN_NAMES:
-        out[(*ffn, ours)] = _linear(_take(weights, f"{layer}.mlp.{theirs}.weight", used))
+    out.update(_block_to_moejax(weights, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, used))
+  last_is_moe = cfg.is_moe_layer(cfg.num_layers - 1)
+  for k in range(cfg.mtp_depth):  # DeepSeek-V3's MTP module k + 1 is layer L + k of the checkpoint.
+    layer, path = f"model.layers.{cfg.num_layers + k}", ("mtp", k)
+    if f"{layer}.eh_proj.weight" not in weights:
+      raise ConfigError(
+        f"tensor {layer}.eh_proj.weight",
+        "is missing: the config has model.mtp_depth > 0 (num_nextn_predict_layers) but the checkpoint no MTP "
+        "module (transformers' state dicts drop it); set model.mtp_depth=0 to load the main model alone",
+      )
+    out[(*path, "embed_norm", "scale")] = _take(weights, f"{layer}.enorm.weight", used)
+    out[(*path, "hidden_norm", "scale")] = _take(weights, f"{layer}.hnorm.weight", used)
+    out[(*path, "proj")] = _linear(_take(weights, f"{layer}.eh_proj.weight", used))
+    out[(*path, "norm", "scale")] = _take(weights, f"{layer}.shared_head.norm.weight", used)
+    for copy, shared in (
+      ("embed_tokens.weight", "model.embed_tokens.weight"),
+      ("shared_head.head.weight", "lm_head.weight"),
+    ):
+      name = f"{layer}.{copy}"
+      if name in weights:  # The checkpoint's copies of the shared embedding and head must be them.
+        if shared not in weights or not np.array_equal(np.asarray(weights[name]), np.asarray(weights[shared])):
+          raise ConfigError(f"tensor {name}", f"differs from {shared}, which the MTP module shares")
+        used.add(name)
+    out.update(_block_to_moejax(weights, layer, (*path, "block"), last_is_moe, cfg, arch, used))
   unused = sorted(set(weights) - used)
   if unused:
     raise ConfigError(f"tensor {unused[0]}", "has no place in the moejax model built from this config")
+  return out
+
+
+def _block_to_moejax(weights, layer: str, block: tuple, is_moe: bool, cfg, arch: Architecture, used: set) -> dict:
+  """One decoder layer of the checkpoint (its norms, attention, FFN or MoE) at moejax path `block`."""
+  out = {
+    (*block, "attention_norm", "scale"): _take(weights, f"{layer}.input_layernorm.weight", used),
+    (*block, "ffn_norm", "scale"): _take(weights, f"{layer}.post_attention_layernorm.weight", used),
+  }
+  to_moejax = _latent_attention_to_moejax if cfg.attention == "mla" else _attention_to_moejax
+  out.update(to_moejax(weights, f"{layer}.self_attn", (*block, "attention"), cfg, used))
+  ffn = (*block, "ffn")
+  if not is_moe:
+    for ours, theirs in _FFN_NAMES:
+      out[(*ffn, ours)] = _linear(_take(weights, f"{layer}.mlp.{theirs}.weight", used))
+    return out
+  prefix = _moe_prefix(weights, layer, arch)
+  out[(*ffn, "router", "kernel")] = _linear(_take(weights, f"{layer}.{prefix}.gate.weight", used))
+  if arch.router_bias:
+    out[(*ffn, "router", "bias")] = _take(weights, f"{layer}.{prefix}.gate.{arch.router_bias}", used)
+  gate, up, down = _expert_stacks(weights, layer, arch, cfg.moe.num_experts, used)
+  out[(*ffn, "wi")], out[(*ffn, "wg")], out[(*ffn, "wo")] = gate, up, down
+  if arch.shared_expert:
+    shared, shared_gate = arch.shared_expert
+    for ours, theirs in _FFN_NAMES:
+      out[(*ffn, "shared", ours)] = _linear(_take(weights, f"{layer}.{prefix}.{shared}.{theirs}.weight", used))
+    if shared_gate:
+      out[(*ffn, "shared_gate")] = _linear(_take(weights, f"{layer}.{prefix}.{shared_gate}.weight", used))
   return out
 
 
@@ -405,6 +589,35 @@ def _attention_to_moejax(weights, prefix: str, path: tuple, cfg, used: set) -> d
   return out
 
 
+# Multi-head latent attention: moejax parameter, transformers' Linear, the moejax shape of its kernel
+# (in terms of N heads, the query dims H_q = H_n + H_r and key/value dims H_kv = H_n + H_v).
+def _latent_attention_to_moejax(weights, prefix: str, path: tuple, cfg, used: set) -> dict:
+  """q (or q_a, q_norm, q_b), kv_a, kv_norm, kv_b and o projections of one MLA layer."""
+  heads = cfg.num_heads
+  q_dim, kv_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
+  out = {}
+  if cfg.q_lora_rank:
+    out[(*path, "wq_a")] = _linear(_take(weights, f"{prefix}.q_a_proj.weight", used))
+    out[(*path, "q_norm", "scale")] = _take(weights, f"{prefix}.q_a_layernorm.weight", used)
+    out[(*path, "wq_b")] = _linear(_take(weights, f"{prefix}.q_b_proj.weight", used)).reshape(-1, heads, q_dim)
+  else:
+    out[(*path, "wq")] = _linear(_take(weights, f"{prefix}.q_proj.weight", used)).reshape(-1, heads, q_dim)
+  out[(*path, "wkv_a")] = _linear(_take(weights, f"{prefix}.kv_a_proj_with_mqa.weight", used))
+  out[(*path, "kv_norm", "scale")] = _take(weights, f"{prefix}.kv_a_layernorm.weight", used)
+  out[(*path, "wkv_b")] = _linear(_take(weights, f"{prefix}.kv_b_proj.weight", used)).reshape(-1, heads, kv_dim)
+  out[(*path, "wo")] = _linear(_take(weights, f"{prefix}.o_proj.weight", used))
+  return out
+
+
+def _model_arrays(model) -> dict:
+  """{path: variable} of a model's parameters and routing state (DeepSeek's balancing bias)."""
+  from flax import nnx
+
+  from moejax.layers.router import RouterBias
+
+  return dict(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, RouterBias))))
+
+
 def load_hf_weights(model, weights: Mapping[str, np.ndarray], model_type: str) -> None:
   """Copies a transformers state dict of architecture `model_type` into a moejax DecoderLM in place.
 
@@ -413,8 +626,17 @@ def load_hf_weights(model, weights: Mapping[str, np.ndarray], model_type: str) -
   """
   from flax import nnx
 
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  params = _model_arrays(model)
   arrays = hf_to_moejax(weights, model.cfg, model_type)
+  if not architecture({"model_type": model_type}).router_bias:
+    # The architecture chooses experts without a balancing bias (DeepSeek-V2): a zero bias is its function.
+    arrays.update(
+      {
+        path: np.zeros(v.get_value().shape, np.float32)
+        for path, v in params.items()
+        if path[-1] == "bias" and "router" in path
+      }
+    )
   missing = sorted(set(params) - set(arrays), key=str)
   if missing:
     raise ConfigError(f"parameter {'.'.join(map(str, missing[0]))}", "has no tensor in the transformers state dict")
@@ -435,50 +657,94 @@ def export_hf_weights(model, model_type: str) -> dict[str, np.ndarray]:
 
   The inverse of `load_hf_weights`: load_hf_weights(m, export_hf_weights(m, t), t) leaves m unchanged.
   """
-  from flax import nnx
-
   cfg = model.cfg
   arch = architecture({"model_type": model_type})
-  flat = {path: np.asarray(p.get_value()) for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  flat = {path: np.asarray(p.get_value()) for path, p in _model_arrays(model).items()}
   out = {"model.embed_tokens.weight": flat[("embed", "embedding")], "model.norm.weight": flat[("final_norm", "scale")]}
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = _linear(flat[("unembed", "kernel")])
   for i in range(cfg.num_layers):
-    layer, block = f"model.layers.{i}", ("blocks", i)
-    out[f"{layer}.input_layernorm.weight"] = flat[(*block, "attention_norm", "scale")]
-    out[f"{layer}.post_attention_layernorm.weight"] = flat[(*block, "ffn_norm", "scale")]
-    att, pre = (*block, "attention"), f"{layer}.self_attn"
-    if (*att, "wqkv") in flat:
-      w = flat[(*att, "wqkv")]
-      q, k, v = w[:, 0], w[:, 1], w[:, 2]
-      biases = flat.get((*att, "bqkv"))
-    else:
-      q, kv = flat[(*att, "wq")], flat[(*att, "wkv")]
-      k, v = kv[:, 0], kv[:, 1]
-      biases = None if (*att, "bq") not in flat else (flat[(*att, "bq")], *flat[(*att, "bkv")])
-    for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-      out[f"{pre}.{name}.weight"] = _linear(w.reshape(w.shape[0], -1))
-    if biases is not None:
-      for name, b in zip(("q_proj", "k_proj", "v_proj"), biases):
-        out[f"{pre}.{name}.bias"] = np.asarray(b).reshape(-1)
-    out[f"{pre}.o_proj.weight"] = _linear(flat[(*att, "wo")])
-    if (*att, "bo") in flat:
-      out[f"{pre}.o_proj.bias"] = flat[(*att, "bo")]
-    if cfg.qk_norm:
-      out[f"{pre}.q_norm.weight"] = flat[(*att, "q_norm", "scale")]
-      out[f"{pre}.k_norm.weight"] = flat[(*att, "k_norm", "scale")]
-    ffn = (*block, "ffn")
-    if cfg.is_moe_layer(i):
-      out[f"{layer}.mlp.gate.weight"] = _linear(flat[(*ffn, "router", "kernel")])
-      gate, up, down = flat[(*ffn, "wi")], flat[(*ffn, "wg")], flat[(*ffn, "wo")]  # [E, d, f] ×2, [E, f, d]
-      out[f"{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=2).transpose(0, 2, 1)
-      out[f"{layer}.mlp.experts.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
-      if arch.shared_expert:
-        shared, shared_gate = arch.shared_expert
-        for ours, theirs in _FFN_NAMES:
-          out[f"{layer}.mlp.{shared}.{theirs}.weight"] = _linear(flat[(*ffn, "shared", ours)])
-        out[f"{layer}.mlp.{shared_gate}.weight"] = _linear(flat[(*ffn, "shared_gate")])
-    else:
-      for ours, theirs in _FFN_NAMES:
-        out[f"{layer}.mlp.{theirs}.weight"] = _linear(flat[(*ffn, ours)])
+    out.update(_block_to_hf(flat, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, model_type))
+  last_is_moe = cfg.is_moe_layer(cfg.num_layers - 1)
+  for k in range(cfg.mtp_depth):
+    layer, path = f"model.layers.{cfg.num_layers + k}", ("mtp", k)
+    out[f"{layer}.enorm.weight"] = flat[(*path, "embed_norm", "scale")]
+    out[f"{layer}.hnorm.weight"] = flat[(*path, "hidden_norm", "scale")]
+    out[f"{layer}.eh_proj.weight"] = _linear(flat[(*path, "proj")])
+    out[f"{layer}.shared_head.norm.weight"] = flat[(*path, "norm", "scale")]
+    out.update(_block_to_hf(flat, layer, (*path, "block"), last_is_moe, cfg, arch, model_type))
+  return out
+
+
+def _block_to_hf(flat: dict, layer: str, block: tuple, is_moe: bool, cfg, arch: Architecture, model_type: str) -> dict:
+  """One decoder layer as transformers names it (the inverse of `_block_to_moejax`)."""
+  out = {
+    f"{layer}.input_layernorm.weight": flat[(*block, "attention_norm", "scale")],
+    f"{layer}.post_attention_layernorm.weight": flat[(*block, "ffn_norm", "scale")],
+  }
+  to_hf = _latent_attention_to_hf if cfg.attention == "mla" else _attention_to_hf
+  out.update(to_hf(flat, (*block, "attention"), f"{layer}.self_attn", cfg))
+  ffn = (*block, "ffn")
+  if not is_moe:
+    for ours, theirs in _FFN_NAMES:
+      out[f"{layer}.mlp.{theirs}.weight"] = _linear(flat[(*ffn, ours)])
+    return out
+  out[f"{layer}.mlp.gate.weight"] = _linear(flat[(*ffn, "router", "kernel")])
+  bias = flat.get((*ffn, "router", "bias"))
+  if arch.router_bias:
+    out[f"{layer}.mlp.gate.{arch.router_bias}"] = bias
+  elif bias is not None and np.any(bias):
+    raise ConfigError(
+      f"parameter {'.'.join(map(str, ffn))}.router.bias",
+      f"is non-zero, and {model_type} has no balancing bias to hold it",
+    )
+  gate, up, down = flat[(*ffn, "wi")], flat[(*ffn, "wg")], flat[(*ffn, "wo")]  # [E, d, f] ×2, [E, f, d]
+  out[f"{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=2).transpose(0, 2, 1)
+  out[f"{layer}.mlp.experts.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
+  if arch.shared_expert:
+    shared, shared_gate = arch.shared_expert
+    for ours, theirs in _FFN_NAMES:
+      out[f"{layer}.mlp.{shared}.{theirs}.weight"] = _linear(flat[(*ffn, "shared", ours)])
+    if shared_gate:
+      out[f"{layer}.mlp.{shared_gate}.weight"] = _linear(flat[(*ffn, "shared_gate")])
+  return out
+
+
+def _attention_to_hf(flat: dict, att: tuple, pre: str, cfg) -> dict:
+  """One multi-head / grouped-query attention layer's q, k, v, o (biases, q/k norms) as transformers names them."""
+  out = {}
+  if (*att, "wqkv") in flat:
+    w = flat[(*att, "wqkv")]
+    q, k, v = w[:, 0], w[:, 1], w[:, 2]
+    biases = flat.get((*att, "bqkv"))
+  else:
+    q, kv = flat[(*att, "wq")], flat[(*att, "wkv")]
+    k, v = kv[:, 0], kv[:, 1]
+    biases = None if (*att, "bq") not in flat else (flat[(*att, "bq")], *flat[(*att, "bkv")])
+  for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+    out[f"{pre}.{name}.weight"] = _linear(w.reshape(w.shape[0], -1))
+  if biases is not None:
+    for name, b in zip(("q_proj", "k_proj", "v_proj"), biases):
+      out[f"{pre}.{name}.bias"] = np.asarray(b).reshape(-1)
+  out[f"{pre}.o_proj.weight"] = _linear(flat[(*att, "wo")])
+  if (*att, "bo") in flat:
+    out[f"{pre}.o_proj.bias"] = flat[(*att, "bo")]
+  if cfg.qk_norm:
+    out[f"{pre}.q_norm.weight"] = flat[(*att, "q_norm", "scale")]
+    out[f"{pre}.k_norm.weight"] = flat[(*att, "k_norm", "scale")]
+  return out
+
+
+def _latent_attention_to_hf(flat: dict, att: tuple, pre: str, cfg) -> dict:
+  """One MLA layer as transformers names it (the inverse of `_latent_attention_to_moejax`)."""
+  out = {}
+  for ours, theirs in (("wq_a", "q_a_proj"), ("wq_b", "q_b_proj"), ("wq", "q_proj"), ("wkv_a", "kv_a_proj_with_mqa")):
+    if (*att, ours) in flat:
+      w = flat[(*att, ours)]
+      out[f"{pre}.{theirs}.weight"] = _linear(w.reshape(w.shape[0], -1))
+  if cfg.q_lora_rank:
+    out[f"{pre}.q_a_layernorm.weight"] = flat[(*att, "q_norm", "scale")]
+  out[f"{pre}.kv_a_layernorm.weight"] = flat[(*att, "kv_norm", "scale")]
+  out[f"{pre}.kv_b_proj.weight"] = _linear(flat[(*att, "wkv_b")].reshape(cfg.kv_lora_rank, -1))
+  out[f"{pre}.o_proj.weight"] = _linear(flat[(*att, "wo")])
   return out

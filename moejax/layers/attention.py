@@ -1,6 +1,11 @@
 """Multi-head self-attention, causal (decoder) or not (ViT), with rotary or no position encoding.
 
 Legend: B batch, L sequence length, N heads, H head dim, d model dim.
+
+`CausalSelfAttention` is multi-head and grouped-query attention with the options of the released
+models (QK-norm, biases, sliding windows, attention sinks); `moejax.layers.mla` is DeepSeek's
+multi-head latent attention. `dot_attention` is the softmax attention both use where
+`jax.nn.dot_product_attention` does not reach (sinks, value dims unlike the key dims).
 """
 
 from __future__ import annotations
@@ -11,26 +16,7 @@ from flax import nnx
 
 from moejax.config.schema import ATTENTION_BIASES, QK_NORM_SCOPES
 from moejax.layers.ffn import fan_in_init
-
-
-def rotary_embedding(x: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotate the halves of each head by position-dependent angles (RoPE, Su et al.).
-
-  Pair (i, i + H/2) of position t turns by t·base^(-2i/H), as transformers' `rotate_half`
-  (not interleaved pairs (2i, 2i+1) as in the paper and Meta's reference code).
-
-  Args:
-    x: [B, L, N, H] queries or keys, H even.
-    base: transformers' rope_theta (10000 in the paper; Mixtral, Qwen2/3-MoE 1e6).
-  """
-  _, length, _, head_dim = x.shape
-  half = head_dim // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [L, H/2]
-  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
+from moejax.layers.rope import Rope, apply_rope
 
 
 class CausalSelfAttention(nnx.Module):
@@ -41,31 +27,33 @@ class CausalSelfAttention(nnx.Module):
   RMS-normalises queries and keys before RoPE: with qk_norm_scope 'per_head' each head, with one
   [H] weight shared by the heads (Qwen3); with 'projection' the whole [N·H] query and [N_kv·H]
   key projections, a weight per channel (OLMoE). bias: 'qkv' adds biases to the query, key and
-  value projections (Qwen2-MoE), 'qkvo' to the output projection too. rope_theta: the RoPE base.
+  value projections (Qwen2-MoE), 'qkvo' to the output projection too. rope: the rotary
+  embedding (`moejax.layers.rope`), None for none. window > 0: each query sees only itself and
+  the window - 1 keys before it (sliding-window attention). sinks: a learned logit per query head
+  joins each softmax (gpt-oss), zero-initialised.
   """
 
   def __init__(
     self,
     d_model: int,
     num_heads: int,
-    rotary: bool,
     init_scale: float,
     *,
+    rope: Rope | None = None,
     causal: bool = True,
     num_kv_heads: int = 0,
     head_dim: int = 0,
     qk_norm: bool = False,
     qk_norm_scope: str = "per_head",
     bias: str = "none",
-    rope_theta: float = 10000.0,
     norm_eps: float = 1e-6,
+    window: int = 0,
+    sinks: bool = False,
     rngs: nnx.Rngs,
   ):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
-    self.rotary = rotary
-    self.rope_theta = rope_theta
-    self.causal = causal
+    self.rope, self.causal, self.window = rope, causal, window
     head_dim = head_dim or d_model // num_heads
     kv_heads = num_kv_heads or num_heads
     if num_heads % kv_heads:
@@ -99,6 +87,7 @@ class CausalSelfAttention(nnx.Module):
     self.k_norm = nnx.RMSNorm(k_size, epsilon=norm_eps, rngs=rngs) if qk_norm else None
     self.wo = nnx.Param(init(rngs.params(), (num_heads * head_dim, d_model)))
     self.bo = nnx.Param(zeros(rngs.params(), (d_model,))) if bias == "qkvo" else None
+    self.sinks = nnx.Param(zeros(rngs.params(), (num_heads,))) if sinks else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, d = x.shape
@@ -121,11 +110,60 @@ class CausalSelfAttention(nnx.Module):
       else:  # Over all heads of the projection at once: [B, L, N·H].
         q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape)
         k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape)
-    if self.rotary:
-      q, k = rotary_embedding(q, self.rope_theta), rotary_embedding(k, self.rope_theta)
+    if self.rope is not None:
+      q, k = apply_rope(q, self.rope), apply_rope(k, self.rope)
     # Grouped-query attention: query head n reads key/value head n // (N / N_kv).
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, L, N, H]
+    if self.sinks is not None:
+      out = dot_attention(
+        q, k, v, scale=q.shape[-1] ** -0.5, causal=self.causal, window=self.window, sinks=self.sinks[...]
+      )
+    else:
+      window = (self.window - 1, 0) if self.window else None
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, local_window_size=window)  # [B, L, N, H]
     return _project(out.reshape(b * l, -1), self.wo[...], self.bo).reshape(b, l, -1)
+
+
+def dot_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  causal: bool = True,
+  window: int = 0,
+  sinks: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+) -> jax.Array:
+  """Softmax attention written out: q [B, L, N, H], k [B, T, N_kv, H], v [B, T, N_kv, H_v] -> [B, L, N, H_v].
+
+  Query head n reads key/value head n // (N / N_kv). Key j is visible to query i (at position
+  q_positions[i], default T - L + i: the queries are the last L of the T keys) when j <= i with
+  causal, and when i - j < window with window > 0 (sliding-window attention). sinks <float32>[N]:
+  a learned logit per head that joins each query's softmax and takes its share of the weight but
+  adds no value (gpt-oss's attention sinks). H_v may differ from H (multi-head latent attention).
+  Scores and softmax run in float32; the output has q's dtype.
+  """
+  b, l, n, h = q.shape
+  t, kv_heads = k.shape[1], k.shape[2]
+  group = n // kv_heads
+  qg = q.reshape(b, l, kv_heads, group, h)  # [B, L, N_kv, G, H]
+  scores = jnp.einsum("blkgh,btkh->bkglt", qg, k, preferred_element_type=jnp.float32) * scale  # [B, N_kv, G, L, T]
+  if q_positions is None:
+    q_positions = jnp.arange(t - l, t)
+  kv_positions = jnp.arange(t)
+  visible = jnp.ones((l, t), bool)
+  if causal:
+    visible = kv_positions[None, :] <= q_positions[:, None]
+  if window:
+    visible = visible & (q_positions[:, None] - kv_positions[None, :] < window)
+  scores = jnp.where(visible, scores, -jnp.inf)
+  if sinks is not None:
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kv_heads, group, 1, 1), (b, kv_heads, group, l, 1))
+    weights = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+  else:
+    weights = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkglt,btkh->blkgh", weights.astype(v.dtype), v)  # [B, L, N_kv, G, H_v]
+  return out.reshape(b, l, n, v.shape[-1]).astype(q.dtype)
 
 
 def _project(tokens: jax.Array, w: jax.Array, bias: nnx.Param | None = None) -> jax.Array:

@@ -4,13 +4,17 @@ Legend: B batch, L sequence length, d model dim, V vocabulary.
 
 Pre-norm blocks: x + Attn(Norm(x)), then x + FFN(Norm(x)). With `moe_every = P > 0`, the FFN of
 every P-th block (blocks P-1, 2P-1, ...; P = 2 is Switch's every-other-layer) is an MoE layer,
-but for the blocks listed in `dense_layers`; `moe_every = 0` is the dense baseline. This is the
-architecture of Mixtral, OLMoE and Qwen2/3-MoE (`moejax.convert.hf` maps their weights).
+but for the blocks listed in `dense_layers`; `moe_every = 0` is the dense baseline. The attention
+is one of `ATTENTION_KINDS` (multi-head / grouped-query, or DeepSeek's multi-head latent
+attention), with RoPE (and YaRN) from `moejax.layers.rope`. This is the architecture of Mixtral,
+OLMoE, Qwen2/3-MoE and DeepSeek-V2/V3 (`moejax.convert.hf` maps their weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,10 @@ from flax import nnx
 
 from moejax.config.schema import DTYPES, POSITIONS, defaults, moe_layer_indices
 from moejax.layers.attention import CausalSelfAttention
-from moejax.layers.ffn import FeedForward
+from moejax.layers.ffn import FeedForward, fan_in_init
+from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.moe import MoEConfig, MoELayer
+from moejax.layers.rope import Rope
 
 _MODEL = defaults("lm", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
 
@@ -35,12 +41,31 @@ class DecoderConfig:
   num_layers: int = _MODEL["num_layers"]
   d_model: int = _MODEL["d_model"]
   num_heads: int = _MODEL["num_heads"]
+  attention: str = _MODEL["attention"]
   num_kv_heads: int = _MODEL["num_kv_heads"]
   head_dim: int = _MODEL["head_dim"]
   qk_norm: bool = _MODEL["qk_norm"]
   qk_norm_scope: str = _MODEL["qk_norm_scope"]
   attention_bias: str = _MODEL["attention_bias"]
+  sliding_window: int = _MODEL["sliding_window"]
+  full_attention_every: int = _MODEL["full_attention_every"]
+  attention_sinks: bool = _MODEL["attention_sinks"]
+  q_lora_rank: int = _MODEL["q_lora_rank"]
+  kv_lora_rank: int = _MODEL["kv_lora_rank"]
+  qk_nope_head_dim: int = _MODEL["qk_nope_head_dim"]
+  qk_rope_head_dim: int = _MODEL["qk_rope_head_dim"]
+  v_head_dim: int = _MODEL["v_head_dim"]
   rope_theta: float = _MODEL["rope_theta"]
+  rope_interleaved: bool = _MODEL["rope_interleaved"]
+  rope_scaling: str = _MODEL["rope_scaling"]
+  yarn_factor: float = _MODEL["yarn_factor"]
+  yarn_original_max_len: int = _MODEL["yarn_original_max_len"]
+  yarn_beta_fast: float = _MODEL["yarn_beta_fast"]
+  yarn_beta_slow: float = _MODEL["yarn_beta_slow"]
+  yarn_truncate: bool = _MODEL["yarn_truncate"]
+  yarn_mscale: float = _MODEL["yarn_mscale"]
+  yarn_mscale_all_dim: float = _MODEL["yarn_mscale_all_dim"]
+  yarn_attention_factor: float = _MODEL["yarn_attention_factor"]
   norm_eps: float = _MODEL["norm_eps"]
   d_ff: int = _MODEL["d_ff"]
   max_len: int = defaults("lm", "train")["seq_len"]
@@ -49,6 +74,8 @@ class DecoderConfig:
   moe_every: int = _MODEL["moe_every"]
   dense_layers: tuple = _MODEL["dense_layers"]
   tie_embeddings: bool = _MODEL["tie_embeddings"]
+  mtp_depth: int = _MODEL["mtp_depth"]
+  mtp_loss_weight: float = _MODEL["mtp_loss_weight"]
   init_scale: float = _MODEL["init_scale"]
   dtype: str = _MODEL["dtype"]
   moe: MoEConfig = MoEConfig()
@@ -58,6 +85,60 @@ class DecoderConfig:
 
   def is_moe_layer(self, index: int) -> bool:
     return index in moe_layer_indices(self)
+
+  def attention_width(self) -> float:
+    """The mean over blocks of the width attention scores and values are taken over, × visible keys / L.
+
+    Multi-head: N·H; latent: (N·(H_n + H_r) + N·H_v) / 2. A sliding window of w keys counts
+    min(w, L) / L of the full width (`moejax.accounting`'s attention FLOPs).
+    """
+    if self.attention == "mla":
+      return self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim) / 2
+    width = self.num_heads * (self.head_dim or self.d_model // self.num_heads)
+    visible = [min(self.window(i) or self.max_len, self.max_len) / self.max_len for i in range(self.num_layers)]
+    return width * sum(visible) / self.num_layers
+
+  def window(self, index: int) -> int:
+    """Block index's sliding window (0: it attends to every earlier key)."""
+    every = self.full_attention_every
+    return 0 if every and index % every == every - 1 else self.sliding_window
+
+
+def _multi_head(cfg: DecoderConfig, index: int, rope: Rope | None, rngs: nnx.Rngs) -> nnx.Module:
+  return CausalSelfAttention(
+    cfg.d_model,
+    cfg.num_heads,
+    cfg.init_scale,
+    rope=rope,
+    num_kv_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    qk_norm=cfg.qk_norm,
+    qk_norm_scope=cfg.qk_norm_scope,
+    bias=cfg.attention_bias,
+    norm_eps=cfg.norm_eps,
+    window=cfg.window(index),
+    sinks=cfg.attention_sinks,
+    rngs=rngs,
+  )
+
+
+def _latent(cfg: DecoderConfig, index: int, rope: Rope | None, rngs: nnx.Rngs) -> nnx.Module:
+  return MultiHeadLatentAttention(
+    cfg.d_model,
+    cfg.num_heads,
+    cfg.init_scale,
+    q_lora_rank=cfg.q_lora_rank,
+    kv_lora_rank=cfg.kv_lora_rank,
+    qk_nope_head_dim=cfg.qk_nope_head_dim,
+    qk_rope_head_dim=cfg.qk_rope_head_dim,
+    v_head_dim=cfg.v_head_dim,
+    rope=rope,
+    rngs=rngs,
+  )
+
+
+# model.attention -> the builder of block `index`'s attention (its fields: schema.ATTENTION_OPTIONS).
+ATTENTION_KINDS = {"mha": _multi_head, "mla": _latent}
 
 
 class TransformerBlock(nnx.Module):
@@ -70,24 +151,19 @@ class TransformerBlock(nnx.Module):
   def __init__(
     self,
     d_model: int,
-    num_heads: int,
     d_ff: int,
     activation: str,
     init_scale: float,
     *,
+    attention: Callable[[nnx.Rngs], nnx.Module],
     moe: MoEConfig | None,
-    rotary: bool,
-    causal: bool,
     mesh,
     rngs: nnx.Rngs,
     norm_eps: float = 1e-6,
-    **attention,
   ):
-    """attention: CausalSelfAttention's options (num_kv_heads, head_dim, qk_norm, bias, rope_theta, ...)."""
+    """attention: rngs -> the block's attention, [B, L, d] -> [B, L, d] (`ATTENTION_KINDS`, or the ViT's)."""
     self.attention_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
-    self.attention = CausalSelfAttention(
-      d_model, num_heads, rotary, init_scale, causal=causal, norm_eps=norm_eps, rngs=rngs, **attention
-    )
+    self.attention = attention(rngs=rngs)
     self.ffn_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
     if moe is not None:
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
@@ -105,8 +181,35 @@ class TransformerBlock(nnx.Module):
     return x + h, aux
 
 
+class MultiTokenPrediction(nnx.Module):
+  """DeepSeek-V3's MTP module (§2.2): (h [B, L, d], embedding of the token k ahead [B, L, d]) -> h'.
+
+  h' = Block(W·[Norm(emb); Norm(h)]), W [2d, d]: the order of the released weights (eh_proj
+  reads [enorm(embedding), hnorm(hidden)], as every DeepSeek-V3 MTP implementation loads it;
+  the paper writes the hidden part first). Its logits are Norm(h')·(the shared output head).
+  """
+
+  def __init__(self, cfg: DecoderConfig, block: Callable[[nnx.Rngs], TransformerBlock], *, rngs: nnx.Rngs):
+    self.embed_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+    self.hidden_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+    self.proj = nnx.Param(fan_in_init(cfg.init_scale)(rngs.params(), (2 * cfg.d_model, cfg.d_model)))
+    self.block = block(rngs=rngs)
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+
+  def __call__(self, hidden, embedded, *, train: bool, rng=None, token_ids=None):
+    """(h' [B, L, d], Norm(h') for the output head, the block's MoE aux or None)."""
+    x = jnp.concatenate([self.embed_norm(embedded), self.hidden_norm(hidden)], axis=-1)
+    x = x @ self.proj[...].astype(x.dtype)
+    x, aux = self.block(x, train=train, rng=rng, token_ids=token_ids)
+    return x, self.norm(x), aux
+
+
 class DecoderLM(nnx.Module):
-  """tokens <int32>[B, L] -> (logits <float32>[B, L, V], aux of each MoE layer, in order)."""
+  """tokens <int32>[B, L] -> (logits <float32>[B, L, V], aux of each MoE layer, in order).
+
+  With cfg.mtp_depth = D > 0, D multi-token-prediction modules follow the blocks; they run in
+  `forward` (what training calls), not in `__call__`, whose logits are the main model's.
+  """
 
   def __init__(self, cfg: DecoderConfig, *, mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -116,29 +219,33 @@ class DecoderLM(nnx.Module):
       if cfg.positions == "learned"
       else None
     )
-    self.blocks = nnx.List(
-      [
-        TransformerBlock(
-          cfg.d_model,
-          cfg.num_heads,
-          cfg.d_ff,
-          cfg.activation,
-          cfg.init_scale,
-          moe=cfg.moe if cfg.is_moe_layer(i) else None,
-          rotary=cfg.positions == "rope",
-          causal=True,
-          mesh=mesh,
-          rngs=rngs,
-          norm_eps=cfg.norm_eps,
-          num_kv_heads=cfg.num_kv_heads,
-          head_dim=cfg.head_dim,
-          qk_norm=cfg.qk_norm,
-          qk_norm_scope=cfg.qk_norm_scope,
-          bias=cfg.attention_bias,
-          rope_theta=cfg.rope_theta,
-        )
-        for i in range(cfg.num_layers)
-      ]
+    rope = Rope.from_model(cfg) if cfg.positions == "rope" else None
+
+    def block(index: int, moe: bool, rngs: nnx.Rngs) -> TransformerBlock:
+      return TransformerBlock(
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.activation,
+        cfg.init_scale,
+        attention=functools.partial(ATTENTION_KINDS[cfg.attention], cfg, index, rope),
+        moe=cfg.moe if moe else None,
+        mesh=mesh,
+        rngs=rngs,
+        norm_eps=cfg.norm_eps,
+      )
+
+    self.blocks = nnx.List([block(i, cfg.is_moe_layer(i), rngs) for i in range(cfg.num_layers)])
+    # MTP blocks are built as the last block is (DeepSeek-V3's layer 61: MLA and MoE, like layer 60).
+    last = cfg.num_layers - 1
+    self.mtp = (
+      nnx.List(
+        [
+          MultiTokenPrediction(cfg, functools.partial(block, last, cfg.is_moe_layer(last)), rngs=rngs)
+          for _ in range(cfg.mtp_depth)
+        ]
+      )
+      if cfg.mtp_depth
+      else None
     )
     self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
     self.unembed = (
@@ -154,11 +261,23 @@ class DecoderLM(nnx.Module):
     )
 
   def moe_layers(self) -> list[MoELayer]:
-    """The MoE layers in block order (the order of the aux list the forward pass returns)."""
-    return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+    """The MoE layers in block order, then the MTP modules' (the order of `forward`'s aux list)."""
+    blocks = [*self.blocks, *(m.block for m in self.mtp or ())]
+    return [block.ffn for block in blocks if isinstance(block.ffn, MoELayer)]
 
   def __call__(self, tokens: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
     """rng: key for the routers' training noise (noisy top-k, jitter, GShard's random 2nd expert)."""
+    logits, moe_aux, _ = self.forward(tokens, train=train, rng=rng, mtp=False)
+    return logits, moe_aux
+
+  def forward(self, tokens: jax.Array, *, train: bool = False, rng: jax.Array | None = None, mtp: bool = True):
+    """(logits, MoE aux of every layer that ran, MTP logits): all the model computes.
+
+    MTP logits (with mtp and cfg.mtp_depth = D > 0; else []): D arrays <float32>[B, L, V], the
+    k-th (k = 1..D) predicting token i + 1 + k at position i. Its input at position i is the
+    embedding of token i + k; for the last k positions, which have none, the tokens wrap around,
+    and `moejax.losses.multi_token_prediction_loss` leaves those positions out.
+    """
     dtype = jnp.dtype(self.cfg.dtype)
     x = self.embed(tokens)
     if self.position_embed is not None:
@@ -169,10 +288,22 @@ class DecoderLM(nnx.Module):
       x, aux = block(x, train=train, rng=None if rng is None else jax.random.fold_in(rng, i), token_ids=tokens)
       if aux is not None:
         moe_aux.append(aux)
-    x = self.final_norm(x).astype(jnp.float32)
+    logits = self._logits(self.final_norm(x))
+    mtp_logits = []
+    for k, module in enumerate(self.mtp if mtp and self.mtp is not None else (), start=1):
+      ahead = jnp.roll(tokens, -k, axis=1)  # Token i + k at position i (wrapping: masked in the loss).
+      layer_rng = None if rng is None else jax.random.fold_in(rng, self.cfg.num_layers + k - 1)
+      x, normed, aux = module(x, self.embed(ahead).astype(dtype), train=train, rng=layer_rng, token_ids=ahead)
+      if aux is not None:
+        moe_aux.append(aux)
+      mtp_logits.append(self._logits(normed))
+    return logits, moe_aux, mtp_logits
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Normalised hidden states [B, L, d] -> <float32>[B, L, V] through the output head."""
     # On the flattened [B·L, d] tokens: XLA:CPU runs the weight gradient of a 3-D matmul with
     # extra transposes and copies (issue #11; the same holds for the FFNs and projections).
+    x = x.astype(jnp.float32)
     b, l, d = x.shape
     flat = x.reshape(b * l, d)
-    logits = (self.embed.attend(flat) if self.unembed is None else self.unembed(flat)).reshape(b, l, -1)
-    return logits, moe_aux
+    return (self.embed.attend(flat) if self.unembed is None else self.unembed(flat)).reshape(b, l, -1)

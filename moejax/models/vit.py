@@ -17,12 +17,14 @@ Each MoE layer routes groups of `moe.group_size` tokens (0: one image's T tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config.schema import DTYPES, POOLINGS, defaults
+from moejax.layers.attention import CausalSelfAttention
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.moe import MoEConfig, MoELayer
 from moejax.models.decoder import TransformerBlock
@@ -116,13 +118,13 @@ class ViT(nnx.Module):
       [
         TransformerBlock(
           cfg.d_model,
-          cfg.num_heads,
           cfg.d_ff,
           cfg.activation,
           cfg.init_scale,
+          attention=functools.partial(
+            CausalSelfAttention, cfg.d_model, cfg.num_heads, cfg.init_scale, causal=False, norm_eps=cfg.norm_eps
+          ),
           moe=cfg.moe if cfg.is_moe_layer(i) else None,
-          rotary=False,
-          causal=False,
           mesh=mesh,
           rngs=rngs,
           norm_eps=cfg.norm_eps,
