@@ -23,6 +23,11 @@ preset's options are the converted ones. Where each architecture is defined:
                      57B total, 14B active.
   qwen1_5_moe_a2_7b  Qwen blog "Qwen1.5-MoE" 2024; Qwen/Qwen1.5-MoE-A2.7B; modeling_qwen2_moe.
                      14.3B total, 2.7B active.
+  gpt_oss_120b       OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"; openai/gpt-oss-120b;
+                     modeling_gpt_oss. 116.83B total, 5.13B active (counted 116.83B / 5.13B
+                     without the input embedding, as the card counts).
+  gpt_oss_20b        The same card; openai/gpt-oss-20b. 20.91B total, 3.61B active (counted
+                     20.91B / 3.61B without the input embedding).
   deepseek_v2        DeepSeek-AI 2024, "DeepSeek-V2" (MLA §2.1, device-limited routing and its
                      balance losses §2.2); deepseek-ai/DeepSeek-V2; modeling_deepseek_v2.
                      236B total, 21B active (counted 235.74B / 20.85B without the input embedding).
@@ -35,8 +40,8 @@ preset's options are the converted ones. Where each architecture is defined:
                      (37.55B with it, although README_WEIGHTS.md says its 36.7B includes it), MTP
                      11.61B apart (published 11.5B; 11.51B without its eh_proj).
 Counted figures: tests/test_presets.py (`nnx.eval_shape`, nothing allocated). Active parameters
-include the embedding and unembedding matrices, as the published figures do, but DeepSeek's,
-which leave out the input embedding (ACTIVE_WITHOUT_EMBEDDING).
+include the embedding and unembedding matrices, as the published figures do, but DeepSeek's and
+gpt-oss's, which leave out the input embedding (ACTIVE_WITHOUT_EMBEDDING).
 
 Training recipes (the balance loss as the release's reference code computes it, so that the
 published coefficient means the same here): transformers' load_balancing_loss_func, one loss over
@@ -65,14 +70,17 @@ PUBLISHED = {
   "deepseek_v2": (236e9, 21e9),
   "deepseek_v2_lite": (15.7e9, 2.4e9),
   "deepseek_v3": (671e9, 36.7e9),
+  "gpt_oss_120b": (116.83e9, 5.13e9),
+  "gpt_oss_20b": (20.91e9, 3.61e9),
   "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9),
 }
 
 # Presets whose published active count leaves out the input embedding (a lookup, no matmul):
-# DeepSeek's. V3's 36.7B (README_WEIGHTS.md) is matched by 36.62B without it, not by 37.55B
-# with it, although that file says the 36.7B includes the embedding; V2-Lite's 2.4B by 2.45B
-# (2.66B with it).
-ACTIVE_WITHOUT_EMBEDDING = {"deepseek_v2", "deepseek_v2_lite", "deepseek_v3"}
+# DeepSeek's and gpt-oss's. gpt-oss's model card gives 5.13B and 3.61B active, what moejax counts
+# without it (5.71B and 4.19B with it); DeepSeek-V3's 36.7B (README_WEIGHTS.md) is matched by
+# 36.63B without it, not by 37.55B with it, although that file says the 36.7B includes the
+# embedding; V2-Lite's 2.4B by 2.45B (2.66B with it).
+ACTIVE_WITHOUT_EMBEDDING = {"deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "gpt_oss_120b", "gpt_oss_20b"}
 
 # transformers' load_balancing_loss_func, which every release below trains with in its reference
 # code: one loss for the whole model over all layers' router logits pooled (f and P over the
@@ -161,6 +169,41 @@ _DEEPSEEK_V2 = {
   "moe.combine_weights": "raw",  # norm_topk_prob False
   "moe.bias_update_rate": 0.0,
   "moe.num_shared_experts": 2,
+}
+
+# gpt-oss's released options (openai/gpt-oss-20b and -120b config.json; transformers'
+# modeling_gpt_oss): 64 query heads of 64 dims on 8 key/value heads with q/k/v/o biases and a
+# learned sink per head, a 128-token window in every other block (the even ones), YaRN (factor
+# 32 over 4k, the ramp not truncated), top-4 with a router bias and softmax over the chosen,
+# clamped SwiGLU experts (α 1.702, limit 7) with biases; no dense block, no shared expert.
+_GPT_OSS = {
+  "model.vocab_size": 201088,
+  "model.d_model": 2880,
+  "model.num_heads": 64,
+  "model.num_kv_heads": 8,
+  "model.head_dim": 64,
+  "model.attention_bias": "qkvo",
+  "model.attention_sinks": True,
+  "model.sliding_window": 128,
+  "model.full_attention_every": 2,
+  "model.rope_theta": 150000.0,
+  "model.rope_scaling": "yarn",
+  "model.yarn_factor": 32.0,
+  "model.yarn_original_max_len": 4096,
+  "model.yarn_beta_fast": 32.0,
+  "model.yarn_beta_slow": 1.0,
+  "model.yarn_truncate": False,
+  "model.norm_eps": 1e-5,
+  "model.activation": "clamped_swiglu",
+  "model.d_ff": 2880,
+  "model.moe_every": 1,
+  "moe.top_k": 4,
+  "moe.router_bias": True,
+  "moe.expert_bias": True,
+  "moe.combine_weights": "renormalized",
+  "moe.dispatcher": "dropless",
+  **_HF_BALANCE,
+  "moe.load_balance_loss_weight": 0.9,  # router_aux_loss_coef of the released config.json
 }
 
 PRESETS = {
@@ -281,6 +324,8 @@ PRESETS = {
     "model.mtp_depth": 1,
     "model.mtp_loss_weight": 0.3,
   },
+  "gpt_oss_120b": {**_GPT_OSS, "model.num_layers": 36, "moe.num_experts": 128},
+  "gpt_oss_20b": {**_GPT_OSS, "model.num_layers": 24, "moe.num_experts": 32},
   "qwen2_57b_a14b": {
     **_QWEN_MOE,
     "model.vocab_size": 151936,

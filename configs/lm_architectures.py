@@ -16,6 +16,8 @@ a size that trains in minutes on a laptop (tests/test_architecture_pieces.py tra
                  device- and communication-level balance losses
   sliding_sinks  gpt-oss's attention: a 16-token sliding window in every other block, a learned
                  sink logit per head
+  gpt_oss        all of gpt-oss: those, q/k/v/o biases, grouped-query attention, YaRN (not
+                 truncated), top-4 with a router bias over clamped SwiGLU experts with biases
 """
 
 from moejax.config import common
@@ -78,6 +80,24 @@ PRESETS = {
     "moe.comm_balance_loss_weight": 0.02,
   },
   "sliding_sinks": {"model.sliding_window": 16, "model.full_attention_every": 2, "model.attention_sinks": True},
+  "gpt_oss": {
+    "model.sliding_window": 16,
+    "model.full_attention_every": 2,
+    "model.attention_sinks": True,
+    "model.attention_bias": "qkvo",
+    "model.num_kv_heads": 2,
+    "model.rope_scaling": "yarn",
+    "model.yarn_factor": 4.0,
+    "model.yarn_original_max_len": 32,
+    "model.yarn_truncate": False,
+    "model.activation": "clamped_swiglu",
+    "model.moe_every": 1,
+    "moe.top_k": 4,
+    "moe.combine_weights": "renormalized",
+    "moe.router_bias": True,
+    "moe.expert_bias": True,
+    "moe.dispatcher": "dropless",
+  },
 }
 
 

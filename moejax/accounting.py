@@ -28,7 +28,9 @@ class ModelCost:
   total_params: int
   active_params: int  # Per token.
   train_flops_per_token: float  # Active, forward + backward.
-  lookup_params: int = 0  # Looked up, not multiplied: embedding tables (DeepSeek's active counts leave them out).
+  lookup_params: int = (
+    0  # Looked up, not multiplied: embedding tables (DeepSeek's, gpt-oss's active counts leave them out).
+  )
   mtp_params: int = 0  # In the multi-token-prediction modules (in the totals; DeepSeek-V3's 671B leaves them out).
   mtp_active_params: int = 0  # Of those, active per token.
 
@@ -42,6 +44,12 @@ class ModelCost:
 def _num_params(module: nnx.Module, min_ndim: int = 0) -> int:
   """Parameters of `module` held in arrays of at least min_ndim dimensions."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)) if x.ndim >= min_ndim)
+
+
+def _expert_params(layer) -> int:
+  """The routed experts' parameters of an MoE layer: their matrices and biases (not router, not shared)."""
+  arrays = (layer.wi, layer.wg, layer.wo, layer.bi, layer.bg, layer.bo)
+  return sum(p.size for p in arrays if p is not None)
 
 
 def experts_per_token(cfg: MoEConfig, group_size: int) -> float:
@@ -76,12 +84,12 @@ def model_cost(
   """
   model = nnx.eval_shape(make_model)
   total = _num_params(model)
-  expert = sum(_num_params(layer, min_ndim=3) for layer in model.moe_layers())
+  expert = sum(_expert_params(layer) for layer in model.moe_layers())
   share = min(1.0, experts_per_token(moe_cfg, group_size) / moe_cfg.num_experts)
   inactive = expert * (1.0 - share)
   mtp = list(mtp_modules(model))
   mtp_total = sum(_num_params(m) for m in mtp)
-  mtp_expert = sum(_num_params(m.block.ffn, min_ndim=3) for m in mtp if hasattr(m.block.ffn, "router"))
+  mtp_expert = sum(_expert_params(m.block.ffn) for m in mtp if hasattr(m.block.ffn, "router"))
   # Matmul weights: every array of >= 2 dims but the lookups; norm scales are vectors.
   lookup = lookup_params(model)
   matmul_active = _num_params(model, min_ndim=2) - lookup - inactive + extra_matmul

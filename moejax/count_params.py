@@ -52,7 +52,7 @@ def main(argv) -> int:
   print(f"total parameters:            {cost.total_params:>18,} ({cost.total_params / 1e9:.2f}B)")
   print(f"active parameters per token: {cost.active_params:>18,} ({cost.active_params / 1e9:.2f}B)")
   without = cost.active_params - cost.lookup_params
-  print(f"  without the input embedding: {without:>16,} ({without / 1e9:.2f}B; how DeepSeek counts)")
+  print(f"  without the input embedding: {without:>16,} ({without / 1e9:.2f}B; how DeepSeek and gpt-oss count)")
   if cost.mtp_params:
     main_total, main_active = cost.total_params - cost.mtp_params, without - cost.mtp_active_params
     print(f"  of the total, multi-token prediction: {cost.mtp_params:>9,} ({cost.mtp_params / 1e9:.2f}B)")

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from moejax import kernels
 from moejax.kernels.varying import _sum_to_variance_of, _zeros_varying_like
-from moejax.layers.ffn import ACTIVATIONS
+from moejax.layers.ffn import ACTIVATIONS, GATED, activate
 
 IMPLS = ("auto", "blocks", "ragged_dot")
 
@@ -55,7 +55,7 @@ def dropless_flops(
   num_assignments: int, d: int, f: int, num_experts: int, block_size: int, activation: str
 ) -> tuple[int, int]:
   """(ideal, worst case) forward matmul FLOPs of 'blocks': 2·N·d·f vs 2·(N + E·(B−1))·d·f per matrix."""
-  matrices = 3 if activation == "swiglu" else 2
+  matrices = 3 if activation in GATED else 2
   padded = num_assignments + min(num_experts, num_assignments) * (block_size - 1)
   return 2 * num_assignments * d * f * matrices, 2 * padded * d * f * matrices
 
@@ -72,6 +72,7 @@ def dropless_expert_ffn(
   impl: str = "auto",
   block_size: int = 64,
   permute_backend: str = "auto",
+  biases: tuple | None = None,
 ) -> jax.Array:
   """out[t] = Σ_k combine_weight[t, k] · FFN_{expert_index[t, k]}(tokens[t]), no token dropped.
 
@@ -82,10 +83,11 @@ def dropless_expert_ffn(
       not computed and adds 0 (expert parallelism marks padding rows so).
     combine_weight: <float32>[T, K]; a zero weight still routes (the expert computes the row)
       but contributes 0.
-    wi: [E, d, f]; wo: [E, f, d]; wg: [E, d, f] for 'swiglu', else None. Cast to tokens.dtype,
-      as `ffn_apply` does.
-    activation: 'gelu' (tanh approximation, jax.nn.gelu's default), 'relu' or 'swiglu'
-      (silu(x·wi) ⊙ (x·wg)): exactly `moejax.layers.ffn.ffn_apply`.
+    wi: [E, d, f]; wo: [E, f, d]; wg: [E, d, f] for the gated activations, else None. Cast to
+      tokens.dtype, as `ffn_apply` does.
+    activation: one of `moejax.layers.ffn.ACTIVATIONS`, computed by its `activate`: exactly
+      `ffn_apply`.
+    biases: (bi [E, f], bg [E, f] or None, bo [E, d]) of the experts (gpt-oss), or None.
     impl: 'blocks' (sorted B-row blocks, one expert per block: the CPU path), 'ragged_dot'
       (jax.lax.ragged_dot: the GPU/TPU path) or 'auto' (ragged_dot when jax.default_backend()
       is gpu or tpu and XLA compiles it as a grouped matmul, blocks otherwise). A ragged_dot
@@ -103,17 +105,19 @@ def dropless_expert_ffn(
   """
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-  if (activation == "swiglu") != (wg is not None):
-    raise ValueError("wg must be given exactly when activation is 'swiglu'")
+  if (activation in GATED) != (wg is not None):
+    raise ValueError(f"wg must be given exactly when activation is one of {GATED}")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   impl = _resolve_impl(impl, expert_index.size, wi, tokens.dtype)
   dtype = tokens.dtype
   wi, wo = wi.astype(dtype), wo.astype(dtype)
   wg = None if wg is None else wg.astype(dtype)
+  bias = (None, None, None) if biases is None else tuple(None if v is None else v.astype(dtype) for v in biases)
+  weights = (wi, wo, wg, *bias)
   if impl == "blocks":
-    return _blocks(tokens, expert_index, combine_weight, wi, wo, wg, activation, block_size, permute_backend)
-  return _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permute_backend)
+    return _blocks(tokens, expert_index, combine_weight, weights, activation, block_size, permute_backend)
+  return _ragged(tokens, expert_index, combine_weight, weights, activation, permute_backend)
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,15 +157,6 @@ def _resolve_impl(impl: str, num_rows: int, wi: jax.Array, dtype) -> str:
   return "ragged_dot"
 
 
-def _activate(h: jax.Array, gate: jax.Array | None, activation: str) -> jax.Array:
-  """The hidden nonlinearity of `moejax.layers.ffn.ffn_apply`."""
-  if activation == "swiglu":
-    return jax.nn.silu(h) * gate
-  if activation == "gelu":
-    return jax.nn.gelu(h)
-  return jax.nn.relu(h)
-
-
 def _sort_by_expert(expert_index: jax.Array, num_experts: int):
   """(order, rank, group_sizes): stable expert order of the flat choices, its inverse, n_e."""
   flat_expert = expert_index.reshape(-1)  # [N], choice t·K + k
@@ -199,13 +194,17 @@ def _block_layout(expert_index: jax.Array, num_experts: int, block_size: int):
   return row_map, block_expert, block_end[-1].astype(jnp.int32)
 
 
-def _blocks(tokens, expert_index, combine_weight, wi, wo, wg, activation, block_size, permute_backend):
-  """<[T, d]> Σ_k weight · expert output, the experts computed in one-expert blocks of B rows."""
+def _blocks(tokens, expert_index, combine_weight, weights, activation, block_size, permute_backend):
+  """<[T, d]> Σ_k weight · expert output, the experts computed in one-expert blocks of B rows.
+
+  weights: (wi, wo, wg, bi, bg, bo), the gate and the biases None where absent.
+  """
   d = tokens.shape[1]
-  row_map, block_expert, num_used = _block_layout(expert_index, wi.shape[0], block_size)
-  # Padding rows are zero: FFN(0) = 0 (no biases), and the unpermute never reads them.
+  row_map, block_expert, num_used = _block_layout(expert_index, weights[0].shape[0], block_size)
+  # Padding rows are zero; with biases their FFN output is not, but the unpermute never reads
+  # them (nor sends them a gradient, so the bias gradients see real rows only).
   x = kernels.permute(tokens, row_map, backend=permute_backend).reshape(-1, block_size, d)  # [NB, B, d]
-  y = _block_ffn(x, block_expert, num_used, wi, wo, wg, activation)  # [NB, B, d]
+  y = _block_ffn(x, block_expert, num_used, weights, activation)  # [NB, B, d]
   return kernels.unpermute(y.reshape(-1, d), row_map, combine_weight, backend=permute_backend)
 
 
@@ -213,23 +212,29 @@ def _blocks(tokens, expert_index, combine_weight, wi, wo, wg, activation, block_
 # differentiate a while loop, and autodiff of a scan over all NB blocks was much slower (it
 # stacks or carries per-block weight gradients). Hence a hand-written VJP: a second loop in
 # which each block adds x_bᵀ·δ_b into a float32 [E, d, f] accumulator, in place.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _block_ffn(x, block_expert, num_used, wi, wo, wg, activation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_ffn(x, block_expert, num_used, weights, activation):
   """<[NB, B, d]> block b of x through expert block_expert[b]'s FFN, for b < num_used; 0 after."""
-  return _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=False)[0]
+  return _block_ffn_loop(x, block_expert, num_used, weights, activation, save=False)[0]
 
 
-def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
+def _add(x, bias, e):
+  """x + bias[e], or x without a bias."""
+  return x if bias is None else x + bias[e]
+
+
+def _block_ffn_loop(x, block_expert, num_used, weights, activation, *, save):
   """The forward loop; with save, also the pre-activations [NB, B, f] the backward pass needs."""
+  wi, wo, wg, bi, bg, bo = weights
   nb, bs, _ = x.shape
   hidden = (nb, bs, wi.shape[-1]) if save else (0,)
 
   def body(b, carry):
     y, h_all, gate_all = carry
     e = block_expert[b]
-    h = x[b] @ wi[e]  # [B, f]
-    gate = None if wg is None else x[b] @ wg[e]
-    y = y.at[b].set(_activate(h, gate, activation) @ wo[e])
+    h = _add(x[b] @ wi[e], bi, e)  # [B, f]
+    gate = None if wg is None else _add(x[b] @ wg[e], bg, e)
+    y = y.at[b].set(_add(activate(h, gate, activation) @ wo[e], bo, e))
     if save:
       h_all = h_all.at[b].set(h)
       gate_all = None if wg is None else gate_all.at[b].set(gate)
@@ -244,20 +249,21 @@ def _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, *, save):
   return jax.lax.fori_loop(0, num_used, body, init)
 
 
-def _block_ffn_fwd(x, block_expert, num_used, wi, wo, wg, activation):
-  y, h_all, gate_all = _block_ffn_loop(x, block_expert, num_used, wi, wo, wg, activation, save=True)
-  return y, (x, block_expert, num_used, wi, wo, wg, h_all, gate_all)
+def _block_ffn_fwd(x, block_expert, num_used, weights, activation):
+  y, h_all, gate_all = _block_ffn_loop(x, block_expert, num_used, weights, activation, save=True)
+  return y, (x, block_expert, num_used, weights, h_all, gate_all)
 
 
 def _block_ffn_bwd(activation, residuals, dy):
-  x, block_expert, num_used, wi, wo, wg, h_all, gate_all = residuals
+  x, block_expert, num_used, weights, h_all, gate_all = residuals
+  wi, wo, wg, bi, bg, bo = weights
   f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
   def body(b, carry):
-    dx, dwi, dwo, dwg = carry
+    dx, (dwi, dwo, dwg, dbi, dbg, dbo) = carry
     e = block_expert[b]
     gate = None if wg is None else gate_all[b]
-    a, act_vjp = jax.vjp(lambda h, g: _activate(h, g, activation), h_all[b], gate)
+    a, act_vjp = jax.vjp(lambda h, g: activate(h, g, activation), h_all[b], gate)
     dwo = dwo.at[e].add(f32(a.T, dy[b]))
     dh, dgate = act_vjp(dy[b] @ wo[e].T)  # [B, f] each
     dwi = dwi.at[e].add(f32(x[b].T, dh))
@@ -265,33 +271,41 @@ def _block_ffn_bwd(activation, residuals, dy):
     if wg is not None:
       dwg = dwg.at[e].add(f32(x[b].T, dgate))
       dxb = dxb + dgate @ wg[e].T
-    return dx.at[b].set(dxb), dwi, dwo, dwg
+    # Bias gradients: the row sums (padding rows get no gradient from the unpermute, so add 0).
+    dbi = None if bi is None else dbi.at[e].add(dh.astype(jnp.float32).sum(0))
+    dbg = None if bg is None else dbg.at[e].add(dgate.astype(jnp.float32).sum(0))
+    dbo = None if bo is None else dbo.at[e].add(dy[b].astype(jnp.float32).sum(0))
+    return dx.at[b].set(dxb), (dwi, dwo, dwg, dbi, dbg, dbo)
 
   operands = (x, block_expert, num_used, wi, wo, wg, h_all, gate_all, dy)
   zeros32 = lambda w: None if w is None else _zeros_varying_like(w.shape, jnp.float32, *operands)
-  init = (_zeros_varying_like(x.shape, x.dtype, *operands), zeros32(wi), zeros32(wo), zeros32(wg))
-  dx, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, init)
+  init = (_zeros_varying_like(x.shape, x.dtype, *operands), tuple(zeros32(w) for w in weights))
+  dx, grads = jax.lax.fori_loop(0, num_used, body, init)
   # Replicated weights (inside shard_map) get the sum of every device's contribution.
   cast = lambda grad, w: None if w is None else _sum_to_variance_of(grad.astype(w.dtype), w)
-  return dx, None, None, cast(dwi, wi), cast(dwo, wo), cast(dwg, wg)
+  return dx, None, None, tuple(cast(g, w) for g, w in zip(grads, weights))
 
 
 _block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
 
 
-def _ragged(tokens, expert_index, combine_weight, wi, wo, wg, activation, permute_backend):
+def _ragged(tokens, expert_index, combine_weight, weights, activation, permute_backend):
   """<[T, d]> Σ_k weight · expert output, via grouped matmuls over the expert-sorted rows."""
   t, k = expert_index.shape
-  _, rank, group_sizes = _sort_by_expert(expert_index, wi.shape[0])
-  rank = jnp.where(expert_index.reshape(-1) < wi.shape[0], rank, t * k)  # No expert: no row.
+  num_experts = weights[0].shape[0]
+  _, rank, group_sizes = _sort_by_expert(expert_index, num_experts)
+  rank = jnp.where(expert_index.reshape(-1) < num_experts, rank, t * k)  # No expert: no row.
   row_map = kernels.RowMap.from_rows(rank.reshape(t, k), t * k)
   x = kernels.permute(tokens, row_map, backend=permute_backend)  # [N, d] in expert order
-  y = _ragged_ffn(x, group_sizes, wi, wo, wg, activation)  # [N, d]
+  y = _ragged_ffn(x, group_sizes, weights, activation)  # [N, d]
   return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
 
 
-def _ragged_ffn(x, group_sizes, wi, wo, wg, activation):
+def _ragged_ffn(x, group_sizes, weights, activation):
   """<[N, d]> the expert-sorted rows x through their experts' FFNs (group_sizes[e] rows of expert e)."""
-  h = jax.lax.ragged_dot(x, wi, group_sizes)  # [N, f]
-  gate = None if wg is None else jax.lax.ragged_dot(x, wg, group_sizes)
-  return jax.lax.ragged_dot(_activate(h, gate, activation), wo, group_sizes)
+  wi, wo, wg, bi, bg, bo = weights
+  # Each row's expert, for the biases (rows past Σ group_sizes are never read).
+  row_expert = jnp.repeat(jnp.arange(wi.shape[0]), group_sizes, total_repeat_length=x.shape[0])
+  h = _add(jax.lax.ragged_dot(x, wi, group_sizes), bi, row_expert)  # [N, f]
+  gate = None if wg is None else _add(jax.lax.ragged_dot(x, wg, group_sizes), bg, row_expert)
+  return _add(jax.lax.ragged_dot(activate(h, gate, activation), wo, group_sizes), bo, row_expert)

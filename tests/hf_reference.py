@@ -132,6 +132,29 @@ DEEPSEEK_V3 = dict(
   num_nextn_predict_layers=1,
   tie_word_embeddings=False,
 )
+# openai/gpt-oss-20b and openai/gpt-oss-120b: YaRN (factor 32 over 4k, the ramp not truncated),
+# a 128-token sliding window in every other block (even blocks), attention sinks, biases on q, k,
+# v, o, a router bias, clamped SwiGLU experts with biases (α 1.702, limit 7).
+GPT_OSS = dict(
+  model_type="gpt_oss",
+  rope_parameters=dict(
+    rope_type="yarn",
+    rope_theta=150000.0,
+    factor=32.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    truncate=False,
+    original_max_position_embeddings=4096,
+  ),
+  max_position_embeddings=131072,
+  rms_norm_eps=1e-5,
+  attention_bias=True,
+  swiglu_alpha=1.702,
+  swiglu_limit=7.0,
+  router_aux_loss_coef=0.9,
+  tie_word_embeddings=False,
+)
+
 # MLA's small sizes: no key/value heads apart from the query heads (transformers needs them equal).
 _MLA = dict(
   vocab_size=128,
@@ -144,6 +167,18 @@ _MLA = dict(
   v_head_dim=12,
   intermediate_size=48,
   moe_intermediate_size=16,
+)
+
+# gpt-oss's: a 4-token window (the release's 128 would cover the 12 test tokens), 8 heads on 2 kv heads.
+_OSS = dict(
+  vocab_size=128,
+  hidden_size=32,
+  num_attention_heads=8,
+  num_key_value_heads=2,
+  head_dim=8,
+  intermediate_size=16,
+  num_experts_per_tok=4,
+  sliding_window=4,
 )
 
 # Small sizes; head_dim != hidden_size / heads only where the release has it (Qwen3: 128 vs 64).
@@ -237,6 +272,8 @@ CASES = {
     dict(_MLA, num_hidden_layers=5, q_lora_rank=24, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1),
     11,
   ),
+  "gpt_oss_20b": ("gpt_oss_20b", GPT_OSS, dict(_OSS, num_hidden_layers=4, num_local_experts=8), 12),
+  "gpt_oss_120b": ("gpt_oss_120b", GPT_OSS, dict(_OSS, num_hidden_layers=2, num_local_experts=16), 13),
   # Options the releases leave at their defaults but transformers implements: dense blocks among
   # the MoE ones, MoE every 2nd block, tied embeddings, top-k renormalisation in Qwen2-MoE.
   "qwen3_moe_dense_layers": (
@@ -276,6 +313,7 @@ _CLASSES = {
   "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
   "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
   "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+  "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
 
@@ -302,6 +340,11 @@ def build(case: str):
         param.copy_(1.0 + 0.1 * torch.randn_like(param))
       else:
         param.copy_(0.1 * torch.randn_like(param))
+      if name.endswith("experts.gate_up_proj") and model_type == "gpt_oss":
+        # Pre-activations of std ~8: many beyond gpt-oss's clamp at ±7, so that the clamp shows.
+        param.copy_(1.5 * torch.randn_like(param))
+      if name.endswith("experts.down_proj") and model_type == "gpt_oss":
+        param.copy_(0.02 * torch.randn_like(param))
     for name, buffer in model.named_buffers():
       if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's balancing bias: non-zero, so that it shows.
         buffer.copy_(0.05 * torch.randn_like(buffer))

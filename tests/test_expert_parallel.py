@@ -45,6 +45,22 @@ CASES = {
     num_shared_experts=1,
     load_balance_scope="global_batch",
   ),
+  # DeepSeek-V2's device-limited routing and its device / communication balance terms (in aux).
+  "deepseek_v2": dict(
+    router="deepseek",
+    top_k=2,
+    num_expert_groups=4,
+    top_expert_groups=2,
+    group_score="max",
+    bias_update_rate=0.0,
+    device_balance_loss_weight=0.05,
+    comm_balance_loss_weight=0.02,
+  ),
+  # gpt-oss's experts: router and expert biases, clamped SwiGLU, on both data paths.
+  "gpt_oss_dropless": dict(
+    router="top_k", top_k=2, dispatcher="dropless", router_bias=True, expert_bias=True, activation="clamped_swiglu"
+  ),
+  "gpt_oss_sort": dict(router="top_k", top_k=2, router_bias=True, expert_bias=True, activation="clamped_swiglu"),
 }
 
 

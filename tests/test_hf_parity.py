@@ -4,9 +4,10 @@ Each case of tests/hf_reference.py is a released config.json with small sizes an
 weights. Its transformers config and weights go through `moejax.convert.hf` (the library's one
 table of each architecture's names) into a moejax DecoderLM; on the same tokens moejax must give
   float32:  max |Δ logits| < 1e-4 and the same experts for every token in every MoE layer;
-  bfloat16: max |Δ logits| vs transformers' float32 logits < BF16_TOLERANCE, and no more than
-            BF16_VS_TRANSFORMERS × transformers' own bfloat16 error (+ 1e-2) — moejax in bfloat16
-            strays from the float32 function no further than the reference does.
+  bfloat16: max |Δ logits| vs transformers' float32 logits < BF16_TOLERANCE (unless bfloat16
+            rounding flips a near-tie expert choice), and no more than BF16_VS_TRANSFORMERS ×
+            transformers' own bfloat16 error (+ 1e-2) — moejax in bfloat16 strays from the
+            float32 function no further than the reference does.
 The golden tests read the committed fixtures (tests/fixtures/hf, written by
 `python tests/hf_reference.py`) and need no torch; the live tests build the transformers models
 afresh and run when torch and transformers are installed (the `hf` extra; CI runs them).
@@ -87,9 +88,13 @@ def _check(case, hf_config, weights, tokens, ref32, experts32, ref16, ref_aux):
   for layer, (ours, theirs) in enumerate(zip(experts, experts32)):
     differ = np.nonzero((ours != theirs).any(-1))[0]
     assert differ.size == 0, f"{case}: MoE layer {layer} chooses other experts for tokens {differ.tolist()}"
-  logits16, *_ = _moejax_run(_moejax_model(hf_config, weights, "bfloat16"), tokens)
+  logits16, experts16, _ = _moejax_run(_moejax_model(hf_config, weights, "bfloat16"), tokens)
   delta16, theirs16 = float(np.abs(logits16 - ref32).max()), float(np.abs(ref16 - ref32).max())
-  assert delta16 < BF16_TOLERANCE, f"{case}: bfloat16 max |Δ logits| {delta16:.3f} vs float32"
+  # Where bfloat16 rounding flips a near-tie expert choice (gpt-oss-20b's case: transformers' own
+  # bfloat16 run flips more), a logit moves by that expert's whole output: only the bound
+  # relative to transformers' own bfloat16 error holds there.
+  flipped = any((ours != theirs).any() for ours, theirs in zip(experts16, experts))
+  assert flipped or delta16 < BF16_TOLERANCE, f"{case}: bfloat16 max |Δ logits| {delta16:.3f} vs float32"
   assert delta16 <= BF16_VS_TRANSFORMERS * theirs16 + 1e-2, (
     f"{case}: bfloat16 {delta16:.3f}, transformers {theirs16:.3f}"
   )
@@ -122,6 +127,7 @@ def _architectural(overrides: dict) -> dict:
     "model.qk_nope_head_dim",
     "model.qk_rope_head_dim",
     "model.v_head_dim",
+    "model.sliding_window",
   }
   training = ("moe.load_balance", "model.mtp_")  # How the model trains, not what it computes.
   out = {k: v for k, v in overrides.items() if k not in sizes and not k.startswith(training)}
@@ -172,7 +178,10 @@ def test_both_expert_layouts_load_the_same_model():
   np.testing.assert_array_equal(np.asarray(_forward(fused, tokens)[0]), np.asarray(_forward(per_expert, tokens)[0]))
 
 
-@pytest.mark.parametrize("case", ["qwen2_57b_a14b", "olmoe_1b_7b", "qwen2_moe_sparse_step_tied"])
+@pytest.mark.parametrize(
+  "case",
+  ["qwen2_57b_a14b", "olmoe_1b_7b", "qwen2_moe_sparse_step_tied", "deepseek_v2_lite", "deepseek_v3", "gpt_oss_20b"],
+)
 def test_export_is_the_inverse_of_load(case):
   meta, weights, *_ = _fixture(case)
   model = _moejax_model(meta["config"], weights)
@@ -200,9 +209,18 @@ def test_bad_configs_and_checkpoints_name_the_key_or_tensor():
     ({**config, "hidden_act": "gelu"}, "hidden_act"),
     ({**config, "some_new_option": 1}, "some_new_option"),
   ]
+  gpt_oss = _fixture("gpt_oss_120b")[0]["config"]
+  cases += [
+    ({**gpt_oss, "swiglu_limit": 10.0}, "swiglu_limit"),
+    ({**gpt_oss, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),  # full first: not every P-th
+    ({**gpt_oss, "layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types"),
+    ({**gpt_oss, "sliding_window": None}, "sliding_window"),
+  ]
   for bad, field in cases:
     with pytest.raises(ConfigError, match=field):
       hf.config_overrides(bad)
+  windows = hf.config_overrides({**gpt_oss, "layer_types": ["sliding_attention"] * 2})  # Every block slides.
+  assert windows["model.sliding_window"] == 4 and windows["model.full_attention_every"] == 0
   model = _moejax_model(config, weights)
   missing = {k: v for k, v in weights.items() if k != "model.layers.1.self_attn.q_norm.weight"}
   with pytest.raises(ConfigError, match=r"tensor model\.layers\.1\.self_attn\.q_norm\.weight: is missing"):

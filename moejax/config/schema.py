@@ -25,7 +25,7 @@ from moejax.errors import ConfigError
 TASKS = ("lm", "vit")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu")
 POOLINGS = ("gap", "cls")
 QK_NORM_SCOPES = ("per_head", "projection")
 ATTENTION_BIASES = ("none", "qkv", "qkvo")
@@ -149,7 +149,7 @@ def _model(task: str) -> ml_collections.ConfigDict:
   m.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
   if task == "lm":
     m.positions = "rope"  # 'rope' | 'learned'
-  m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu'
+  m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu' | 'clamped_swiglu' (gpt-oss; moejax/layers/ffn.py)
   m.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
   if task == "lm":
     # Blocks whose FFN stays dense although moe_every would make it MoE (0-based; transformers'
@@ -178,6 +178,7 @@ def _moe() -> ml_collections.ConfigDict:
   e.num_shared_experts = 0  # Always-on experts of hidden size d_expert (DeepSeekMoE).
   # 'none' | 'sigmoid': the shared experts' output × sigmoid(x·w), w [d] learned (Qwen2-MoE).
   e.shared_expert_gate = "none"
+  e.expert_bias = False  # Biases on the experts' projections, zero-initialised (gpt-oss).
   e.group_size = 0  # Tokens per routing group; 0 = one sequence (or image) per group.
   e.allow_noncausal = False  # Allow a router setting that lets a decoder see the future.
   e.dead_expert_steps = 100  # An expert with no tokens for this many steps counts as dead.

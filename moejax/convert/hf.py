@@ -259,6 +259,49 @@ def _qwen2_moe(r: _Reader) -> dict:
   return out
 
 
+def _sliding_windows(r: _Reader) -> dict:
+  """model.sliding_window and full_attention_every from layer_types, which must be a pattern moejax has."""
+  types = r.get("layer_types") or []
+  window = r.get("sliding_window")
+  unknown = sorted({t for t in types} - {"sliding_attention", "full_attention"})
+  if unknown:
+    raise ConfigError(
+      r.field("layer_types"), f"holds {unknown[0]!r}; moejax has 'sliding_attention' and 'full_attention'"
+    )
+  full = [i for i, t in enumerate(types) if t == "full_attention"]
+  if len(full) == len(types):
+    return {}
+  every = full[0] + 1 if full else 0
+  if full != [i for i in range(len(types)) if every and i % every == every - 1]:
+    raise ConfigError(
+      r.field("layer_types"), f"full attention in blocks {full}: moejax places it in every P-th block (P-1, 2P-1, ...)"
+    )
+  if not window:
+    raise ConfigError(r.field("sliding_window"), f"is {window!r}, but layer_types has sliding_attention blocks")
+  return {"model.sliding_window": int(window), "model.full_attention_every": every}
+
+
+def _gpt_oss(r: _Reader) -> dict:
+  """gpt-oss: sinks, alternating sliding windows, q/k/v/o biases, router bias, clamped SwiGLU experts with biases."""
+  out = _attention_and_sizes(r)
+  r.expect("swiglu_alpha", (1.702,), "moejax's 'clamped_swiglu' is gpt-oss's, α = 1.702")
+  r.expect("swiglu_limit", (7.0,), "moejax's 'clamped_swiglu' clamps at 7")
+  out.update(_sliding_windows(r))
+  out.update(
+    {
+      "model.d_ff": r.require("intermediate_size"),  # The experts' hidden size (no block is dense).
+      "model.moe_every": 1,
+      "model.activation": "clamped_swiglu",
+      "model.attention_bias": "qkvo" if r.get("attention_bias", True) else "none",
+      "model.attention_sinks": True,
+      "moe.router_bias": True,
+      "moe.expert_bias": True,
+      "moe.combine_weights": "renormalized",  # Softmax over the top-k logits = all E, renormalised.
+    }
+  )
+  return out
+
+
 def _deepseek(r: _Reader, version: int) -> dict:
   """DeepSeek-V2 (V2-Lite) and V3: multi-head latent attention, DeepSeekMoE with shared experts.
 
@@ -371,6 +414,10 @@ class Architecture:
   shared_expert: the shared expert's and its gate's names in the MoE block (the gate None if it
     has none), or None.
   router_bias: the router's balancing-bias buffer (DeepSeek-V3's e_score_correction_bias), or None.
+  router_name: the router's name in the MoE block ('gate'; gpt-oss 'router', with a learned bias).
+  expert_layout: 'fused' (gate_up_proj [E, 2f, d], the gate half first; or per expert) |
+    'interleaved' (gpt-oss: gate_up_proj [E, d, 2f] with gate and up in alternate columns,
+    down_proj [E, f, d], both already [in, out], and their biases).
   """
 
   model_type: str
@@ -379,6 +426,8 @@ class Architecture:
   expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
   shared_expert: tuple[str, str | None] | None = None
   router_bias: str | None = None
+  router_name: str = "gate"
+  expert_layout: str = "fused"
 
 
 ARCHITECTURES = {
@@ -392,6 +441,7 @@ ARCHITECTURES = {
     Architecture(
       "deepseek_v3", _deepseek_v3, shared_expert=("shared_experts", None), router_bias="e_score_correction_bias"
     ),
+    Architecture("gpt_oss", _gpt_oss, router_name="router", expert_layout="interleaved"),
   )
 }
 
@@ -446,6 +496,9 @@ def _linear(w: np.ndarray) -> np.ndarray:
 
 def _expert_stacks(weights: Mapping, layer: str, arch: Architecture, num_experts: int, used: set):
   """(gate [E, d, f], up [E, d, f], down [E, f, d]) of one MoE layer from either layout."""
+  if arch.expert_layout == "interleaved":
+    gate_up = _take(weights, f"{layer}.mlp.experts.gate_up_proj", used)  # [E, d, 2f]
+    return gate_up[..., 0::2], gate_up[..., 1::2], _take(weights, f"{layer}.mlp.experts.down_proj", used)
   for prefix in dict.fromkeys((arch.moe_prefix, "mlp")):
     fused = f"{layer}.{prefix}.experts.gate_up_proj"
     if fused in weights:
@@ -477,7 +530,7 @@ def _take(weights: Mapping, name: str, used: set) -> np.ndarray:
 def _moe_prefix(weights: Mapping, layer: str, arch: Architecture) -> str:
   """Where the layer's router lives: 'mlp' (transformers 5) or the architecture's file name."""
   for prefix in dict.fromkeys(("mlp", arch.moe_prefix)):
-    if f"{layer}.{prefix}.gate.weight" in weights:
+    if f"{layer}.{prefix}.{arch.router_name}.weight" in weights:
       return prefix
   return "mlp"
 
@@ -545,11 +598,18 @@ def _block_to_moejax(weights, layer: str, block: tuple, is_moe: bool, cfg, arch:
       out[(*ffn, ours)] = _linear(_take(weights, f"{layer}.mlp.{theirs}.weight", used))
     return out
   prefix = _moe_prefix(weights, layer, arch)
-  out[(*ffn, "router", "kernel")] = _linear(_take(weights, f"{layer}.{prefix}.gate.weight", used))
+  router = f"{layer}.{prefix}.{arch.router_name}"
+  out[(*ffn, "router", "kernel")] = _linear(_take(weights, f"{router}.weight", used))
   if arch.router_bias:
-    out[(*ffn, "router", "bias")] = _take(weights, f"{layer}.{prefix}.gate.{arch.router_bias}", used)
+    out[(*ffn, "router", "bias")] = _take(weights, f"{router}.{arch.router_bias}", used)
+  if cfg.moe.router_bias:
+    out[(*ffn, "router", "kernel_bias")] = _take(weights, f"{router}.bias", used)
   gate, up, down = _expert_stacks(weights, layer, arch, cfg.moe.num_experts, used)
   out[(*ffn, "wi")], out[(*ffn, "wg")], out[(*ffn, "wo")] = gate, up, down
+  if cfg.moe.expert_bias:  # gpt-oss: [E, 2f] in the gate/up column order of gate_up_proj.
+    gate_up_bias = _take(weights, f"{layer}.mlp.experts.gate_up_proj_bias", used)
+    out[(*ffn, "bi")], out[(*ffn, "bg")] = gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]
+    out[(*ffn, "bo")] = _take(weights, f"{layer}.mlp.experts.down_proj_bias", used)
   if arch.shared_expert:
     shared, shared_gate = arch.shared_expert
     for ours, theirs in _FFN_NAMES:
@@ -586,6 +646,8 @@ def _attention_to_moejax(weights, prefix: str, path: tuple, cfg, used: set) -> d
   if cfg.qk_norm:
     out[(*path, "q_norm", "scale")] = _take(weights, f"{prefix}.q_norm.weight", used)
     out[(*path, "k_norm", "scale")] = _take(weights, f"{prefix}.k_norm.weight", used)
+  if cfg.attention_sinks:
+    out[(*path, "sinks")] = _take(weights, f"{prefix}.sinks", used)
   return out
 
 
@@ -689,18 +751,29 @@ def _block_to_hf(flat: dict, layer: str, block: tuple, is_moe: bool, cfg, arch: 
     for ours, theirs in _FFN_NAMES:
       out[f"{layer}.mlp.{theirs}.weight"] = _linear(flat[(*ffn, ours)])
     return out
-  out[f"{layer}.mlp.gate.weight"] = _linear(flat[(*ffn, "router", "kernel")])
+  router = f"{layer}.mlp.{arch.router_name}"
+  out[f"{router}.weight"] = _linear(flat[(*ffn, "router", "kernel")])
+  if (*ffn, "router", "kernel_bias") in flat:
+    out[f"{router}.bias"] = flat[(*ffn, "router", "kernel_bias")]
   bias = flat.get((*ffn, "router", "bias"))
   if arch.router_bias:
-    out[f"{layer}.mlp.gate.{arch.router_bias}"] = bias
+    out[f"{router}.{arch.router_bias}"] = bias
   elif bias is not None and np.any(bias):
     raise ConfigError(
       f"parameter {'.'.join(map(str, ffn))}.router.bias",
       f"is non-zero, and {model_type} has no balancing bias to hold it",
     )
   gate, up, down = flat[(*ffn, "wi")], flat[(*ffn, "wg")], flat[(*ffn, "wo")]  # [E, d, f] ×2, [E, f, d]
-  out[f"{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=2).transpose(0, 2, 1)
-  out[f"{layer}.mlp.experts.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
+  if arch.expert_layout == "interleaved":
+    out[f"{layer}.mlp.experts.gate_up_proj"] = np.stack([gate, up], axis=-1).reshape(*gate.shape[:2], -1)
+    out[f"{layer}.mlp.experts.down_proj"] = down
+  else:
+    out[f"{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=2).transpose(0, 2, 1)
+    out[f"{layer}.mlp.experts.down_proj"] = np.ascontiguousarray(down.transpose(0, 2, 1))
+  if (*ffn, "bi") in flat:
+    bi, bg = flat[(*ffn, "bi")], flat[(*ffn, "bg")]
+    out[f"{layer}.mlp.experts.gate_up_proj_bias"] = np.stack([bi, bg], axis=-1).reshape(bi.shape[0], -1)
+    out[f"{layer}.mlp.experts.down_proj_bias"] = flat[(*ffn, "bo")]
   if arch.shared_expert:
     shared, shared_gate = arch.shared_expert
     for ours, theirs in _FFN_NAMES:
@@ -732,6 +805,8 @@ def _attention_to_hf(flat: dict, att: tuple, pre: str, cfg) -> dict:
   if cfg.qk_norm:
     out[f"{pre}.q_norm.weight"] = flat[(*att, "q_norm", "scale")]
     out[f"{pre}.k_norm.weight"] = flat[(*att, "k_norm", "scale")]
+  if cfg.attention_sinks:
+    out[f"{pre}.sinks"] = flat[(*att, "sinks")]
   return out
 
 

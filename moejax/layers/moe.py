@@ -21,7 +21,7 @@ from flax import nnx
 
 from moejax import dispatch, dropless, parallel
 from moejax.config import schema
-from moejax.layers.ffn import FeedForward, fan_in_init, ffn_apply
+from moejax.layers.ffn import GATED, FeedForward, fan_in_init, ffn_apply
 from moejax.layers.router import Router
 
 
@@ -79,8 +79,13 @@ class MoELayer(nnx.Module):
     self.router = Router(d_model, cfg, rngs=rngs)
     expert_init = fan_in_init(cfg.init_scale, batch_axis=(0,))
     self.wi = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f)))
-    self.wg = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f))) if cfg.activation == "swiglu" else None
+    self.wg = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f))) if cfg.activation in GATED else None
     self.wo = parallel.expert_param(expert_init(rngs.params(), (e, f, d_model)))
+    # Expert biases (gpt-oss): zero-initialised, split over 'expert' like the experts' matrices.
+    zeros = lambda *shape: parallel.expert_param(jnp.zeros(shape, jnp.float32))
+    self.bi = zeros(e, f) if cfg.expert_bias else None
+    self.bg = zeros(e, f) if cfg.expert_bias and self.wg is not None else None
+    self.bo = zeros(e, d_model) if cfg.expert_bias else None
     # Shared experts (DeepSeekMoE): always on, so n of them are one FFN of hidden size n·f.
     self.shared = (
       FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
@@ -140,7 +145,8 @@ class MoELayer(nnx.Module):
       output = dispatcher.combine(decision, expert_out)  # [G, S, d]
       return output.astype(tokens.dtype), router.family.aux(cfg, decision, stats, parallel.BATCH)
 
-    weights = (self.wi[...], self.wo[...], None if self.wg is None else self.wg[...])
+    value = lambda p: None if p is None else p[...]
+    weights = tuple(value(p) for p in (self.wi, self.wo, self.wg, self.bi, self.bg, self.bo))
     y, aux = parallel.per_device(
       route_and_compute, mesh, sharded=(tokens, ids), replicated=(router_state, rng), experts=(weights,)
     )
@@ -167,8 +173,11 @@ def _experts(expert_in, weights, cfg, num_shards: int):
 
   weights: this device's E/num_shards experts (all E when num_shards is 1).
   """
-  wi, wo, wg = weights
-  options = dict(impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend)
+  wi, wo, wg, *biases = weights
+  biases = None if biases[0] is None else tuple(biases)  # (bi, bg, bo) with moe.expert_bias.
+  options = dict(
+    impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend, biases=biases
+  )
   if isinstance(expert_in, dispatch.Rows):
     if num_shards == 1:
       return dropless.dropless_expert_ffn(
@@ -183,16 +192,20 @@ def _experts(expert_in, weights, cfg, num_shards: int):
     return exchange.back(out, expert_in.combine_weight)
   if num_shards > 1:
     expert_in = parallel.to_expert_devices(expert_in)  # [E/n, n·G, C, d]
-  expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation)
+  expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases)
   return parallel.from_expert_devices(expert_out) if num_shards > 1 else expert_out
 
 
-def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str) -> jax.Array:
+def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str, biases: tuple | None = None) -> jax.Array:
   """Each expert's FFN on its capacity buffers: [E, G, C, d] -> [E, G, C, d].
 
   Run as one [G·C, d] matrix per expert: XLA:CPU runs that 3-D batched matmul (and its weight
   gradient) much faster than the 4-D "egcd,edf" form (experiments/moe_layer_benchmark.py).
+  biases: (bi [E, f], bg [E, f] or None, bo [E, d]), or None. An empty slot is a zero row whose
+  output (its biases through the FFN) the combine weighs by 0.
   """
   e, g, c, d = expert_in.shape
-  out = ffn_apply(expert_in.reshape(e, g * c, d), wi, wo, wg, activation, "ecd,edf->ecf", "ecf,efd->ecd")
+  if biases is not None:
+    biases = tuple(None if v is None else v[:, None, :] for v in biases)  # [E, 1, f] against [E, G·C, f]
+  out = ffn_apply(expert_in.reshape(e, g * c, d), wi, wo, wg, activation, "ecd,edf->ecf", "ecf,efd->ecd", biases)
   return out.reshape(e, g, c, d)

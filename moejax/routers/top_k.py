@@ -22,6 +22,7 @@ ROUTER_NOISE = Option(
   "Training only: 'none' | 'noisy_top_k' (Shazeer) | 'jitter' (Switch).",
   allowed=("none", "noisy_top_k", "jitter"),
 )
+ROUTER_BIAS = Option("router_bias", False, "A learned bias on the router logits, zero-initialised (gpt-oss).")
 JITTER_EPS = Option("jitter_eps", 0.01, "Router input × Uniform(1 − ε, 1 + ε) with router_noise='jitter'.", minimum=0)
 JITTER_SCOPE = Option(
   "jitter_scope",
@@ -92,6 +93,7 @@ class TopK(RouterFamily):
     SECOND_EXPERT_POLICY,
     LOAD_LOSS_WEIGHT,
     LOAD_LOSS_THRESHOLD,
+    ROUTER_BIAS,
   )
 
   @classmethod
@@ -139,6 +141,8 @@ class TopK(RouterFamily):
     if cfg.router_noise == "noisy_top_k":
       # Zero init, as Shazeer et al.: the noise std starts at softplus(0) = ln 2 for every expert.
       out["noise_kernel"] = ("param", jnp.zeros((d_model, cfg.num_experts)))
+    if cfg.router_bias:
+      out["kernel_bias"] = ("param", jnp.zeros((cfg.num_experts,), jnp.float32))
     return out
 
   @classmethod
@@ -157,6 +161,8 @@ class TopK(RouterFamily):
       eps = cfg.jitter_eps
       router_in = router_in * jax.random.uniform(jitter_rng, router_in.shape, minval=1 - eps, maxval=1 + eps)
     logits = base.project(router_in, router.kernel[...].astype(jnp.float32))
+    if cfg.router_bias:
+      logits = logits + router.kernel_bias[...].astype(jnp.float32)
     stats = {}
     if train and cfg.router_noise == "noisy_top_k":
       noise_std = jax.nn.softplus(base.project(router_in, router.noise_kernel[...]))
