@@ -23,6 +23,8 @@ preset's options are the converted ones. Where each architecture is defined:
                      57B total, 14B active.
   qwen1_5_moe_a2_7b  Qwen blog "Qwen1.5-MoE" 2024; Qwen/Qwen1.5-MoE-A2.7B; modeling_qwen2_moe.
                      14.3B total, 2.7B active.
+  dbrx               Databricks blog "Introducing DBRX" 2024; databricks/dbrx-base config.json;
+                     modeling_dbrx. 132B total, 36B active (counted 131.60B / 36.47B).
   gpt_oss_120b       OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"; openai/gpt-oss-120b;
                      modeling_gpt_oss. 116.83B total, 5.13B active (counted 116.83B / 5.13B
                      without the input embedding, as the card counts).
@@ -70,6 +72,7 @@ PUBLISHED = {
   "deepseek_v2": (236e9, 21e9),
   "deepseek_v2_lite": (15.7e9, 2.4e9),
   "deepseek_v3": (671e9, 36.7e9),
+  "dbrx": (132e9, 36e9),
   "gpt_oss_120b": (116.83e9, 5.13e9),
   "gpt_oss_20b": (20.91e9, 3.61e9),
   "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9),
@@ -323,6 +326,31 @@ PRESETS = {
     # first 10T tokens, then 0.1).
     "model.mtp_depth": 1,
     "model.mtp_loss_weight": 0.3,
+  },
+  "dbrx": {
+    "model.vocab_size": 100352,
+    "model.num_layers": 40,
+    "model.d_model": 6144,
+    "model.num_heads": 48,
+    "model.num_kv_heads": 8,
+    "model.head_dim": 128,
+    "model.norm": "layer",  # LayerNorm without bias, nn.LayerNorm's epsilon
+    "model.norm_eps": 1e-5,
+    "model.clip_qkv": 8.0,
+    "model.rope_theta": 500000.0,
+    "model.activation": "swiglu",
+    "model.d_ff": 10752,
+    "model.moe_every": 1,
+    "moe.num_experts": 16,
+    "moe.top_k": 4,
+    "moe.combine_weights": "renormalized",  # moe_normalize_expert_weights 1: the top-4 / their sum
+    "moe.dispatcher": "dropless",
+    # moe_jitter_eps 0.01: in training the router scales its input in place, so the experts see it too.
+    "moe.router_noise": "jitter",
+    "moe.jitter_eps": 0.01,
+    "moe.jitter_scope": "router_and_experts",
+    **_HF_BALANCE,
+    "moe.load_balance_loss_weight": 0.05,  # moe_loss_weight
   },
   "gpt_oss_120b": {**_GPT_OSS, "model.num_layers": 36, "moe.num_experts": 128},
   "gpt_oss_20b": {**_GPT_OSS, "model.num_layers": 24, "moe.num_experts": 32},

@@ -16,6 +16,8 @@ a size that trains in minutes on a laptop (tests/test_architecture_pieces.py tra
                  device- and communication-level balance losses
   sliding_sinks  gpt-oss's attention: a 16-token sliding window in every other block, a learned
                  sink logit per head
+  dbrx           DBRX: LayerNorm without bias, q/k/v clipped (at ±2 here), 16 fine-grained experts
+                 top-4, router jitter on the router's and experts' input
   gpt_oss        all of gpt-oss: those, q/k/v/o biases, grouped-query attention, YaRN (not
                  truncated), top-4 with a router bias over clamped SwiGLU experts with biases
 """
@@ -80,6 +82,22 @@ PRESETS = {
     "moe.comm_balance_loss_weight": 0.02,
   },
   "sliding_sinks": {"model.sliding_window": 16, "model.full_attention_every": 2, "model.attention_sinks": True},
+  "dbrx": {
+    "model.norm": "layer",
+    "model.norm_eps": 1e-5,
+    "model.clip_qkv": 2.0,
+    "model.num_kv_heads": 2,
+    "model.rope_theta": 500000.0,
+    "model.activation": "swiglu",
+    "model.moe_every": 1,
+    "moe.num_experts": 16,
+    "moe.top_k": 4,
+    "moe.d_expert": 96,
+    "moe.combine_weights": "renormalized",
+    "moe.dispatcher": "dropless",
+    "moe.router_noise": "jitter",
+    "moe.jitter_scope": "router_and_experts",
+  },
   "gpt_oss": {
     "model.sliding_window": 16,
     "model.full_attention_every": 2,

@@ -155,6 +155,18 @@ GPT_OSS = dict(
   tie_word_embeddings=False,
 )
 
+# databricks/dbrx-base and dbrx-instruct: LayerNorm without bias, Wqkv clipped to ±8, RoPE base
+# 5e5, 16 experts top-4 renormalised, router jitter 0.01 in training, balance loss 0.05.
+DBRX = dict(
+  model_type="dbrx",
+  rope_theta=500000.0,
+  attn_config=dict(clip_qkv=8.0, kv_n_heads=2, rope_theta=500000.0),  # kv_n_heads 8 of 48 heads in the release
+  ffn_config=dict(moe_jitter_eps=0.01, moe_loss_weight=0.05, moe_num_experts=16, moe_top_k=4),
+  resid_pdrop=0.0,
+  emb_pdrop=0.0,
+  tie_word_embeddings=False,
+)
+
 # MLA's small sizes: no key/value heads apart from the query heads (transformers needs them equal).
 _MLA = dict(
   vocab_size=128,
@@ -272,6 +284,14 @@ CASES = {
     dict(_MLA, num_hidden_layers=5, q_lora_rank=24, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1),
     11,
   ),
+  "dbrx": ("dbrx", DBRX, dict(vocab_size=128, d_model=32, n_heads=4, n_layers=2, ffn_config_size=16), 14),
+  # A clip that cuts (the release's ±8 is far beyond these small weights' q, k, v).
+  "dbrx_tight_clip": (
+    None,
+    {**DBRX, "attn_config": dict(clip_qkv=0.3, kv_n_heads=2, rope_theta=500000.0)},
+    dict(vocab_size=128, d_model=32, n_heads=4, n_layers=2, ffn_config_size=16),
+    15,
+  ),
   "gpt_oss_20b": ("gpt_oss_20b", GPT_OSS, dict(_OSS, num_hidden_layers=4, num_local_experts=8), 12),
   "gpt_oss_120b": ("gpt_oss_120b", GPT_OSS, dict(_OSS, num_hidden_layers=2, num_local_experts=16), 13),
   # Options the releases leave at their defaults but transformers implements: dense blocks among
@@ -314,6 +334,7 @@ _CLASSES = {
   "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
   "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
   "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+  "dbrx": ("DbrxConfig", "DbrxForCausalLM"),
 }
 
 
@@ -328,6 +349,9 @@ def build(case: str):
   config_cls, model_cls = (getattr(transformers, name) for name in _CLASSES[model_type])
   if "rope_parameters" not in options:
     options["rope_parameters"] = {"rope_type": "default", "rope_theta": options.pop("rope_theta")}
+  sizes = dict(sizes)
+  if "ffn_config_size" in sizes:  # DBRX nests the experts' size in ffn_config.
+    options["ffn_config"] = {**options["ffn_config"], "ffn_hidden_size": sizes.pop("ffn_config_size")}
   config = config_cls(**options, **sizes)
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
@@ -336,7 +360,7 @@ def build(case: str):
   # not 1, so that a norm weight left out of the conversion would show.
   with torch.no_grad():
     for name, param in model.named_parameters():
-      if name.endswith("norm.weight") or "layernorm" in name:
+      if name.endswith(".weight") and "norm" in name.split(".")[-2]:  # RMSNorm / LayerNorm scales
         param.copy_(1.0 + 0.1 * torch.randn_like(param))
       else:
         param.copy_(0.1 * torch.randn_like(param))
@@ -367,7 +391,7 @@ def run(model, tokens, dtype: str):
   else:
     with torch.no_grad():
       out = model(tokens, output_router_logits=True)
-    k = model.config.num_experts_per_tok
+    k = model.config.ffn_config.moe_top_k if model.config.model_type == "dbrx" else model.config.num_experts_per_tok
     experts = [
       np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1).astype(np.int32) for r in out.router_logits
     ]

@@ -112,6 +112,7 @@ INACTIVE = [
   ({"model.positions": "learned", "model.rope_interleaved": True}, "model.rope_interleaved", "not 'rope'"),
   ({"model.full_attention_every": 2}, "model.full_attention_every", "model.sliding_window is 0"),
   ({"model.mtp_loss_weight": 0.1}, "model.mtp_loss_weight", "model.mtp_depth is 0"),
+  ({"model.attention": "mla", "model.clip_qkv": 8.0}, "model.clip_qkv", "model.attention 'mha'"),
   ({"moe.router": "deepseek", "moe.group_score": "max"}, "moe.group_score", "num_expert_groups is 1"),
 ]
 
@@ -128,6 +129,8 @@ MODEL_CASES = [
   ({"model.rope_scaling": "yarn", "model.yarn_original_max_len": 0}, "model.yarn_original_max_len"),
   ({"model.rope_scaling": "yarn", "model.yarn_mscale": -1.0}, "model.yarn_mscale"),
   ({"model.mtp_depth": -1}, "model.mtp_depth"),
+  ({"model.norm": "batch"}, "model.norm"),
+  ({"model.clip_qkv": -1.0}, "model.clip_qkv"),
   ({"moe.router": "deepseek", "moe.num_expert_groups": 2, "moe.group_score": "mean"}, "moe.group_score"),
 ]
 

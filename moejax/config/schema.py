@@ -31,6 +31,7 @@ QK_NORM_SCOPES = ("per_head", "projection")
 ATTENTION_BIASES = ("none", "qkv", "qkvo")
 SHARED_EXPERT_GATES = ("none", "sigmoid")
 ROPE_SCALINGS = ("none", "yarn")
+NORMS = ("rms", "layer")
 # model.attention selects one kind; each kind reads its own model fields (the other kind's are inactive).
 ATTENTION_OPTIONS = {
   "mha": (
@@ -42,6 +43,7 @@ ATTENTION_OPTIONS = {
     "sliding_window",
     "full_attention_every",
     "attention_sinks",
+    "clip_qkv",
   ),
   "mla": ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
 }
@@ -124,6 +126,9 @@ def _model(task: str) -> ml_collections.ConfigDict:
     m.sliding_window = 0
     m.full_attention_every = 0
     m.attention_sinks = False  # A learned logit per head joins each softmax, adding no value (gpt-oss).
+    m.clip_qkv = 0.0  # > 0: the q, k, v projections clamped to [-c, c] (DBRX 8); 0: off.
+    # The blocks' and the final norm: 'rms' (RMSNorm) | 'layer' (LayerNorm with a scale, no bias: DBRX).
+    m.norm = "rms"
     # Multi-head latent attention (model.attention 'mla'), DeepSeek-V2's names: the query latent's
     # rank (0: queries straight from x, V2-Lite), the key/value latent's rank, per-head dims of the
     # query/key part without and with RoPE, and of the values.

@@ -65,6 +65,12 @@ def _model(cfg) -> None:
       f"must be a number > 1 (the RoPE base), got {m.rope_theta!r}",
     )
     _attention(cfg)
+    _one_of(cfg, "model.norm", schema.NORMS)
+    _check(
+      isinstance(m.clip_qkv, (int, float)) and m.clip_qkv >= 0,
+      "model.clip_qkv",
+      f"must be a number >= 0 (0: no clipping), got {m.clip_qkv!r}",
+    )
     _positive(cfg, "model.mtp_depth", "model.mtp_loss_weight", allow_zero=True)
     dense = m.dense_layers
     _check(

@@ -302,6 +302,175 @@ def _gpt_oss(r: _Reader) -> dict:
   return out
 
 
+def _dbrx(r: _Reader) -> dict:
+  """DBRX: LayerNorm without bias, fused Wqkv clipped to ±clip_qkv, 16 fine-grained experts top-4.
+
+  Its config nests attn_config and ffn_config; each is read key by key as the top level is.
+  """
+  attn = _Reader(r.require("attn_config"), "dbrx attn_config")
+  ffn = _Reader(r.require("ffn_config"), "dbrx ffn_config")
+  for sub in (attn, ffn):
+    sub.read.update({"model_type", "transformers_version", "dtype", "_name_or_path"})
+  attn.expect("attn_pdrop", (0.0, 0), "moejax's attention has no dropout")
+  for key in ("resid_pdrop", "emb_pdrop"):
+    r.expect(key, (0.0, 0), "moejax has no dropout")
+  act = ffn.get("ffn_act_fn") or {"name": "silu"}
+  if act != {"name": "silu"}:
+    raise ConfigError(ffn.field("ffn_act_fn"), f"{act!r} is not supported; the experts are SwiGLU ({{'name': 'silu'}})")
+  p = ffn.get("moe_normalize_expert_weights", 1.0)
+  if p not in (1, 1.0):
+    raise ConfigError(
+      ffn.field("moe_normalize_expert_weights"), f"{p!r}: moejax renormalises the top-k weights to sum 1 (p = 1)"
+    )
+  d, heads = r.require("d_model"), r.require("n_heads")
+  if ffn.get("hidden_size", d) != d:
+    raise ConfigError(ffn.field("hidden_size"), "differs from d_model")
+  r.get("num_key_value_heads")  # transformers copies attn_config.kv_n_heads here.
+  r.get("max_seq_len")  # DBRX's max_position_embeddings: the context it was trained for.
+  params = r.get("rope_parameters") or {}
+  theta = params.get("rope_theta", attn.get("rope_theta"))
+  attn.get("rope_theta")
+  rope = _rope(_Reader({"rope_parameters": {**params, "rope_theta": theta}}, "dbrx"))
+  clip = attn.get("clip_qkv")
+  out = {
+    "model.vocab_size": r.require("vocab_size"),
+    "model.num_layers": r.require("n_layers"),
+    "model.d_model": d,
+    "model.num_heads": heads,
+    "model.num_kv_heads": attn.require("kv_n_heads"),
+    "model.head_dim": d // heads,
+    **rope,
+    "model.norm": "layer",
+    "model.norm_eps": 1e-5,  # nn.LayerNorm's default; DBRX's config has no epsilon.
+    "model.clip_qkv": float(clip or 0.0),
+    "model.tie_embeddings": bool(r.get("tie_word_embeddings", False)),
+    "model.activation": "swiglu",
+    "model.d_ff": ffn.require("ffn_hidden_size"),
+    "model.moe_every": 1,
+    "moe.router": "top_k",
+    "moe.num_experts": ffn.require("moe_num_experts"),
+    "moe.top_k": ffn.require("moe_top_k"),
+    "moe.combine_weights": "renormalized",  # Softmax over all, top-k, divided by their 1-norm.
+    "moe.dispatcher": "dropless",
+    # transformers' load_balancing_loss_func × moe_loss_weight.
+    "moe.load_balance_loss_weight": float(ffn.get("moe_loss_weight", 0.0)),
+    "moe.load_balance_density": "topk_sum",
+    "moe.load_balance_pooling": "all_layers",
+    "moe.load_balance_scope": "global_batch",
+    "moe.z_loss_weight": 0.0,
+  }
+  jitter = ffn.get("moe_jitter_eps")
+  if jitter:  # Training only: the router multiplies its input in place, so the experts see it too.
+    out.update(
+      {"moe.router_noise": "jitter", "moe.jitter_eps": float(jitter), "moe.jitter_scope": "router_and_experts"}
+    )
+  for sub in (attn, ffn):
+    if sub.unread():
+      raise ConfigError(sub.field(sub.unread()[0]), "is not a key moejax knows how to convert")
+  return out
+
+
+def _dbrx_to_canonical(weights: Mapping, cfg) -> tuple[dict, dict]:
+  """DBRX's tensors under the Llama-style names the rest of this module reads: (weights, {name: DBRX name}).
+
+  Wqkv [(N + 2·N_kv)·H, d] splits into q, k, v; the experts' w1, v1 (gate, up) and w2 [E·f, d]
+  become gate_up_proj [E, 2f, d] and down_proj [E, d, f]. Tensors it does not know keep their names.
+  """
+  out, origin = {}, {}
+  head_dim = cfg.d_model // cfg.num_heads
+  q_size, kv_size = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
+  e, f = cfg.moe.num_experts, cfg.d_ff
+
+  def put(name, value, source):
+    out[name], origin[name] = value, source
+
+  for name, value in weights.items():
+    parts = name.split(".")
+    if name == "transformer.wte.weight":
+      put("model.embed_tokens.weight", value, name)
+    elif name == "transformer.norm_f.weight":
+      put("model.norm.weight", value, name)
+    elif parts[:2] == ["transformer", "blocks"] and len(parts) > 3:
+      layer, rest = f"model.layers.{parts[2]}", ".".join(parts[3:])
+      value = np.asarray(value)
+      if rest == "norm_attn_norm.norm_1.weight":
+        put(f"{layer}.input_layernorm.weight", value, name)
+      elif rest == "norm_attn_norm.norm_2.weight":
+        put(f"{layer}.post_attention_layernorm.weight", value, name)
+      elif rest == "norm_attn_norm.attn.out_proj.weight":
+        put(f"{layer}.self_attn.o_proj.weight", value, name)
+      elif rest == "norm_attn_norm.attn.Wqkv.weight":
+        if value.shape[0] != q_size + 2 * kv_size:
+          raise ConfigError(f"tensor {name}", f"has {value.shape[0]} rows; the config gives {q_size + 2 * kv_size}")
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, [q_size, q_size + kv_size])):
+          put(f"{layer}.self_attn.{proj}.weight", part, name)
+      elif rest == "ffn.router.layer.weight":
+        put(f"{layer}.mlp.gate.weight", value, name)
+      elif rest in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"):
+        if value.shape != (e * f, cfg.d_model):
+          raise ConfigError(f"tensor {name}", f"has shape {value.shape}; the config gives {(e * f, cfg.d_model)}")
+        out[rest] = out.get(rest, {})
+        out[rest][layer] = value.reshape(e, f, cfg.d_model)
+        origin[f"{layer}.{rest}"] = name
+      else:
+        put(name, value, name)
+    else:
+      put(name, value, name)
+  stacks = {k: out.pop(k) for k in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2") if k in out}
+  for layer in sorted({layer for per_layer in stacks.values() for layer in per_layer}):
+    missing = [
+      k for k in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2") if layer not in stacks.get(k, {})
+    ]
+    if missing:
+      raise ConfigError(
+        f"tensor {layer.replace('model.layers', 'transformer.blocks')}.{missing[0]}", "is missing from the checkpoint"
+      )
+    w1, v1, w2 = (stacks[k][layer] for k in ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"))
+    put(f"{layer}.mlp.experts.gate_up_proj", np.concatenate([w1, v1], axis=1), origin[f"{layer}.ffn.experts.mlp.w1"])
+    put(
+      f"{layer}.mlp.experts.down_proj",
+      np.ascontiguousarray(w2.transpose(0, 2, 1)),
+      origin[f"{layer}.ffn.experts.mlp.w2"],
+    )
+  return out, origin
+
+
+def _dbrx_from_canonical(weights: dict, cfg) -> dict:
+  """The inverse of `_dbrx_to_canonical`: DBRX's names and fused layouts."""
+  out = {}
+  for name, value in weights.items():
+    parts = name.split(".")
+    if name == "model.embed_tokens.weight":
+      out["transformer.wte.weight"] = value
+    elif name == "model.norm.weight":
+      out["transformer.norm_f.weight"] = value
+    elif parts[:2] == ["model", "layers"]:
+      block, rest = f"transformer.blocks.{parts[2]}", ".".join(parts[3:])
+      renamed = {
+        "input_layernorm.weight": "norm_attn_norm.norm_1.weight",
+        "post_attention_layernorm.weight": "norm_attn_norm.norm_2.weight",
+        "self_attn.o_proj.weight": "norm_attn_norm.attn.out_proj.weight",
+        "mlp.gate.weight": "ffn.router.layer.weight",
+      }
+      if rest in renamed:
+        out[f"{block}.{renamed[rest]}"] = value
+      elif rest == "self_attn.q_proj.weight":
+        layer = f"model.layers.{parts[2]}.self_attn"
+        qkv = [weights[f"{layer}.{p}_proj.weight"] for p in ("q", "k", "v")]
+        out[f"{block}.norm_attn_norm.attn.Wqkv.weight"] = np.concatenate(qkv, axis=0)
+      elif rest == "mlp.experts.gate_up_proj":
+        f = value.shape[1] // 2
+        out[f"{block}.ffn.experts.mlp.w1"] = value[:, :f].reshape(-1, value.shape[2])
+        out[f"{block}.ffn.experts.mlp.v1"] = value[:, f:].reshape(-1, value.shape[2])
+      elif rest == "mlp.experts.down_proj":
+        out[f"{block}.ffn.experts.mlp.w2"] = np.ascontiguousarray(value.transpose(0, 2, 1)).reshape(-1, value.shape[1])
+      elif rest not in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        out[name] = value
+    else:
+      out[name] = value
+  return out
+
+
 def _deepseek(r: _Reader, version: int) -> dict:
   """DeepSeek-V2 (V2-Lite) and V3: multi-head latent attention, DeepSeekMoE with shared experts.
 
@@ -428,6 +597,9 @@ class Architecture:
   router_bias: str | None = None
   router_name: str = "gate"
   expert_layout: str = "fused"
+  # (weights, cfg) -> (weights under the Llama-style names, {name: the checkpoint's name}), and back.
+  to_canonical: Callable | None = None
+  from_canonical: Callable | None = None
 
 
 ARCHITECTURES = {
@@ -442,6 +614,7 @@ ARCHITECTURES = {
       "deepseek_v3", _deepseek_v3, shared_expert=("shared_experts", None), router_bias="e_score_correction_bias"
     ),
     Architecture("gpt_oss", _gpt_oss, router_name="router", expert_layout="interleaved"),
+    Architecture("dbrx", _dbrx, to_canonical=_dbrx_to_canonical, from_canonical=_dbrx_from_canonical),
   )
 }
 
@@ -543,6 +716,20 @@ def hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str) -> dic
   Raises ConfigError naming a tensor that is missing or that no moejax parameter takes.
   """
   arch = architecture({"model_type": model_type})
+  if arch.to_canonical is None:
+    return _canonical_to_moejax(weights, cfg, arch)
+  canonical, origin = arch.to_canonical(weights, cfg)
+  try:
+    return _canonical_to_moejax(canonical, cfg, arch)
+  except ConfigError as error:  # Name the checkpoint's tensor, not its Llama-style name.
+    name = error.field.removeprefix("tensor ")
+    if name not in origin:
+      raise
+    raise ConfigError(f"tensor {origin[name]}", str(error).split(": ", 1)[1]) from None
+
+
+def _canonical_to_moejax(weights: Mapping[str, np.ndarray], cfg, arch: Architecture) -> dict:
+  """`hf_to_moejax` of a state dict under the Llama-style names (model.layers.{i}.self_attn.q_proj, ...)."""
   used: set = set()
   out = {("embed", "embedding"): _take(weights, "model.embed_tokens.weight", used)}
   out[("final_norm", "scale")] = _take(weights, "model.norm.weight", used)
@@ -735,7 +922,7 @@ def export_hf_weights(model, model_type: str) -> dict[str, np.ndarray]:
     out[f"{layer}.eh_proj.weight"] = _linear(flat[(*path, "proj")])
     out[f"{layer}.shared_head.norm.weight"] = flat[(*path, "norm", "scale")]
     out.update(_block_to_hf(flat, layer, (*path, "block"), last_is_moe, cfg, arch, model_type))
-  return out
+  return out if arch.from_canonical is None else arch.from_canonical(out, cfg)
 
 
 def _block_to_hf(flat: dict, layer: str, block: tuple, is_moe: bool, cfg, arch: Architecture, model_type: str) -> dict:

@@ -30,7 +30,8 @@ class CausalSelfAttention(nnx.Module):
   value projections (Qwen2-MoE), 'qkvo' to the output projection too. rope: the rotary
   embedding (`moejax.layers.rope`), None for none. window > 0: each query sees only itself and
   the window - 1 keys before it (sliding-window attention). sinks: a learned logit per query head
-  joins each softmax (gpt-oss), zero-initialised.
+  joins each softmax (gpt-oss), zero-initialised. clip_qkv > 0: the q, k and v projections
+  (after their biases) clamped to [-clip_qkv, clip_qkv] (DBRX).
   """
 
   def __init__(
@@ -49,11 +50,12 @@ class CausalSelfAttention(nnx.Module):
     norm_eps: float = 1e-6,
     window: int = 0,
     sinks: bool = False,
+    clip_qkv: float = 0.0,
     rngs: nnx.Rngs,
   ):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
-    self.rope, self.causal, self.window = rope, causal, window
+    self.rope, self.causal, self.window, self.clip_qkv = rope, causal, window, clip_qkv
     head_dim = head_dim or d_model // num_heads
     kv_heads = num_kv_heads or num_heads
     if num_heads % kv_heads:
@@ -104,6 +106,8 @@ class CausalSelfAttention(nnx.Module):
       q = _project(tokens, wq, self.bq).reshape(b, l, *wq.shape[1:])  # [B, L, N, H]
       kv = _project(tokens, wkv, self.bkv).reshape(b, l, *wkv.shape[1:])  # [B, L, 2, N_kv, H]
       k, v = kv[:, :, 0], kv[:, :, 1]  # [B, L, N_kv, H] each
+    if self.clip_qkv:
+      q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     if self.q_norm is not None:
       if self.qk_norm_scope == "per_head":
         q, k = self.q_norm(q), self.k_norm(k)

@@ -67,6 +67,8 @@ class DecoderConfig:
   yarn_mscale_all_dim: float = _MODEL["yarn_mscale_all_dim"]
   yarn_attention_factor: float = _MODEL["yarn_attention_factor"]
   norm_eps: float = _MODEL["norm_eps"]
+  norm: str = _MODEL["norm"]
+  clip_qkv: float = _MODEL["clip_qkv"]
   d_ff: int = _MODEL["d_ff"]
   max_len: int = defaults("lm", "train")["seq_len"]
   positions: str = _MODEL["positions"]
@@ -118,6 +120,7 @@ def _multi_head(cfg: DecoderConfig, index: int, rope: Rope | None, rngs: nnx.Rng
     norm_eps=cfg.norm_eps,
     window=cfg.window(index),
     sinks=cfg.attention_sinks,
+    clip_qkv=cfg.clip_qkv,
     rngs=rngs,
   )
 
@@ -141,6 +144,13 @@ def _latent(cfg: DecoderConfig, index: int, rope: Rope | None, rngs: nnx.Rngs) -
 ATTENTION_KINDS = {"mha": _multi_head, "mla": _latent}
 
 
+def make_norm(kind: str, d_model: int, eps: float, rngs: nnx.Rngs) -> nnx.Module:
+  """'rms': RMSNorm (scale) | 'layer': LayerNorm with a scale and no bias (DBRX's nn.LayerNorm(bias=False))."""
+  if kind == "layer":
+    return nnx.LayerNorm(d_model, epsilon=eps, use_bias=False, rngs=rngs)
+  return nnx.RMSNorm(d_model, epsilon=eps, rngs=rngs)
+
+
 class TransformerBlock(nnx.Module):
   """Pre-norm block [B, L, d] -> ([B, L, d], aux of its MoE layer or None).
 
@@ -160,11 +170,14 @@ class TransformerBlock(nnx.Module):
     mesh,
     rngs: nnx.Rngs,
     norm_eps: float = 1e-6,
+    norm: str = "rms",
   ):
-    """attention: rngs -> the block's attention, [B, L, d] -> [B, L, d] (`ATTENTION_KINDS`, or the ViT's)."""
-    self.attention_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
+    """attention: rngs -> the block's attention, [B, L, d] -> [B, L, d] (`ATTENTION_KINDS`, or the ViT's).
+
+    norm: 'rms' | 'layer' (`make_norm`)."""
+    self.attention_norm = make_norm(norm, d_model, norm_eps, rngs)
     self.attention = attention(rngs=rngs)
-    self.ffn_norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
+    self.ffn_norm = make_norm(norm, d_model, norm_eps, rngs)
     if moe is not None:
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
     else:
@@ -190,11 +203,11 @@ class MultiTokenPrediction(nnx.Module):
   """
 
   def __init__(self, cfg: DecoderConfig, block: Callable[[nnx.Rngs], TransformerBlock], *, rngs: nnx.Rngs):
-    self.embed_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
-    self.hidden_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+    self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs)
+    self.hidden_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs)
     self.proj = nnx.Param(fan_in_init(cfg.init_scale)(rngs.params(), (2 * cfg.d_model, cfg.d_model)))
     self.block = block(rngs=rngs)
-    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+    self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs)
 
   def __call__(self, hidden, embedded, *, train: bool, rng=None, token_ids=None):
     """(h' [B, L, d], Norm(h') for the output head, the block's MoE aux or None)."""
@@ -232,6 +245,7 @@ class DecoderLM(nnx.Module):
         mesh=mesh,
         rngs=rngs,
         norm_eps=cfg.norm_eps,
+        norm=cfg.norm,
       )
 
     self.blocks = nnx.List([block(i, cfg.is_moe_layer(i), rngs) for i in range(cfg.num_layers)])
@@ -247,7 +261,7 @@ class DecoderLM(nnx.Module):
       if cfg.mtp_depth
       else None
     )
-    self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, rngs=rngs)
+    self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, rngs)
     self.unembed = (
       None
       if cfg.tie_embeddings
