@@ -25,6 +25,13 @@ preset's options are the converted ones. Where each architecture is defined:
                      14.3B total, 2.7B active.
   dbrx               Databricks blog "Introducing DBRX" 2024; databricks/dbrx-base config.json;
                      modeling_dbrx. 132B total, 36B active (counted 131.60B / 36.47B).
+  arctic             Snowflake blog "Snowflake Arctic" 2024; Snowflake/snowflake-arctic-base config.json
+                     and modeling_arctic.py (not in transformers: its pieces are tested by hand,
+                     tests/test_grok_arctic.py). 480B total, 17B active (counted 478.58B / 17.32B).
+  grok_1             xAI 2024, "Open Release of Grok-1"; xai-org/grok-1 run.py and model.py (JAX; not
+                     in transformers: pieces tested by hand). 314B total (counted 315.68B, see
+                     PUBLISHED_TOLERANCE); active not published beyond "25% of the weights"
+                     (counted 83.76B, 26.5%).
   gpt_oss_120b       OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"; openai/gpt-oss-120b;
                      modeling_gpt_oss. 116.83B total, 5.13B active (counted 116.83B / 5.13B
                      without the input embedding, as the card counts).
@@ -73,10 +80,17 @@ PUBLISHED = {
   "deepseek_v2_lite": (15.7e9, 2.4e9),
   "deepseek_v3": (671e9, 36.7e9),
   "dbrx": (132e9, 36e9),
+  "arctic": (480e9, 17e9),
+  "grok_1": (314e9, None),  # xAI gives no active count: "25% of the weights active on a given token".
   "gpt_oss_120b": (116.83e9, 5.13e9),
   "gpt_oss_20b": (20.91e9, 3.61e9),
   "qwen1_5_moe_a2_7b": (14.3e9, 2.7e9),
 }
+
+# Where the released code's shapes give more than the published figure allows, and why: Grok-1's
+# 314B (xAI's announcement) is 0.54% below the 315.68B that xai-org/grok-1's run.py and model.py
+# build (its 318 GB checkpoint of 8-bit weights agrees with the larger figure).
+PUBLISHED_TOLERANCE = {"grok_1": 0.006}
 
 # Presets whose published active count leaves out the input embedding (a lookup, no matmul):
 # DeepSeek's and gpt-oss's. gpt-oss's model card gives 5.13B and 3.61B active, what moejax counts
@@ -351,6 +365,49 @@ PRESETS = {
     "moe.jitter_scope": "router_and_experts",
     **_HF_BALANCE,
     "moe.load_balance_loss_weight": 0.05,  # moe_loss_weight
+  },
+  "arctic": {  # Snowflake/snowflake-arctic-base config.json, modeling_arctic.py (trust_remote_code).
+    "model.vocab_size": 32000,
+    "model.num_layers": 35,
+    "model.d_model": 7168,
+    "model.num_heads": 56,
+    "model.num_kv_heads": 8,
+    "model.head_dim": 128,
+    "model.norm_eps": 1e-5,
+    "model.rope_theta": 10000.0,
+    "model.activation": "swiglu",
+    "model.d_ff": 4864,  # intermediate_size: the experts'
+    "model.moe_every": 1,  # moe_layer_frequency 1
+    # parallel_attn_mlp_res: a dense residual MLP of hidden size hidden_size beside the MoE.
+    "model.parallel_dense_d_ff": 7168,
+    "moe.num_experts": 128,
+    "moe.top_k": 2,
+    "moe.combine_weights": "renormalized",  # Mixtral's routing (softmax, top-2, renormalised)
+    "moe.dispatcher": "dropless",
+    **_HF_BALANCE,
+    "moe.load_balance_loss_weight": 1e-3,  # router_aux_loss_coef
+  },
+  "grok_1": {  # xai-org/grok-1 run.py (its LanguageModelConfig) and model.py.
+    "model.vocab_size": 131072,
+    "model.num_layers": 64,
+    "model.d_model": 6144,
+    "model.num_heads": 48,
+    "model.num_kv_heads": 8,
+    "model.head_dim": 128,
+    "model.norm_eps": 1e-5,
+    "model.rope_theta": 10000.0,
+    "model.post_norms": True,  # a norm after the attention and after the MoE, as before them
+    "model.attention_softcap": 30.0,  # max_attn_val: logits 30·tanh(s / 30), s scaled by 1/√128
+    "model.embed_multiplier": 78.38367176906169,
+    "model.output_multiplier": 0.5773502691896257,
+    "model.tie_embeddings": True,  # InOutEmbed: the output head is the embedding
+    "model.activation": "geglu",  # gelu(x·W) ⊙ (x·V), then W_1
+    "model.d_ff": 32768,  # ffn_size(6144, widening_factor 8): int(8·6144)·2 // 3, a multiple of 8
+    "model.moe_every": 1,
+    "moe.num_experts": 8,
+    "moe.top_k": 2,
+    "moe.combine_weights": "raw",  # the softmax probabilities of the chosen two
+    "moe.dispatcher": "dropless",
   },
   "gpt_oss_120b": {**_GPT_OSS, "model.num_layers": 36, "moe.num_experts": 128},
   "gpt_oss_20b": {**_GPT_OSS, "model.num_layers": 24, "moe.num_experts": 32},

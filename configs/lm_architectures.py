@@ -18,6 +18,10 @@ a size that trains in minutes on a laptop (tests/test_architecture_pieces.py tra
                  sink logit per head
   dbrx           DBRX: LayerNorm without bias, q/k/v clipped (at ±2 here), 16 fine-grained experts
                  top-4, router jitter on the router's and experts' input
+  arctic         Snowflake Arctic: a dense SwiGLU FFN on the residual stream in every MoE block, the
+                 MoE beside it reading the block's input
+  grok_1         Grok-1: sandwich norms, attention logits capped at 30, embeddings × √d, logits ×
+                 1/√3, tied embeddings, GeGLU experts with raw top-2 weights
   gpt_oss        all of gpt-oss: those, q/k/v/o biases, grouped-query attention, YaRN (not
                  truncated), top-4 with a router bias over clamped SwiGLU experts with biases
 """
@@ -97,6 +101,17 @@ PRESETS = {
     "moe.dispatcher": "dropless",
     "moe.router_noise": "jitter",
     "moe.jitter_scope": "router_and_experts",
+  },
+  "arctic": {"model.parallel_dense_d_ff": 96, "model.activation": "swiglu", "model.moe_every": 1},
+  "grok_1": {
+    "model.post_norms": True,
+    "model.attention_softcap": 30.0,
+    "model.embed_multiplier": 9.8,  # √d at d = 96, as Grok-1's 78.38 is √6144
+    "model.output_multiplier": 0.5773502691896257,
+    "model.tie_embeddings": True,
+    "model.activation": "geglu",
+    "moe.combine_weights": "raw",
+    "moe.dispatcher": "dropless",
   },
   "gpt_oss": {
     "model.sliding_window": 16,

@@ -113,6 +113,7 @@ INACTIVE = [
   ({"model.full_attention_every": 2}, "model.full_attention_every", "model.sliding_window is 0"),
   ({"model.mtp_loss_weight": 0.1}, "model.mtp_loss_weight", "model.mtp_depth is 0"),
   ({"model.attention": "mla", "model.clip_qkv": 8.0}, "model.clip_qkv", "model.attention 'mha'"),
+  ({"model.moe_every": 0, "model.parallel_dense_d_ff": 64}, "model.parallel_dense_d_ff", "no MoE block"),
   ({"moe.router": "deepseek", "moe.group_score": "max"}, "moe.group_score", "num_expert_groups is 1"),
 ]
 
@@ -131,6 +132,10 @@ MODEL_CASES = [
   ({"model.mtp_depth": -1}, "model.mtp_depth"),
   ({"model.norm": "batch"}, "model.norm"),
   ({"model.clip_qkv": -1.0}, "model.clip_qkv"),
+  ({"model.attention_softcap": -30.0}, "model.attention_softcap"),
+  ({"model.parallel_dense_d_ff": -1}, "model.parallel_dense_d_ff"),
+  ({"model.embed_multiplier": 0.0}, "model.embed_multiplier"),
+  ({"model.output_multiplier": -1.0}, "model.output_multiplier"),
   ({"moe.router": "deepseek", "moe.num_expert_groups": 2, "moe.group_score": "mean"}, "moe.group_score"),
 ]
 

@@ -25,7 +25,7 @@ from moejax.errors import ConfigError
 TASKS = ("lm", "vit")
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu", "geglu")
 POOLINGS = ("gap", "cls")
 QK_NORM_SCOPES = ("per_head", "projection")
 ATTENTION_BIASES = ("none", "qkv", "qkvo")
@@ -44,6 +44,7 @@ ATTENTION_OPTIONS = {
     "full_attention_every",
     "attention_sinks",
     "clip_qkv",
+    "attention_softcap",
   ),
   "mla": ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
 }
@@ -127,6 +128,13 @@ def _model(task: str) -> ml_collections.ConfigDict:
     m.full_attention_every = 0
     m.attention_sinks = False  # A learned logit per head joins each softmax, adding no value (gpt-oss).
     m.clip_qkv = 0.0  # > 0: the q, k, v projections clamped to [-c, c] (DBRX 8); 0: off.
+    m.attention_softcap = 0.0  # > 0: attention logits s -> c·tanh(s / c) (Grok-1 30); 0: off.
+    m.post_norms = False  # Grok-1's sandwich norms: a norm after the attention and after the FFN too.
+    # > 0 (Snowflake Arctic): every MoE block also has a dense SwiGLU FFN of this hidden size on the
+    # residual stream, its MoE reading the block's input in parallel (moejax.models.decoder).
+    m.parallel_dense_d_ff = 0
+    m.embed_multiplier = 1.0  # The embeddings × this (Grok-1: 78.38367176906169).
+    m.output_multiplier = 1.0  # The logits × this (Grok-1: 0.5773502691896257).
     # The blocks' and the final norm: 'rms' (RMSNorm) | 'layer' (LayerNorm with a scale, no bias: DBRX).
     m.norm = "rms"
     # Multi-head latent attention (model.attention 'mla'), DeepSeek-V2's names: the query latent's
@@ -154,7 +162,7 @@ def _model(task: str) -> ml_collections.ConfigDict:
   m.d_ff = 512  # Hidden size of dense FFNs (and of experts unless moe.d_expert is set).
   if task == "lm":
     m.positions = "rope"  # 'rope' | 'learned'
-  m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu' | 'clamped_swiglu' (gpt-oss; moejax/layers/ffn.py)
+  m.activation = "gelu"  # 'gelu' | 'relu' | 'swiglu' | 'clamped_swiglu' (gpt-oss) | 'geglu' (Grok-1; layers/ffn.py)
   m.moe_every = 2  # MoE FFN in every P-th block; 0 = dense baseline.
   if task == "lm":
     # Blocks whose FFN stays dense although moe_every would make it MoE (0-based; transformers'
@@ -340,6 +348,8 @@ def inactive_fields(cfg) -> dict[str, str]:
       why.update({f"model.{n}": f"model.positions is {m.positions!r}, not 'rope'" for n in rope_fields})
     elif m.rope_scaling != "yarn":
       why.update({f"model.{n}": f"model.rope_scaling is {m.rope_scaling!r}, not 'yarn'" for n in YARN_FIELDS})
+  if "model.parallel_dense_d_ff" in flat and not has_moe_layers(cfg):
+    why["model.parallel_dense_d_ff"] = "the model has no MoE block for a dense FFN to run beside"
   if "model.mtp_loss_weight" in flat and m.mtp_depth == 0:
     why["model.mtp_loss_weight"] = "model.mtp_depth is 0: no multi-token prediction"
   if "model.qk_norm_scope" in flat and not cfg.model.qk_norm and "model.qk_norm_scope" not in why:

@@ -66,11 +66,17 @@ def _model(cfg) -> None:
     )
     _attention(cfg)
     _one_of(cfg, "model.norm", schema.NORMS)
-    _check(
-      isinstance(m.clip_qkv, (int, float)) and m.clip_qkv >= 0,
-      "model.clip_qkv",
-      f"must be a number >= 0 (0: no clipping), got {m.clip_qkv!r}",
-    )
+    for name in ("clip_qkv", "attention_softcap"):
+      value = m[name]
+      _check(
+        isinstance(value, (int, float)) and value >= 0,
+        f"model.{name}",
+        f"must be a number >= 0 (0: off), got {value!r}",
+      )
+    _positive(cfg, "model.parallel_dense_d_ff", allow_zero=True)
+    for name in ("embed_multiplier", "output_multiplier"):
+      value = m[name]
+      _check(isinstance(value, (int, float)) and value > 0, f"model.{name}", f"must be a number > 0, got {value!r}")
     _positive(cfg, "model.mtp_depth", "model.mtp_loss_weight", allow_zero=True)
     dense = m.dense_layers
     _check(

@@ -31,7 +31,8 @@ class CausalSelfAttention(nnx.Module):
   embedding (`moejax.layers.rope`), None for none. window > 0: each query sees only itself and
   the window - 1 keys before it (sliding-window attention). sinks: a learned logit per query head
   joins each softmax (gpt-oss), zero-initialised. clip_qkv > 0: the q, k and v projections
-  (after their biases) clamped to [-clip_qkv, clip_qkv] (DBRX).
+  (after their biases) clamped to [-clip_qkv, clip_qkv] (DBRX). softcap > 0: the scaled attention
+  logits s become softcap·tanh(s / softcap) before the softmax (Grok-1, 30).
   """
 
   def __init__(
@@ -51,11 +52,12 @@ class CausalSelfAttention(nnx.Module):
     window: int = 0,
     sinks: bool = False,
     clip_qkv: float = 0.0,
+    softcap: float = 0.0,
     rngs: nnx.Rngs,
   ):
     init = fan_in_init(init_scale)
     self.num_heads = num_heads
-    self.rope, self.causal, self.window, self.clip_qkv = rope, causal, window, clip_qkv
+    self.rope, self.causal, self.window, self.clip_qkv, self.softcap = rope, causal, window, clip_qkv, softcap
     head_dim = head_dim or d_model // num_heads
     kv_heads = num_kv_heads or num_heads
     if num_heads % kv_heads:
@@ -117,9 +119,10 @@ class CausalSelfAttention(nnx.Module):
     if self.rope is not None:
       q, k = apply_rope(q, self.rope), apply_rope(k, self.rope)
     # Grouped-query attention: query head n reads key/value head n // (N / N_kv).
-    if self.sinks is not None:
+    if self.sinks is not None or self.softcap:
+      sinks = None if self.sinks is None else self.sinks[...]
       out = dot_attention(
-        q, k, v, scale=q.shape[-1] ** -0.5, causal=self.causal, window=self.window, sinks=self.sinks[...]
+        q, k, v, scale=q.shape[-1] ** -0.5, causal=self.causal, window=self.window, sinks=sinks, softcap=self.softcap
       )
     else:
       window = (self.window - 1, 0) if self.window else None
@@ -137,6 +140,7 @@ def dot_attention(
   window: int = 0,
   sinks: jax.Array | None = None,
   q_positions: jax.Array | None = None,
+  softcap: float = 0.0,
 ) -> jax.Array:
   """Softmax attention written out: q [B, L, N, H], k [B, T, N_kv, H], v [B, T, N_kv, H_v] -> [B, L, N, H_v].
 
@@ -145,6 +149,7 @@ def dot_attention(
   causal, and when i - j < window with window > 0 (sliding-window attention). sinks <float32>[N]:
   a learned logit per head that joins each query's softmax and takes its share of the weight but
   adds no value (gpt-oss's attention sinks). H_v may differ from H (multi-head latent attention).
+  softcap > 0: the scaled scores s become softcap·tanh(s / softcap) (Grok-1's logit cap).
   Scores and softmax run in float32; the output has q's dtype.
   """
   b, l, n, h = q.shape
@@ -152,6 +157,8 @@ def dot_attention(
   group = n // kv_heads
   qg = q.reshape(b, l, kv_heads, group, h)  # [B, L, N_kv, G, H]
   scores = jnp.einsum("blkgh,btkh->bkglt", qg, k, preferred_element_type=jnp.float32) * scale  # [B, N_kv, G, L, T]
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
   if q_positions is None:
     q_positions = jnp.arange(t - l, t)
   kv_positions = jnp.arange(t)

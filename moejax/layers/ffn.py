@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu")
-GATED = ("swiglu", "clamped_swiglu")  # Activations with a second input matrix wg (the "up" projection).
+ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu", "geglu")
+GATED = ("swiglu", "clamped_swiglu", "geglu")  # Activations with a second input matrix wg (the "up" projection).
 # gpt-oss's SwiGLU (its released swiglu_alpha and swiglu_limit).
 CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT = 1.702, 7.0
 
@@ -16,10 +16,13 @@ def activate(h: jax.Array, gate: jax.Array | None, activation: str) -> jax.Array
   """The hidden nonlinearity of every FFN and expert: h = x·wi, gate = x·wg (gated activations only).
 
   'gelu' (tanh approximation) and 'relu' of h; 'swiglu' silu(h) ⊙ gate; 'clamped_swiglu'
-  gpt-oss's (clamp(gate, ±7) + 1) ⊙ h'·σ(1.702·h') with h' = min(h, 7).
+  gpt-oss's (clamp(gate, ±7) + 1) ⊙ h'·σ(1.702·h') with h' = min(h, 7); 'geglu' gelu(h) ⊙ gate
+  (Grok-1's experts, tanh-approximated gelu as its JAX code's jax.nn.gelu).
   """
   if activation == "swiglu":
     return jax.nn.silu(h) * gate
+  if activation == "geglu":
+    return jax.nn.gelu(h) * gate
   if activation == "clamped_swiglu":
     h = jnp.minimum(h, CLAMPED_SWIGLU_LIMIT)
     up = jnp.clip(gate, -CLAMPED_SWIGLU_LIMIT, CLAMPED_SWIGLU_LIMIT)

@@ -69,6 +69,11 @@ class DecoderConfig:
   norm_eps: float = _MODEL["norm_eps"]
   norm: str = _MODEL["norm"]
   clip_qkv: float = _MODEL["clip_qkv"]
+  attention_softcap: float = _MODEL["attention_softcap"]
+  post_norms: bool = _MODEL["post_norms"]
+  parallel_dense_d_ff: int = _MODEL["parallel_dense_d_ff"]
+  embed_multiplier: float = _MODEL["embed_multiplier"]
+  output_multiplier: float = _MODEL["output_multiplier"]
   d_ff: int = _MODEL["d_ff"]
   max_len: int = defaults("lm", "train")["seq_len"]
   positions: str = _MODEL["positions"]
@@ -121,6 +126,7 @@ def _multi_head(cfg: DecoderConfig, index: int, rope: Rope | None, rngs: nnx.Rng
     window=cfg.window(index),
     sinks=cfg.attention_sinks,
     clip_qkv=cfg.clip_qkv,
+    softcap=cfg.attention_softcap,
     rngs=rngs,
   )
 
@@ -156,6 +162,12 @@ class TransformerBlock(nnx.Module):
 
   x + Attn(Norm(x)), then x + FFN(Norm(x)); the FFN is an MoE layer when `moe` is given, else
   dense with hidden size d_ff. Shared with the ViT (`moejax.models.vit`), which is not causal.
+  Options of released models:
+    post_norms (Grok-1's "sandwich" norms): x + Norm'(Attn(Norm(x))), then h + Norm'(FFN(Norm(h))).
+    parallel_dense_d_ff > 0 (Snowflake Arctic's dense-MoE hybrid, in an MoE block): with
+      h = x + Attn(Norm(x)), the output is h + Dense(Norm_r(h)) + MoE(Norm(x)): a dense SwiGLU
+      FFN of that hidden size on the residual stream, and the MoE in parallel on the block's
+      input (Arctic's parallel_attn_mlp_res, its modeling_arctic.py).
   """
 
   def __init__(
@@ -171,6 +183,8 @@ class TransformerBlock(nnx.Module):
     rngs: nnx.Rngs,
     norm_eps: float = 1e-6,
     norm: str = "rms",
+    post_norms: bool = False,
+    parallel_dense_d_ff: int = 0,
   ):
     """attention: rngs -> the block's attention, [B, L, d] -> [B, L, d] (`ATTENTION_KINDS`, or the ViT's).
 
@@ -182,15 +196,27 @@ class TransformerBlock(nnx.Module):
       self.ffn = MoELayer(d_model, moe, mesh=mesh, rngs=rngs)
     else:
       self.ffn = FeedForward(d_model, d_ff, activation, init_scale, rngs=rngs)
+    self.attention_post_norm = make_norm(norm, d_model, norm_eps, rngs) if post_norms else None
+    self.ffn_post_norm = make_norm(norm, d_model, norm_eps, rngs) if post_norms else None
+    arctic = parallel_dense_d_ff and moe is not None
+    self.dense_norm = make_norm(norm, d_model, norm_eps, rngs) if arctic else None
+    self.dense_ffn = FeedForward(d_model, parallel_dense_d_ff, activation, init_scale, rngs=rngs) if arctic else None
 
   def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None, token_ids: jax.Array | None = None):
     """rng: training noise of the router; token_ids: for the hash router."""
-    x = x + self.attention(self.attention_norm(x))
-    h = self.ffn_norm(x)
+    block_input = x
+    attended = self.attention(self.attention_norm(x))
+    x = x + (attended if self.attention_post_norm is None else self.attention_post_norm(attended))
+    # Arctic: the MoE reads the block's input, beside a dense FFN on the residual stream.
+    h = self.ffn_norm(block_input if self.dense_ffn is not None else x)
     if isinstance(self.ffn, MoELayer):
       h, aux = self.ffn(h, train=train, rng=rng, token_ids=token_ids)
     else:
       h, aux = self.ffn(h), None
+    if self.ffn_post_norm is not None:
+      h = self.ffn_post_norm(h)
+    if self.dense_ffn is not None:
+      x = x + self.dense_ffn(self.dense_norm(x))
     return x + h, aux
 
 
@@ -246,6 +272,8 @@ class DecoderLM(nnx.Module):
         rngs=rngs,
         norm_eps=cfg.norm_eps,
         norm=cfg.norm,
+        post_norms=cfg.post_norms,
+        parallel_dense_d_ff=cfg.parallel_dense_d_ff,
       )
 
     self.blocks = nnx.List([block(i, cfg.is_moe_layer(i), rngs) for i in range(cfg.num_layers)])
@@ -294,6 +322,8 @@ class DecoderLM(nnx.Module):
     """
     dtype = jnp.dtype(self.cfg.dtype)
     x = self.embed(tokens)
+    if self.cfg.embed_multiplier != 1.0:  # Grok-1: embeddings × 78.38.
+      x = x * self.cfg.embed_multiplier
     if self.position_embed is not None:
       x = x + self.position_embed(jnp.arange(tokens.shape[1]))[None]
     x = x.astype(dtype)
@@ -320,4 +350,5 @@ class DecoderLM(nnx.Module):
     x = x.astype(jnp.float32)
     b, l, d = x.shape
     flat = x.reshape(b * l, d)
-    return (self.embed.attend(flat) if self.unembed is None else self.unembed(flat)).reshape(b, l, -1)
+    logits = (self.embed.attend(flat) if self.unembed is None else self.unembed(flat)).reshape(b, l, -1)
+    return logits if self.cfg.output_multiplier == 1.0 else logits * self.cfg.output_multiplier  # Grok-1: × 0.577
