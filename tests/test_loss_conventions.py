@@ -42,6 +42,12 @@ def _train_forward(layer, x):
   return layer(x, train=True)
 
 
+@nnx.jit(static_argnames="train")
+def _forward(layer, x, train, rng=None):
+  """(output, aux) of the layer, compiled: called eagerly, op by op, a layer takes tens of seconds on CPU."""
+  return layer(x, train=train, rng=rng)
+
+
 # ----- load_balance_pooling -----
 
 
@@ -143,8 +149,8 @@ def test_routed_scaling_factor_scales_the_routed_experts():
   np.testing.assert_allclose(d_plain.combine_weight.sum(-1), 1.0, rtol=1e-6)  # Renormalised first ...
   np.testing.assert_allclose(d_scaled.combine_weight, 2.5 * d_plain.combine_weight, rtol=1e-6)  # ... then scaled.
   np.testing.assert_array_equal(d_scaled.expert_index, d_plain.expert_index)
-  y_plain, _ = plain(x, train=False)
-  y_scaled, _ = scaled(x, train=False)
+  y_plain, _ = _forward(plain, x, False)
+  y_scaled, _ = _forward(scaled, x, False)
   np.testing.assert_allclose(y_scaled, 2.5 * y_plain, rtol=1e-5, atol=1e-6)
 
 
@@ -163,15 +169,15 @@ def test_router_and_experts_jitter_feeds_both_the_same_tokens():
   x = jax.random.normal(jax.random.key(6), (2, 6, 8))
   rng = jax.random.key(7)
   both = _layer(jitter_scope="router_and_experts", **fields)
-  trained, _ = both(x, train=True, rng=rng)
+  trained, _ = _forward(both, x, True, rng)
   # One device (axis index 0): the layer's key is fold_in(fold_in(rng, device), 1).
   u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, 0), 1), x.shape, minval=0.7, maxval=1.3)
-  expected, _ = both(x * u, train=False)
+  expected, _ = _forward(both, x * u, False)
   np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-6)
   # Were the router to jitter a second time, its weights (and so the output) would differ.
-  router_only, _ = _layer(jitter_scope="router", **fields)(x, train=True, rng=rng)
+  router_only, _ = _forward(_layer(jitter_scope="router", **fields), x, True, rng)
   assert np.abs(np.asarray(router_only) - np.asarray(expected)).max() > 1e-2
-  assert np.abs(np.asarray(trained) - np.asarray(both(x, train=False)[0])).max() > 1e-2
+  assert np.abs(np.asarray(trained) - np.asarray(_forward(both, x, False)[0])).max() > 1e-2
 
 
 # ----- routing metrics -----

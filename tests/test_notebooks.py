@@ -62,9 +62,13 @@ def test_routing_explorer():
 
 
 def test_parameter_calculator():
-  nb = _execute("parameter_calculator.ipynb", {"PRESET_NAMES": ["olmoe_1b_7b"], "WHAT_IF_PRESET": "olmoe_1b_7b"})
+  presets = ["olmoe_1b_7b", "gpt_oss_20b"]  # gpt-oss: expert biases, an active count without the embedding.
+  nb = _execute("parameter_calculator.ipynb", {"PRESET_NAMES": presets, "WHAT_IF_PRESET": "olmoe_1b_7b"})
   text = _text(nb)
-  assert "| olmoe_1b_7b | 6.92B | 6.9B | 1.28B | 1.3B |" in text  # as tests/test_presets.py counts
+  # As tests/test_presets.py counts: counted, then as published / published.
+  assert "| olmoe_1b_7b | 6.92B | 6.92B / 6.9B | 1.28B | 1.28B / 1.3B |" in text
+  assert "| gpt_oss_20b | 20.91B | 20.91B / 20.91B | 4.19B | 3.61B / 3.61B |" in text
+  assert "| gpt_oss_20b | 1.16B / 1.16B | 0.64B / 0.64B | 19.12B / 2.39B |" in text  # its biases among the experts
   assert "fine-grained" in text and _images(nb) >= 2
 
 
