@@ -468,6 +468,17 @@ def reference(case: str) -> dict:
   )
 
 
+def load_fixture(case: str) -> tuple[dict, dict, dict]:
+  """(the fixture's json: config, preset, versions; the transformers state dict; every array it holds)."""
+  from safetensors.numpy import load_file
+
+  with open(os.path.join(FIXTURES, f"{case}.json")) as f:
+    meta = json.load(f)
+  arrays = load_file(os.path.join(FIXTURES, f"{case}.safetensors"))
+  weights = {k.removeprefix("weights/"): v for k, v in arrays.items() if k.startswith("weights/")}
+  return meta, weights, arrays
+
+
 def write(case: str, directory: str = FIXTURES) -> str:
   """Writes <case>.safetensors (arrays) and <case>.json (config, versions); returns the .json path."""
   from safetensors.numpy import save_file

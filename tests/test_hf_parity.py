@@ -15,11 +15,9 @@ afresh and run when torch and transformers are installed (the `hf` extra; CI run
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,14 +40,8 @@ CASES = sorted(hf_reference.CASES)
 
 
 def _fixture(case):
-  from safetensors.numpy import load_file
-
-  with open(os.path.join(hf_reference.FIXTURES, f"{case}.json")) as f:
-    meta = json.load(f)
-  arrays = load_file(os.path.join(hf_reference.FIXTURES, f"{case}.safetensors"))
-  weights = {k.removeprefix("weights/"): v for k, v in arrays.items() if k.startswith("weights/")}
-  num_moe = sum(k.startswith("experts/") for k in arrays)
-  return meta, weights, arrays, num_moe
+  meta, weights, arrays = hf_reference.load_fixture(case)
+  return meta, weights, arrays, sum(k.startswith("experts/") for k in arrays)
 
 
 def _moejax_model(hf_config, weights, dtype="float32"):

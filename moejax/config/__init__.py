@@ -7,7 +7,7 @@ Importing this package imports neither JAX nor Flax, so config files load in mil
 The model dataclasses are built from a config by `moejax.models.build`.
 """
 
-from moejax.config.resume import RESUMABLE_CHANGES, differences, differences_from_saved
+from moejax.config.resume import RESUMABLE_CHANGES, differences, differences_from_saved, saved_config
 from moejax.config.schema import base_config, flatten
 from moejax.config.validate import mesh_shape, refuse_inactive, validate
 from moejax.errors import ConfigError
@@ -22,6 +22,7 @@ __all__ = [
   "mesh_shape",
   "override",
   "refuse_inactive",
+  "saved_config",
   "validate",
 ]
 

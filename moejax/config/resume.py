@@ -62,3 +62,32 @@ def differences(saved: dict, resolved: dict, ignore: tuple[str, ...] = ()) -> li
     if old.get(k) != new.get(k) and k not in ignore and k not in added_as_default and k not in unread
   )
   return [f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in differ]
+
+
+def saved_config(path: str) -> ml_collections.ConfigDict:
+  """The config a config.json of a workdir (or converted model) holds, over base_config.
+
+  Fields added to moejax since it was written keep their defaults; ConfigError names a field the
+  schema does not know or a file that is not a config.
+  """
+  from moejax.errors import ConfigError
+
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"file {path}", f"is not readable JSON ({type(e).__name__}: {e})") from None
+  if not isinstance(saved, dict) or saved.get("task") not in ("lm", "vit"):
+    raise ConfigError(f"file {path}", "is not a moejax config (no task 'lm' or 'vit')")
+  cfg = base_config(saved["task"])
+  for field, value in flatten(saved).items():
+    *groups, name = field.split(".")
+    node = cfg
+    for group in groups:
+      node = node[group] if group in node else None
+      if node is None:
+        break
+    if node is None or name not in node:
+      raise ConfigError(f"file {path}", f"field {field} is not one moejax knows")
+    node[name] = tuple(value) if isinstance(value, list) else value
+  return cfg

@@ -30,6 +30,7 @@ never dropped: a converted model computes the released function or does not conv
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -715,59 +716,133 @@ def hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str) -> dic
   model_type: the transformers architecture (a key of ARCHITECTURES).
   Raises ConfigError naming a tensor that is missing or that no moejax parameter takes.
   """
+  out = {}
+  for _, arrays in iter_hf_to_moejax(weights, cfg, model_type):
+    out.update(arrays)
+  return out
+
+
+_LAYER_NAME = re.compile(r"^(?:model\.layers|transformer\.blocks)\.(\d+)\.")
+
+
+def iter_hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str):
+  """`hf_to_moejax` one part at a time: yields (part, {moejax path: array}).
+
+  Parts: 'globals' (the embedding, the final norm and the head, each yielded alone), then
+  'layer {i}' for each decoder layer and 'mtp {k}' for each multi-token-prediction module. Each
+  part reads only its own tensors of `weights` (which may be lazy, e.g.
+  `moejax.convert.files.HFCheckpoint`), so a caller that writes each part away before asking for
+  the next holds one part at a time. After the last part, a tensor that no part took is refused
+  (ConfigError naming it).
+  """
   arch = architecture({"model_type": model_type})
-  if arch.to_canonical is None:
-    return _canonical_to_moejax(weights, cfg, arch)
-  canonical, origin = arch.to_canonical(weights, cfg)
-  try:
-    return _canonical_to_moejax(canonical, cfg, arch)
-  except ConfigError as error:  # Name the checkpoint's tensor, not its Llama-style name.
-    name = error.field.removeprefix("tensor ")
-    if name not in origin:
-      raise
-    raise ConfigError(f"tensor {origin[name]}", str(error).split(": ", 1)[1]) from None
+  by_layer: dict[int | None, list[str]] = {}
+  for name in weights:
+    by_layer.setdefault(layer_index(name), []).append(name)
+  global_names = by_layer.get(None, [])
+  parts = [("globals", None)] + [(f"layer {i}", i) for i in range(cfg.num_layers)]
+  parts += [(f"mtp {k}", cfg.num_layers + k) for k in range(cfg.mtp_depth)]
+  for part, index in parts:
+    own = _Subset(weights, by_layer.pop(index, []))
+    canonical, origin = (own, {}) if arch.to_canonical is None else arch.to_canonical(own, cfg)
+    used: set = set()
+    try:
+      if index is None:  # The embedding, final norm and head one at a time: the largest tensors of many models.
+        yield from ((part, arrays) for arrays in _globals_to_moejax(canonical, cfg, used))
+      elif index < cfg.num_layers:
+        block = ("blocks", index)
+        yield (
+          part,
+          _block_to_moejax(canonical, f"model.layers.{index}", block, cfg.is_moe_layer(index), cfg, arch, used),
+        )
+      else:  # An MTP module also reads the shared embedding and head, to compare its copies with them.
+        readable = _Subset(weights, list(own) + global_names)
+        yield part, _mtp_to_moejax(readable, index, cfg, arch, cfg.is_moe_layer(cfg.num_layers - 1), used)
+      unused = sorted(set(canonical) - used)
+      if unused:
+        raise ConfigError(f"tensor {unused[0]}", "has no place in the moejax model built from this config")
+    except ConfigError as error:  # Name the checkpoint's tensor, not its Llama-style name.
+      name = error.field.removeprefix("tensor ")
+      if name not in origin:
+        raise
+      raise ConfigError(f"tensor {origin[name]}", str(error).split(": ", 1)[1]) from None
+  leftover = sorted(name for names in by_layer.values() for name in names)
+  if leftover:
+    raise ConfigError(f"tensor {leftover[0]}", "has no place in the moejax model built from this config")
 
 
-def _canonical_to_moejax(weights: Mapping[str, np.ndarray], cfg, arch: Architecture) -> dict:
-  """`hf_to_moejax` of a state dict under the Llama-style names (model.layers.{i}.self_attn.q_proj, ...)."""
-  used: set = set()
-  out = {("embed", "embedding"): _take(weights, "model.embed_tokens.weight", used)}
-  out[("final_norm", "scale")] = _take(weights, "model.norm.weight", used)
-  if cfg.tie_embeddings:
-    if "lm_head.weight" in weights:  # A tied state dict may list it again; it must be the embedding.
-      if not np.array_equal(np.asarray(weights["lm_head.weight"]), out[("embed", "embedding")]):
-        raise ConfigError("tensor lm_head.weight", "differs from model.embed_tokens.weight, but the config ties them")
-      used.add("lm_head.weight")
-  else:
-    out[("unembed", "kernel")] = _linear(_take(weights, "lm_head.weight", used))
-  for i in range(cfg.num_layers):
-    out.update(_block_to_moejax(weights, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, used))
-  last_is_moe = cfg.is_moe_layer(cfg.num_layers - 1)
-  for k in range(cfg.mtp_depth):  # DeepSeek-V3's MTP module k + 1 is layer L + k of the checkpoint.
-    layer, path = f"model.layers.{cfg.num_layers + k}", ("mtp", k)
-    if f"{layer}.eh_proj.weight" not in weights:
-      raise ConfigError(
-        f"tensor {layer}.eh_proj.weight",
-        "is missing: the config has model.mtp_depth > 0 (num_nextn_predict_layers) but the checkpoint no MTP "
-        "module (transformers' state dicts drop it); set model.mtp_depth=0 to load the main model alone",
-      )
-    out[(*path, "embed_norm", "scale")] = _take(weights, f"{layer}.enorm.weight", used)
-    out[(*path, "hidden_norm", "scale")] = _take(weights, f"{layer}.hnorm.weight", used)
-    out[(*path, "proj")] = _linear(_take(weights, f"{layer}.eh_proj.weight", used))
-    out[(*path, "norm", "scale")] = _take(weights, f"{layer}.shared_head.norm.weight", used)
-    for copy, shared in (
-      ("embed_tokens.weight", "model.embed_tokens.weight"),
-      ("shared_head.head.weight", "lm_head.weight"),
-    ):
-      name = f"{layer}.{copy}"
-      if name in weights:  # The checkpoint's copies of the shared embedding and head must be them.
-        if shared not in weights or not np.array_equal(np.asarray(weights[name]), np.asarray(weights[shared])):
-          raise ConfigError(f"tensor {name}", f"differs from {shared}, which the MTP module shares")
-        used.add(name)
-    out.update(_block_to_moejax(weights, layer, (*path, "block"), last_is_moe, cfg, arch, used))
-  unused = sorted(set(weights) - used)
-  if unused:
-    raise ConfigError(f"tensor {unused[0]}", "has no place in the moejax model built from this config")
+def layer_index(name: str) -> int | None:
+  """The decoder layer a checkpoint tensor belongs to (model.layers.{i}. / transformer.blocks.{i}.), or None."""
+  match = _LAYER_NAME.match(name)
+  return int(match.group(1)) if match else None
+
+
+def subset(weights: Mapping, names) -> Mapping:
+  """The tensors `names` of `weights` as a Mapping that reads each only when asked for."""
+  return _Subset(weights, names)
+
+
+class _Subset(Mapping):
+  """The tensors `names` of `weights`, read only when asked for (a view, no copy)."""
+
+  def __init__(self, weights: Mapping, names):
+    self._weights, self._names = weights, list(names)
+    self._set = set(self._names)
+
+  def __getitem__(self, name):
+    if name not in self._set:
+      raise KeyError(name)
+    return self._weights[name]
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self):
+    return len(self._names)
+
+  def __contains__(self, name):
+    return name in self._set
+
+
+def _globals_to_moejax(weights: Mapping, cfg, used: set):
+  """Yields the embedding, the final norm and the (untied) head, one {path: array} each."""
+  yield {("embed", "embedding"): _take(weights, "model.embed_tokens.weight", used)}
+  yield {("final_norm", "scale"): _take(weights, "model.norm.weight", used)}
+  if not cfg.tie_embeddings:
+    yield {("unembed", "kernel"): _linear(_take(weights, "lm_head.weight", used))}
+  elif "lm_head.weight" in weights:  # A tied state dict may list it again; it must be the embedding.
+    if not np.array_equal(np.asarray(weights["lm_head.weight"]), np.asarray(weights["model.embed_tokens.weight"])):
+      raise ConfigError("tensor lm_head.weight", "differs from model.embed_tokens.weight, but the config ties them")
+    used.add("lm_head.weight")
+
+
+def _mtp_to_moejax(weights: Mapping, index: int, cfg, arch: Architecture, last_is_moe: bool, used: set) -> dict:
+  """DeepSeek-V3's MTP module k + 1, layer L + k of the checkpoint (its norms, projection and block)."""
+  k = index - cfg.num_layers
+  layer, path = f"model.layers.{index}", ("mtp", k)
+  if f"{layer}.eh_proj.weight" not in weights:
+    raise ConfigError(
+      f"tensor {layer}.eh_proj.weight",
+      "is missing: the config has model.mtp_depth > 0 (num_nextn_predict_layers) but the checkpoint no MTP "
+      "module (transformers' state dicts drop it); set model.mtp_depth=0 (from-hf: --without_mtp) to load the main "
+      "model alone",
+    )
+  out = {
+    (*path, "embed_norm", "scale"): _take(weights, f"{layer}.enorm.weight", used),
+    (*path, "hidden_norm", "scale"): _take(weights, f"{layer}.hnorm.weight", used),
+    (*path, "proj"): _linear(_take(weights, f"{layer}.eh_proj.weight", used)),
+    (*path, "norm", "scale"): _take(weights, f"{layer}.shared_head.norm.weight", used),
+  }
+  for copy, shared in (
+    ("embed_tokens.weight", "model.embed_tokens.weight"),
+    ("shared_head.head.weight", "lm_head.weight"),
+  ):
+    name = f"{layer}.{copy}"
+    if name in weights:  # The checkpoint's copies of the shared embedding and head must be them.
+      if shared not in weights or not np.array_equal(np.asarray(weights[name]), np.asarray(weights[shared])):
+        raise ConfigError(f"tensor {name}", f"differs from {shared}, which the MTP module shares")
+      used.add(name)
+  out.update(_block_to_moejax(weights, layer, (*path, "block"), last_is_moe, cfg, arch, used))
   return out
 
 
@@ -867,6 +942,18 @@ def _model_arrays(model) -> dict:
   return dict(nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, RouterBias))))
 
 
+def absent_defaults(shapes: Mapping[tuple, tuple], model_type: str) -> dict:
+  """{path: array} of the model variables (paths and shapes given) an architecture's checkpoints never hold.
+
+  The routing bias of an architecture that chooses experts without one (DeepSeek-V2): zero is its function.
+  """
+  if architecture({"model_type": model_type}).router_bias:
+    return {}
+  return {
+    path: np.zeros(shape, np.float32) for path, shape in shapes.items() if path[-1] == "bias" and "router" in path
+  }
+
+
 def load_hf_weights(model, weights: Mapping[str, np.ndarray], model_type: str) -> None:
   """Copies a transformers state dict of architecture `model_type` into a moejax DecoderLM in place.
 
@@ -877,15 +964,7 @@ def load_hf_weights(model, weights: Mapping[str, np.ndarray], model_type: str) -
 
   params = _model_arrays(model)
   arrays = hf_to_moejax(weights, model.cfg, model_type)
-  if not architecture({"model_type": model_type}).router_bias:
-    # The architecture chooses experts without a balancing bias (DeepSeek-V2): a zero bias is its function.
-    arrays.update(
-      {
-        path: np.zeros(v.get_value().shape, np.float32)
-        for path, v in params.items()
-        if path[-1] == "bias" and "router" in path
-      }
-    )
+  arrays.update(absent_defaults({path: v.get_value().shape for path, v in params.items()}, model_type))
   missing = sorted(set(params) - set(arrays), key=str)
   if missing:
     raise ConfigError(f"parameter {'.'.join(map(str, missing[0]))}", "has no tensor in the transformers state dict")
@@ -906,21 +985,48 @@ def export_hf_weights(model, model_type: str) -> dict[str, np.ndarray]:
 
   The inverse of `load_hf_weights`: load_hf_weights(m, export_hf_weights(m, t), t) leaves m unchanged.
   """
-  cfg = model.cfg
-  arch = architecture({"model_type": model_type})
   flat = {path: np.asarray(p.get_value()) for path, p in _model_arrays(model).items()}
-  out = {"model.embed_tokens.weight": flat[("embed", "embedding")], "model.norm.weight": flat[("final_norm", "scale")]}
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = _linear(flat[("unembed", "kernel")])
-  for i in range(cfg.num_layers):
-    out.update(_block_to_hf(flat, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, model_type))
-  last_is_moe = cfg.is_moe_layer(cfg.num_layers - 1)
-  for k in range(cfg.mtp_depth):
+  out = {}
+  for part, _ in export_parts(model.cfg):
+    out.update(export_part(flat, part, model.cfg, model_type))
+  return out
+
+
+def export_parts(cfg) -> list[tuple[str, tuple]]:
+  """[(part, the moejax path prefix of its arrays)] in the order `export_part` takes them.
+
+  'embedding' ('embed',), 'final norm' ('final_norm',), 'head' ('unembed',; none when tied),
+  'layer {i}' ('blocks', i), 'mtp {k}' ('mtp', k): one tensor or one layer each.
+  """
+  parts = [("embedding", ("embed",)), ("final norm", ("final_norm",))]
+  parts += [] if cfg.tie_embeddings else [("head", ("unembed",))]
+  parts += [(f"layer {i}", ("blocks", i)) for i in range(cfg.num_layers)]
+  return parts + [(f"mtp {k}", ("mtp", k)) for k in range(cfg.mtp_depth)]
+
+
+def export_part(flat: Mapping[tuple, np.ndarray], part: str, cfg, model_type: str) -> dict[str, np.ndarray]:
+  """One part (`export_parts`) of `export_hf_weights`: its tensors from the moejax arrays `flat` holds for it."""
+  arch = architecture({"model_type": model_type})
+  kind, _, index = part.partition(" ")
+  if part == "embedding":
+    out = {"model.embed_tokens.weight": flat[("embed", "embedding")]}
+  elif part == "final norm":
+    out = {"model.norm.weight": flat[("final_norm", "scale")]}
+  elif part == "head":
+    out = {"lm_head.weight": _linear(flat[("unembed", "kernel")])}
+  elif kind == "layer":
+    i = int(index)
+    out = _block_to_hf(flat, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, model_type)
+  else:
+    k = int(index)
     layer, path = f"model.layers.{cfg.num_layers + k}", ("mtp", k)
-    out[f"{layer}.enorm.weight"] = flat[(*path, "embed_norm", "scale")]
-    out[f"{layer}.hnorm.weight"] = flat[(*path, "hidden_norm", "scale")]
-    out[f"{layer}.eh_proj.weight"] = _linear(flat[(*path, "proj")])
-    out[f"{layer}.shared_head.norm.weight"] = flat[(*path, "norm", "scale")]
+    out = {
+      f"{layer}.enorm.weight": flat[(*path, "embed_norm", "scale")],
+      f"{layer}.hnorm.weight": flat[(*path, "hidden_norm", "scale")],
+      f"{layer}.eh_proj.weight": _linear(flat[(*path, "proj")]),
+      f"{layer}.shared_head.norm.weight": flat[(*path, "norm", "scale")],
+    }
+    last_is_moe = cfg.is_moe_layer(cfg.num_layers - 1)
     out.update(_block_to_hf(flat, layer, (*path, "block"), last_is_moe, cfg, arch, model_type))
   return out if arch.from_canonical is None else arch.from_canonical(out, cfg)
 

@@ -1,0 +1,182 @@
+"""Model weights outside a run's own resume: checkpoints written part by part and read into shardings.
+
+One layout for every weights checkpoint moejax writes: the layout of a training run's state, so
+the same reader takes a run's checkpoint and a converted one. A tree of nested dicts with string
+keys, a {'value': array} at each leaf, parameters under 'params' and other model variables
+(DeepSeek-V3's routing bias) under 'model_state':
+  {'params': {'blocks': {'0': {'ffn': {'wi': {'value': <[E, d, f]>}}}}, ...}, 'model_state': {...}}
+A run keeps it in <workdir>/checkpoints/<step>/default (with the optimizer state beside it); a
+converted model (`python -m moejax.convert from-hf`) in <dir>/checkpoint/state.
+
+`PartWriter` saves such a checkpoint one part (a decoder layer) at a time with orbax's partial
+saving, so the writer never holds more than a part. `restore` reads chosen arrays of a checkpoint
+straight into the shardings of their abstract targets (`jax.ShapeDtypeStruct`s with a sharding),
+never the whole checkpoint onto one device; `metadata` gives shapes and dtypes without reading.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from moejax.errors import ConfigError
+
+Path = tuple  # A variable's path in the model, e.g. ('blocks', 0, 'ffn', 'wi').
+
+
+def to_nested(flat: Mapping[Path, object]) -> dict:
+  """{path: leaf} -> nested dicts with string keys and {'value': leaf} at each path."""
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for key in path:
+      node = node.setdefault(str(key), {})
+    node["value"] = leaf
+  return out
+
+
+def from_nested(tree: Mapping) -> dict[tuple[str, ...], object]:
+  """The inverse of `to_nested`, with string keys: {('blocks', '0', 'ffn', 'wi'): leaf}."""
+  out = {}
+
+  def walk(node, prefix):
+    for key, child in node.items():
+      if key == "value" and not isinstance(child, Mapping):
+        out[prefix] = child
+      elif isinstance(child, Mapping):
+        walk(child, (*prefix, key))
+
+  walk(tree, ())
+  return out
+
+
+def key(path: Path) -> tuple[str, ...]:
+  """A model path as the checkpoint names it (every key a string)."""
+  return tuple(str(k) for k in path)
+
+
+def dotted(path: Path) -> str:
+  return ".".join(str(k) for k in path)
+
+
+class PartWriter:
+  """Writes a weights checkpoint at <directory>/checkpoint, part by part, then `finalize()`s it.
+
+  Each `add(params, model_state)` ({path: numpy array} each) is written before it returns, and
+  nothing of it is kept. Until `finalize`, the checkpoint lives in orbax's temporary directory
+  beside the target and is not readable as a checkpoint.
+  """
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(os.path.abspath(directory), "checkpoint")
+
+  def add(self, params: Mapping[Path, np.ndarray], model_state: Mapping[Path, np.ndarray] | None = None) -> None:
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+
+    tree = {}
+    if params:
+      tree["params"] = to_nested(params)
+    if model_state:
+      tree["model_state"] = to_nested(model_state)
+    if tree:
+      ocp_v1.partial.save(self.path, tree)
+
+  def finalize(self) -> None:
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+
+    ocp_v1.partial.finalize(self.path)
+
+
+def item_directory(path: str, step: int | None = None) -> tuple[str, str]:
+  """(the orbax item directory holding the weights, a description) of a weights source.
+
+  path: a converted model's directory (<path>/checkpoint/state), a run's workdir (its newest
+  checkpoint, or `step`), or one step's directory of a run (<workdir>/checkpoints/<step>).
+  """
+  if not os.path.isdir(path):
+    raise ConfigError("checkpoint", f"{path!r} is not a directory")
+  converted = os.path.join(path, "checkpoint", "state")
+  if os.path.isdir(converted):
+    if step is not None:
+      raise ConfigError("step", f"{path!r} is a converted model, which has no steps; leave the step unset")
+    return converted, f"the converted model in {path}"
+  if os.path.isdir(os.path.join(path, "default")) and os.path.basename(os.path.normpath(path)).isdigit():
+    if step is not None:
+      raise ConfigError("step", f"{path!r} is already one step's checkpoint; leave the step unset")
+    return os.path.join(path, "default"), f"the checkpoint {path}"
+  root = os.path.join(path, "checkpoints")
+  if os.path.isdir(root):
+    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit() and os.path.isdir(os.path.join(root, s, "default")))
+    if not steps:
+      raise ConfigError("checkpoint", f"the run in {path!r} has no complete checkpoint")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ConfigError("step", f"the run in {path!r} has no checkpoint at step {step} (it has {steps})")
+    return os.path.join(root, str(step), "default"), f"step {step} of the run in {path}"
+  raise ConfigError(
+    "checkpoint",
+    f"{path!r} is neither a converted model (no checkpoint/state), a run's workdir (no checkpoints/) "
+    "nor one step of a run (no default/)",
+  )
+
+
+def metadata(item_dir: str) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]]:
+  """{'params': {path: (shape, dtype)}, 'model_state': {...}} of a weights checkpoint, reading no array."""
+  import orbax.checkpoint as ocp
+
+  try:
+    tree = ocp.PyTreeCheckpointer().metadata(item_dir)
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for an unreadable directory.
+    raise ConfigError("checkpoint", f"{item_dir!r} is not a readable orbax checkpoint ({_why(e)})") from None
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  out = {}
+  for section in ("params", "model_state"):
+    leaves = from_nested(tree.get(section, {}) or {})
+    out[section] = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves.items()}
+  return out
+
+
+def restore(item_dir: str, targets: Mapping[str, Mapping[Path, object]]) -> dict[str, dict[Path, object]]:
+  """The arrays `targets` names, read from a weights checkpoint into their shardings and dtypes.
+
+  targets: {'params' | 'model_state': {path: jax.ShapeDtypeStruct}}; only these arrays are read
+  (orbax's partial restore), each straight into its sharding as a jax Array, or, for a target
+  without a sharding, into a host numpy array. Returns the same structure. Shapes must match (the
+  caller checks them against `metadata`).
+  """
+  import orbax.checkpoint as ocp
+
+  item, restore_args = {}, {}
+  for section, flat in targets.items():
+    if not flat:
+      continue
+    item[section] = to_nested({key(p): v for p, v in flat.items()})
+    restore_args[section] = to_nested({key(p): _restore_args(v) for p, v in flat.items()})
+  if not item:
+    return {section: {} for section in targets}
+  restored = ocp.PyTreeCheckpointer().restore(
+    item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
+  out = {}
+  for section, flat in targets.items():
+    got = from_nested(restored.get(section, {})) if flat else {}
+    out[section] = {p: got[key(p)] for p in flat}
+  return out
+
+
+def _restore_args(target):
+  """orbax's restore arguments: into a sharding (a ShapeDtypeStruct with one), or a host numpy array (without)."""
+  import orbax.checkpoint as ocp
+
+  if getattr(target, "sharding", None) is None:
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target.dtype)
+  return ocp.ArrayRestoreArgs(sharding=target.sharding, dtype=target.dtype, global_shape=target.shape)
+
+
+def _why(error: BaseException) -> str:
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  return f"{type(error).__name__}: {text[:200]}"

@@ -1,0 +1,339 @@
+"""python -m moejax.convert: Hugging Face directories -> moejax checkpoints -> Hugging Face directories.
+
+Every parity case of tests/hf_reference.py (the committed fixtures: a transformers config.json
+and state dict of each released architecture, made small) is written as a model directory, one
+safetensors file or shards with their index, converted to moejax and back: the tensors must come
+back bit for bit, and the converted checkpoint must compute transformers' logits. Each refusal
+(a misfit config, a missing, unexpected or misshapen tensor, an unsupported dtype or
+architecture, a corrupt file, an existing --out) is one line naming it, exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_reference  # noqa: E402
+from cli_util import REPO  # noqa: E402
+
+from moejax import weights  # noqa: E402
+from moejax.config import saved_config  # noqa: E402
+from moejax.convert import checkpoints, files  # noqa: E402
+from moejax.errors import ConfigError  # noqa: E402
+from moejax.models.build import decoder_config  # noqa: E402
+from moejax.models.decoder import DecoderLM  # noqa: E402
+
+CASES = sorted(hf_reference.CASES)
+
+
+def _fixture(case):
+  meta, state, arrays = hf_reference.load_fixture(case)
+  return meta["config"], state, arrays
+
+
+def _write_hf_dir(path, config, state, max_shard_bytes=10**12):
+  """A Hugging Face model directory: config.json and one safetensors file or shards (by size)."""
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  writer = files.ShardWriter(str(path), max_shard_bytes)
+  for name, value in state.items():
+    writer.add(name, value)
+  return writer.close()
+
+
+def _quiet(*args):
+  pass
+
+
+def _load_converted(out_dir):
+  """A DecoderLM with the converted checkpoint's weights (float32), and its config."""
+  cfg = saved_config(os.path.join(out_dir, "config.json"))
+  cfg.train.seq_len = hf_reference.SEQ_LEN
+  cfg.model.mtp_depth = 0  # The logits are the main model's.
+  model = DecoderLM(decoder_config(cfg, 0), rngs=nnx.Rngs(0))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {}
+  for section, selector in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Param))):
+    flat = dict(nnx.to_flat_state(nnx.state(model, selector)))
+    targets[section] = {
+      p: jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32, sharding=cpu) for p, v in flat.items()
+    }
+  item_dir, _ = weights.item_directory(str(out_dir))
+  restored = weights.restore(item_dir, targets)
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  for section in restored.values():
+    for path, array in section.items():
+      flat[path].set_value(array)
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_round_trip_is_bit_exact(case, tmp_path):
+  config, state, _ = _fixture(case)
+  sharded = CASES.index(case) % 2 == 1  # Half the cases as shards with an index (each shard ~1/3 of the model).
+  size = sum(v.nbytes for v in state.values())
+  written = _write_hf_dir(tmp_path / "hf", config, state, size // 3 if sharded else 10**12)
+  assert (files.INDEX_FILE in written) == sharded
+  # transformers' state dicts hold no MTP module (DeepSeek-V3's); test_mtp_module_round_trips has one.
+  without_mtp = bool(config.get("num_nextn_predict_layers"))
+  report = checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), without_mtp=without_mtp, say=_quiet)
+  assert report["tensors"] == len(state)
+  assert sorted(os.listdir(tmp_path / "moejax")) == ["checkpoint", "config.json", "conversion.json", "hf_config.json"]
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), max_shard_bytes=size // 2, say=_quiet)
+  back = files.HFCheckpoint(str(tmp_path / "back"))
+  assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    assert back[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  with open(tmp_path / "back" / "config.json") as f:
+    assert json.load(f) == config
+
+
+@pytest.mark.parametrize("case", ["mixtral_8x7b", "deepseek_v3", "dbrx", "gpt_oss_20b"])
+def test_converted_checkpoint_computes_transformers_logits(case, tmp_path):
+  config, state, arrays = _fixture(case)
+  _write_hf_dir(tmp_path / "hf", config, state, sum(v.nbytes for v in state.values()) // 4)
+  without_mtp = bool(config.get("num_nextn_predict_layers"))
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), without_mtp=without_mtp, say=_quiet)
+  model = _load_converted(tmp_path / "moejax")
+  logits, _ = nnx.jit(lambda m, t: m(t, train=False))(model, jnp.asarray(arrays["tokens"]))
+  delta = float(np.abs(np.asarray(logits) - arrays["logits_float32"]).max())
+  assert delta < 1e-4, delta
+
+
+def test_mtp_module_round_trips(tmp_path):
+  """DeepSeek-V3's released files hold its MTP module as layer L; it converts both ways, or is left out."""
+  from moejax.convert import hf
+
+  config, _, _ = _fixture("deepseek_v3")
+  cfg = hf.moejax_config(config)
+  assert cfg.model.mtp_depth == 1
+  model = DecoderLM(decoder_config(cfg, 0), rngs=nnx.Rngs(3))
+  state = hf.export_hf_weights(model, "deepseek_v3")
+  layer = f"model.layers.{cfg.model.num_layers}"
+  assert f"{layer}.eh_proj.weight" in state
+  _write_hf_dir(tmp_path / "hf", config, state)
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), say=_quiet)
+  back = files.HFCheckpoint(str(tmp_path / "back"))
+  assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  said = []
+  report = checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "main"), without_mtp=True, say=said.append)
+  mtp = [name for name in state if name.startswith(f"{layer}.")]
+  assert report["tensors"] == len(state) - len(mtp) and f"{len(mtp)} of its tensors left out" in said[-1]
+  assert saved_config(str(tmp_path / "main" / "config.json")).model.mtp_depth == 0
+  main_config, main_state, _ = _fixture("mixtral_8x7b")
+  _write_hf_dir(tmp_path / "mixtral", main_config, main_state)
+  with pytest.raises(ConfigError, match="--without_mtp: the model has no multi-token-prediction module"):
+    checkpoints.from_hf(str(tmp_path / "mixtral"), str(tmp_path / "x"), without_mtp=True, say=_quiet)
+
+
+def test_bfloat16_weights_stay_bfloat16_and_cast_on_request(tmp_path):
+  config, state, _ = _fixture("qwen3_30b_a3b")
+  state16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+  _write_hf_dir(tmp_path / "hf", config, state16)
+  report = checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
+  assert set(report["elements_by_dtype"]) == {"bfloat16"}  # Stored as released: half the bytes of float32.
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "same"), say=_quiet)
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "f32"), dtype="float32", say=_quiet)
+  same, f32 = files.HFCheckpoint(str(tmp_path / "same")), files.HFCheckpoint(str(tmp_path / "f32"))
+  for name, value in state16.items():
+    assert same[name].dtype == value.dtype and f32[name].dtype == np.float32
+    np.testing.assert_array_equal(same[name], value)
+    np.testing.assert_array_equal(f32[name], value.astype(np.float32))  # bfloat16 -> float32 is exact.
+  with open(tmp_path / "f32" / "config.json") as f:
+    assert json.load(f)["dtype"] == "float32"
+
+
+def test_a_trained_runs_checkpoint_exports(tmp_path):
+  """A run's workdir (any step) exports: its weights, as trained, under transformers' names."""
+  config, state, _ = _fixture("olmoe_1b_7b")
+  _write_hf_dir(tmp_path / "hf", config, state)
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
+  # A workdir as a run leaves it: config.json and checkpoints/<step>/default with params inside.
+  run = tmp_path / "run"
+  shutil.copytree(tmp_path / "moejax" / "checkpoint" / "state", run / "checkpoints" / "7" / "default")
+  for name in ("config.json", "hf_config.json"):
+    with open(tmp_path / "moejax" / name) as f, open(run / name, "w") as g:
+      g.write(f.read())
+  with pytest.raises(ConfigError, match="step: the run in .* has no checkpoint at step 3 \\(it has \\[7\\]\\)"):
+    checkpoints.to_hf(str(run), str(tmp_path / "x"), step=3, say=_quiet)
+  checkpoints.to_hf(str(run), str(tmp_path / "back"), say=_quiet)
+  back = files.HFCheckpoint(str(tmp_path / "back"))
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+class _Presets:
+  """A stand-in for configs/architectures.py with one tiny preset: the fixture's own model."""
+
+  def __init__(self, config):
+    self.PRESETS = {"tiny": None, "other": None}
+    self._config = config
+
+  def get_config(self, name):
+    from moejax.convert import hf
+
+    cfg = hf.moejax_config(self._config)
+    cfg.moe.z_loss_weight = 0.001  # A recipe of the preset's own: training fields may differ.
+    if name == "other":
+      cfg.model.rope_theta = 1.0
+    return cfg
+
+
+def test_preset_is_checked_or_inferred():
+  config, _, _ = _fixture("olmoe_1b_7b")
+  presets = _Presets(config)
+  cfg, name = checkpoints.resolve_config(config, None, presets)
+  assert name == "tiny" and cfg.moe.z_loss_weight == 0.001  # The preset's config, recipe included.
+  assert checkpoints.resolve_config(config, "tiny", presets)[1] == "tiny"
+  with pytest.raises(ConfigError, match="--preset: other is not the model in config.json: model.rope_theta is 1.0"):
+    checkpoints.resolve_config(config, "other", presets)
+  with pytest.raises(ConfigError, match="--preset: unknown preset 'mixtral'"):
+    checkpoints.resolve_config(config, "mixtral", presets)
+  # The real presets are the released sizes: a tiny model is none of them, and is refused as one.
+  cfg, name = checkpoints.resolve_config(config, None)
+  assert name is None and cfg.model.d_model == 32
+  with pytest.raises(ConfigError, match="--preset: olmoe_1b_7b is not the model in config.json: model.vocab_size"):
+    checkpoints.resolve_config(config, "olmoe_1b_7b")
+
+
+def _convert(*args, cwd=REPO):
+  return subprocess.run(
+    [sys.executable, "-m", "moejax.convert", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+  )
+
+
+def _bad_dirs(tmp_path):
+  """(name, hf directory, the one line expected) for each kind of bad input."""
+  config, state, _ = _fixture("qwen3_30b_a3b")
+  cases = []
+
+  def make(name, config=config, state=state, **kw):
+    path = tmp_path / name
+    make.written = _write_hf_dir(path, config, state, **kw)
+    return path
+
+  missing = {k: v for k, v in state.items() if k != "model.layers.1.self_attn.k_proj.weight"}
+  cases.append(("missing", make("missing", state=missing), "tensor model.layers.1.self_attn.k_proj.weight: is missing"))
+  extra = {**state, "model.layers.1.mlp.extra.weight": np.zeros((2, 2), np.float32)}
+  cases.append(("extra", make("extra", state=extra), "tensor model.layers.1.mlp.extra.weight: has no place"))
+  beyond = {**state, "model.layers.7.mlp.gate.weight": np.zeros((16, 32), np.float32)}
+  cases.append(("beyond", make("beyond", state=beyond), "tensor model.layers.7.mlp.gate.weight: has no place"))
+  shape = dict(state)
+  shape["model.layers.0.mlp.gate.weight"] = np.zeros((8, 32), np.float32)
+  cases.append(
+    (
+      "shape",
+      make("shape", state=shape),
+      "tensors of model.layers.0: give parameter blocks.0.ffn.router.kernel shape (32, 8)",
+    )
+  )
+  ints = {**state, "model.norm.weight": state["model.norm.weight"].astype(np.int32)}
+  cases.append(
+    ("dtype", make("dtype", state=ints), "tensor model.norm.weight: has dtype I32; moejax loads F32, F16, BF16")
+  )
+  cases.append(
+    ("arch", make("arch", config={**config, "model_type": "llama"}), "config.model_type: 'llama' is not converted")
+  )
+  rope = {**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 4.0}}
+  cases.append(("rope", make("rope", config=rope), "rope_type"))
+  corrupt = make("corrupt", max_shard_bytes=sum(v.nbytes for v in state.values()) // 3)
+  shard = corrupt / make.written[1]
+  shard.write_bytes(shard.read_bytes()[:-100])  # Truncated.
+  cases.append(("corrupt", corrupt, f"file {shard}: is not a readable safetensors file"))
+  lost = make("lost", max_shard_bytes=sum(v.nbytes for v in state.values()) // 3)
+  os.remove(lost / make.written[-2])
+  cases.append(("lost", lost, f"file {lost / make.written[-2]}: is listed in model.safetensors.index.json"))
+  garbled = make("garbled")
+  (garbled / "config.json").write_text("{not json")
+  cases.append(("garbled", garbled, f"file {garbled / 'config.json'}: is not readable JSON"))
+  empty = tmp_path / "empty"
+  os.makedirs(empty)
+  cases.append(("empty", empty, f"--hf_dir: '{empty}' holds no config.json"))
+  return cases
+
+
+def test_every_bad_input_is_one_line_naming_it(tmp_path):
+  for name, hf_dir, expected in _bad_dirs(tmp_path):
+    out = tmp_path / f"out-{name}"
+    result = _convert("from-hf", "--hf_dir", hf_dir, "--out", out)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (name, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (name, lines)
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial"), name  # Nothing left behind.
+
+
+def test_an_existing_out_is_never_touched(tmp_path):
+  config, state, _ = _fixture("olmoe_1b_7b")
+  _write_hf_dir(tmp_path / "hf", config, state)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "mine.txt").write_text("keep")
+  result = _convert("from-hf", "--hf_dir", tmp_path / "hf", "--out", tmp_path / "out")
+  assert result.returncode == 2 and "--out:" in result.stderr and "exists" in result.stderr
+  assert os.listdir(tmp_path / "out") == ["mine.txt"]
+  ok = _convert("from-hf", "--hf_dir", tmp_path / "hf", "--out", tmp_path / "moejax")
+  assert ok.returncode == 0, ok.stderr
+  assert "no preset of configs/architectures.py is this model" in ok.stdout
+  bad = _convert("to-hf", "--checkpoint", tmp_path / "moejax", "--out", tmp_path / "b", "--max_shard_size", "lots")
+  assert (
+    bad.returncode == 2
+    and bad.stderr.strip() == "error: --max_shard_size: 'lots' is not a size (e.g. 5GB, 500MB, 2GiB)"
+  )
+  usage = _convert("to-hf", "--out", tmp_path / "c")
+  assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1 and "--checkpoint" in usage.stderr
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_live_exported_directory_loads_in_transformers(case, tmp_path):
+  """to-hf's directory is a transformers model: from_pretrained loads it and computes the fixture's logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config, state, arrays = _fixture(case)
+  _write_hf_dir(tmp_path / "hf", config, state)
+  without_mtp = bool(config.get("num_nextn_predict_layers"))
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), without_mtp=without_mtp, say=_quiet)
+  size = sum(v.nbytes for v in state.values())
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), max_shard_bytes=size // 3, say=_quiet)
+  assert os.path.isfile(tmp_path / "back" / files.INDEX_FILE)  # Sharded, as released checkpoints are.
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "back"), dtype=torch.float32, attn_implementation="eager"
+  ).eval()
+  with torch.no_grad():
+    logits = model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()
+  np.testing.assert_allclose(logits, arrays["logits_float32"], atol=1e-5, rtol=0)
+
+
+def test_peak_memory_does_not_grow_with_the_model(tmp_path):
+  """experiments/convert_memory.py at a small size: 4x the layers, the converter's peak stays put."""
+  result = subprocess.run(
+    [sys.executable, "experiments/convert_memory.py", "--layers", "4,16", "--d_model", "256", "--d_ff", "896"]
+    + ["--vocab", "8000", "--max_shard_size", "40MB", "--tmp", str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  runs = json.loads(result.stdout.strip().splitlines()[-1])
+  shallow, deep = runs["shallow"], runs["deep"]
+  assert deep["model"] - shallow["model"] > 100e6  # 12 more layers of 11 MB.
+  for command in ("from-hf", "to-hf"):
+    growth = deep["peaks"][command] - shallow["peaks"][command]
+    # A whole-model converter would grow by the 130 MB the model grew (float32 copies: twice that).
+    assert growth < 0.25 * (deep["model"] - shallow["model"]), (command, runs)
