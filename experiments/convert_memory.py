@@ -1,6 +1,6 @@
 """Peak memory of `python -m moejax.convert` against the model's size: it streams one decoder layer at a time.
 
-  python experiments/convert_memory.py [--layers 8] [--d_model 512] [--d_ff 1792] [--experts 8]
+  python -m experiments.convert_memory [--layers 8] [--d_model 512] [--d_ff 1792] [--experts 8]
                                        [--vocab 32000] [--dtype bfloat16] [--max_shard_size 200MB]
 
 Writes a random Mixtral-architecture checkpoint as a Hugging Face directory (sharded, as released
@@ -25,15 +25,9 @@ import subprocess
 import sys
 import tempfile
 
+from experiments import memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _rss(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def write_checkpoint(path: str, layers: int, d: int, f: int, experts: int, vocab: int, dtype: str, shard: int) -> dict:
@@ -106,14 +100,12 @@ def _measure(command: str, source: str, out: str, max_shard: int) -> None:
   from moejax.convert import checkpoints
   from moejax.models.decoder import DecoderLM  # noqa: F401
 
-  start = _rss("VmRSS")
-  with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # Resets VmHWM to the current resident set.
+  start = memory.reset_peak()
   if command == "from-hf":
     checkpoints.from_hf(source, out, say=lambda *a: None)
   else:
     checkpoints.to_hf(source, out, max_shard_bytes=max_shard, say=lambda *a: None)
-  print(json.dumps({"peak_above_start": _rss("VmHWM") - start, "start": start}))
+  print(json.dumps({"peak_above_start": memory.peak() - start, "start": start}))
 
 
 def measure(layers: int, args) -> dict:
@@ -127,7 +119,7 @@ def measure(layers: int, args) -> dict:
     peaks = {}
     for command, source, out in (("from-hf", hf_dir, converted), ("to-hf", converted, back)):
       result = subprocess.run(
-        [sys.executable, __file__, "--_measure", command, source, out, str(max_shard)],
+        [sys.executable, "-m", "experiments.convert_memory", "--_measure", command, source, out, str(max_shard)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -96,9 +96,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     step = max(steps) if step is None else step
     cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 1, False
     data = tasks.make_data(cfg)
-    trainer = train.Trainer(cfg, tasks.make_task(cfg, data))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state)
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    trainer = train.Trainer(cfg, tasks.make_task(cfg, data), initialize=False)
+    state = manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state))
   finally:
     manager.close()
   model = nnx.merge(trainer.graphdef, state["params"], state["model_state"])

@@ -132,6 +132,22 @@ def _make_data_once(cfg):
   return make() if data is None else data
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
+def _init_plan(cfg, task):
+  """init.checkpoint's plan for this model (checked against the checkpoint's shapes; nothing read)."""
+  from flax import nnx
+
+  from moejax import init
+
+  model = nnx.eval_shape(lambda: task.make_model(None, nnx.Rngs(params=cfg.seed)))
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  return init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}))
+
+
 def main(argv: list[str]) -> int:
   del argv
   if not flags.FLAGS["verbosity"].present:
@@ -168,6 +184,12 @@ def main(argv: list[str]) -> int:
       f"vocabulary ({data.vocab_size}); use 0 to take the dataset's"
     )
 
+  init_plan = None
+  if cfg.init.checkpoint and not _has_checkpoint(workdir):  # A new run: its parameters come from there.
+    try:
+      init_plan = _init_plan(cfg, task)
+    except config_lib.ConfigError as e:
+      _fail(str(e))
   from moejax import train
 
   os.makedirs(workdir, exist_ok=True)
@@ -177,7 +199,7 @@ def main(argv: list[str]) -> int:
     if data.info.get("manifest"):
       with open(os.path.join(workdir, "data_manifest.json"), "w") as f:
         json.dump(data.info["manifest"], f, indent=1)
-  return train.train_and_evaluate(cfg, workdir, data, task=task)
+  return train.train_and_evaluate(cfg, workdir, data, task=task, init_plan=init_plan)
 
 
 def run() -> None:

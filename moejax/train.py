@@ -89,31 +89,59 @@ class Trainer:
   state: 'step'; 'params' (nnx.Param); 'model_state' (other model variables, e.g. DeepSeek's
   routing bias, updated after each step by `MoELayer.update_balance`, not by gradients); 'opt_state'; 'steps_without_tokens'
   <int32>[MoE layers, E] for the dead-expert count.
+
+  The state is never built whole on one device or host: `abstract_state` (shapes, dtypes and
+  shardings) comes from `nnx.eval_shape`, and `initialize` draws the parameters under jit straight
+  into their shardings, taking the arrays it is given (`moejax.init.load`, already in their
+  shardings, donated) in place of the drawn ones. With initialize=False the caller restores a
+  checkpoint into `abstract_state` or calls `initialize` itself.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, task):
+  def __init__(self, cfg: ml_collections.ConfigDict, task, initialize: bool = True):
     self.cfg, self.task = cfg, task
     self.mesh = make_mesh(*config_lib.mesh_shape(cfg, jax.device_count()))
-    model = task.make_model(self.mesh, nnx.Rngs(params=cfg.seed))
-    self.num_moe_layers = len(model.moe_layers())
-    self.graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
+    abstract_model = nnx.eval_shape(lambda: task.make_model(self.mesh, nnx.Rngs(params=cfg.seed)))
+    self.num_moe_layers = len(abstract_model.moe_layers())
+    self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, ...)
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
-    state = {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "model_state": model_state,
-      "opt_state": self.tx.init(params),
+    unsharded = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32),
+      "params": abstract_params,
+      "model_state": abstract_model_state,
+      "opt_state": jax.eval_shape(self.tx.init, abstract_params),
       # One row even without MoE layers: orbax cannot save an empty array.
-      "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32),
+      "steps_without_tokens": jax.ShapeDtypeStruct((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32),
     }
-    self.state_sharding = state_sharding(self.mesh, state, fsdp=cfg.mesh.fsdp)
-    self.state = jax.device_put(state, self.state_sharding)
+    self.state_sharding = state_sharding(self.mesh, unsharded, fsdp=cfg.mesh.fsdp)
+    self._initialize = jax.jit(self._initial_state, donate_argnums=0, out_shardings=self.state_sharding)
+    self.abstract_state = jax.eval_shape(self._initialize, {"params": {}, "model_state": {}})
+    self.state = None
     self._noise_key = jax.random.key(cfg.seed + 1)  # Router noise of step s: fold_in(key, s).
     self._train_step = jax.jit(
       self._train_step_fn, donate_argnums=0, out_shardings=(self.state_sharding, NamedSharding(self.mesh, P()))
     )
     self._eval_step = jax.jit(self._eval_step_fn)
+    if initialize:
+      self.initialize()
+
+  def initialize(self, loaded: dict | None = None) -> None:
+    """Step 0: parameters from the seed, but those in `loaded` ({'params' | 'model_state': {path: array}})."""
+    loaded = loaded or {}
+    self.state = self._initialize({"params": loaded.get("params", {}), "model_state": loaded.get("model_state", {})})
+
+  def _initial_state(self, loaded):
+    """The state at step 0 (run under jit: arrays drawn into their shardings; those replaced by `loaded` never drawn)."""
+    model = self.task.make_model(self.mesh, nnx.Rngs(params=self.cfg.seed))
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    params, model_state = _with(params, loaded["params"]), _with(model_state, loaded["model_state"])
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "model_state": model_state,
+      "opt_state": self.tx.init(params),
+      "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), self.cfg.moe.num_experts), jnp.int32),
+    }
 
   def _train_step_fn(self, state, batch):
     def loss_fn(params):
@@ -166,6 +194,16 @@ class Trainer:
     ]
     per_batch = jax.device_get(per_batch)
     return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
+
+
+def _with(state: nnx.State, arrays: dict) -> nnx.State:
+  """`state` with the variables at the paths of `arrays` holding those arrays (cast to their dtype)."""
+  if not arrays:
+    return state
+  flat = dict(nnx.to_flat_state(state))
+  for path, array in arrays.items():
+    flat[path] = flat[path].replace(array.astype(flat[path].get_value().dtype))
+  return nnx.from_flat_state(flat)
 
 
 class _StopSignal:
@@ -265,7 +303,7 @@ def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:
   _Unrestorable, having moved nothing, when there are checkpoints but none restores, or when
   the processes restored different steps.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state)
+  abstract = trainer.abstract_state
   failures = {}  # step -> why, newest first.
   restored, state = 0, None  # Saved steps start at 1.
   for step in sorted(manager.all_steps(), reverse=True):
@@ -366,10 +404,12 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=None) -> int:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=None, init_plan=None) -> int:
   """Trains `cfg` in `workdir` on `data` (from `tasks.make_data`), resuming if a checkpoint exists.
 
-  task: the `tasks.make_task` of cfg and data, if the caller has built it.
+  task: the `tasks.make_task` of cfg and data, if the caller has built it. A new run (no checkpoint
+  in the workdir) with init.checkpoint set takes its parameters from there (`moejax.init`;
+  init_plan: its `plan`, if the caller has made it).
 
   Returns the process exit code: 0 when finished or interrupted cleanly, 1 on a non-finite loss,
   2 when there are checkpoints but none restores (one line on stderr; nothing moved or deleted).
@@ -378,7 +418,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
   is_writer = jax.process_index() == 0
   say = (lambda *a: print(*a, flush=True)) if is_writer else (lambda *a: None)  # Process 0 speaks.
   task = task or tasks.make_task(cfg, data)  # moejax.main builds it (and refuses a misfit) first.
-  trainer = Trainer(cfg, task)
+  trainer = Trainer(cfg, task, initialize=False)
   cost = task.cost()
   baselines = task.baselines()
   say(f"model: {cost.summary()}")
@@ -397,6 +437,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     return EXIT_UNRESTORABLE
   if start_step:
     say(f"resumed from the checkpoint at step {start_step}")
+  else:
+    loaded = None
+    if cfg.init.checkpoint:
+      from moejax import init
+
+      init_plan = init_plan or init.plan(cfg.init, init.shapes(trainer.abstract_state))
+      say(init_plan.summary())
+      loaded = init.load(init_plan, trainer.abstract_state)
+    trainer.initialize(loaded)
   writer = MetricWriter(workdir, enabled=is_writer)
   eval_batches = list(data.eval_batches())
   tokens_per_step = t.batch_size * task.tokens_per_example

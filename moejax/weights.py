@@ -89,32 +89,34 @@ class PartWriter:
     ocp_v1.partial.finalize(self.path)
 
 
-def item_directory(path: str, step: int | None = None) -> tuple[str, str]:
+def item_directory(path: str, step: int | None = None, fields=("checkpoint", "step")) -> tuple[str, str]:
   """(the orbax item directory holding the weights, a description) of a weights source.
 
   path: a converted model's directory (<path>/checkpoint/state), a run's workdir (its newest
   checkpoint, or `step`), or one step's directory of a run (<workdir>/checkpoints/<step>).
+  fields: the names the caller's errors give path and step (a flag, a config field).
   """
+  checkpoint_field, step_field = fields
   if not os.path.isdir(path):
-    raise ConfigError("checkpoint", f"{path!r} is not a directory")
+    raise ConfigError(checkpoint_field, f"{path!r} is not a directory")
   converted = os.path.join(path, "checkpoint", "state")
   if os.path.isdir(converted):
     if step is not None:
-      raise ConfigError("step", f"{path!r} is a converted model, which has no steps; leave the step unset")
+      raise ConfigError(step_field, f"{path!r} is a converted model, which has no steps; leave the step unset")
     return converted, f"the converted model in {path}"
   if os.path.isdir(os.path.join(path, "default")) and os.path.basename(os.path.normpath(path)).isdigit():
     if step is not None:
-      raise ConfigError("step", f"{path!r} is already one step's checkpoint; leave the step unset")
+      raise ConfigError(step_field, f"{path!r} is already one step's checkpoint; leave the step unset")
     return os.path.join(path, "default"), f"the checkpoint {path}"
   root = os.path.join(path, "checkpoints")
   if os.path.isdir(root):
     steps = sorted(int(s) for s in os.listdir(root) if s.isdigit() and os.path.isdir(os.path.join(root, s, "default")))
     if not steps:
-      raise ConfigError("checkpoint", f"the run in {path!r} has no complete checkpoint")
+      raise ConfigError(checkpoint_field, f"the run in {path!r} has no complete checkpoint")
     if step is None:
       step = steps[-1]
     elif step not in steps:
-      raise ConfigError("step", f"the run in {path!r} has no checkpoint at step {step} (it has {steps})")
+      raise ConfigError(step_field, f"the run in {path!r} has no checkpoint at step {step} (it has {steps})")
     return os.path.join(root, str(step), "default"), f"step {step} of the run in {path}"
   raise ConfigError(
     "checkpoint",

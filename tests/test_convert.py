@@ -171,7 +171,7 @@ def test_a_trained_runs_checkpoint_exports(tmp_path):
   for name in ("config.json", "hf_config.json"):
     with open(tmp_path / "moejax" / name) as f, open(run / name, "w") as g:
       g.write(f.read())
-  with pytest.raises(ConfigError, match="step: the run in .* has no checkpoint at step 3 \\(it has \\[7\\]\\)"):
+  with pytest.raises(ConfigError, match="--step: the run in .* has no checkpoint at step 3 \\(it has \\[7\\]\\)"):
     checkpoints.to_hf(str(run), str(tmp_path / "x"), step=3, say=_quiet)
   checkpoints.to_hf(str(run), str(tmp_path / "back"), say=_quiet)
   back = files.HFCheckpoint(str(tmp_path / "back"))
@@ -320,9 +320,9 @@ def test_live_exported_directory_loads_in_transformers(case, tmp_path):
 
 
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
-  """experiments/convert_memory.py at a small size: 4x the layers, the converter's peak stays put."""
+  """python -m experiments.convert_memory at a small size: 4x the layers, the converter's peak stays put."""
   result = subprocess.run(
-    [sys.executable, "experiments/convert_memory.py", "--layers", "4,16", "--d_model", "256", "--d_ff", "896"]
+    [sys.executable, "-m", "experiments.convert_memory", "--layers", "4,16", "--d_model", "256", "--d_ff", "896"]
     + ["--vocab", "8000", "--max_shard_size", "40MB", "--tmp", str(tmp_path)],
     cwd=REPO,
     capture_output=True,

@@ -93,6 +93,7 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
     c.data = default_image_data_config()
   c.optim = _optim()
   c.train = _train(task)
+  c.init = _init()
   c.mesh, c.distributed = _mesh(), _distributed()
   c.lock()
   return c
@@ -242,6 +243,23 @@ def _train(task: str) -> ml_collections.ConfigDict:
   return t
 
 
+def _init() -> ml_collections.ConfigDict:
+  # Where a new run's parameters come from (`moejax.init`): '' draws them from the seed; a path
+  # takes them from a converted model (python -m moejax.convert from-hf), another run's workdir
+  # (its newest checkpoint, or init.step) or one step of a run. Parameters only: the optimizer
+  # starts afresh at step 0. Resuming in the run's own workdir ignores none of this: the workdir's
+  # checkpoint is newer than the init, so it is what the run resumes from.
+  i = ml_collections.ConfigDict()
+  i.checkpoint = ""
+  i.step = 0  # In a run's workdir: which checkpoint; 0: the newest.
+  # Which parameters to take, as regular expressions over dotted paths (blocks.3.ffn.wi, embed.embedding,
+  # ...; re.fullmatch). include () takes every parameter; exclude leaves the matches at their fresh
+  # initialisation (and skips the checkpoint's arrays that match). Anything else that does not line up is refused.
+  i.include = ()
+  i.exclude = ()
+  return i
+
+
 def _mesh() -> ml_collections.ConfigDict:
   # Devices: a ('data', 'expert') mesh. Batches (and MoE groups) are split over all of its
   # devices; expert weights over 'expert' (E/expert experts per device), other weights replicated
@@ -360,6 +378,10 @@ def inactive_fields(cfg) -> dict[str, str]:
   for key, value in cfg.data.items():
     if isinstance(value, (ml_collections.ConfigDict, dict)) and key != source_section:
       why.update({f: f"data.source is {cfg.data.source!r}" for f in flat if f.startswith(f"data.{key}.")})
+  if "init.checkpoint" in flat and not cfg.init.checkpoint:
+    why.update(
+      {f"init.{n}": "init.checkpoint is '': the parameters start from the seed" for n in ("step", "include", "exclude")}
+    )
   if cfg.optim.schedule != "cosine":
     why["optim.end_lr_fraction"] = f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
   return why

@@ -6,6 +6,8 @@ turns that into one line on stderr and exit code 2. Pure Python apart from one b
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from moejax import distributed, routers
@@ -26,6 +28,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   _moe(cfg)
   refuse_inactive(cfg)
   _train(cfg)
+  _init(cfg)
   _optim(cfg)
   _data(cfg)
   distributed.check(cfg)
@@ -204,6 +207,24 @@ def _train(cfg) -> None:
       "moe.group_size",
       f"must divide train.seq_len ({t.seq_len}) or be a multiple of it, got {e.group_size}",
     )
+
+
+def _init(cfg) -> None:
+  i = cfg.init
+  _check(isinstance(i.checkpoint, str), "init.checkpoint", f"must be a path or '', got {i.checkpoint!r}")
+  _positive(cfg, "init.step", allow_zero=True)
+  for field in ("init.include", "init.exclude"):
+    patterns = _get(cfg, field)
+    _check(
+      isinstance(patterns, (tuple, list)) and all(isinstance(p, str) for p in patterns),
+      field,
+      f"must be a tuple of regular expressions, got {patterns!r}",
+    )
+    for pattern in patterns:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(field, f"{pattern!r} is not a regular expression ({e})") from None
 
 
 def _optim(cfg) -> None:

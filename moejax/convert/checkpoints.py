@@ -263,7 +263,7 @@ def to_hf(
 
   from moejax import weights as weights_lib
 
-  item_dir, description = weights_lib.item_directory(source, step)
+  item_dir, description = weights_lib.item_directory(source, step, fields=("--checkpoint", "--step"))
   cfg, hf_config = _source_configs(source, hf_config_path)
   model_type = hf.architecture(hf_config).model_type
   converted = hf.config_overrides(hf_config)

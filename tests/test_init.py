@@ -1,0 +1,238 @@
+"""Starting a run from weights (config section init): another run, a converted model, partial loading.
+
+The parameters a run starts from must be the source's, bit for bit, in the run's own shardings
+(8 fake devices, expert and FSDP sharding), with a fresh optimizer at step 0; resuming in the
+run's workdir must not start over; whatever does not line up is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli_util import REPO, run_cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_reference  # noqa: E402
+
+from moejax import config as config_lib  # noqa: E402
+from moejax import init, tasks, weights  # noqa: E402
+from moejax.convert import checkpoints, files  # noqa: E402
+from moejax.errors import ConfigError  # noqa: E402
+from moejax.train import Trainer  # noqa: E402
+
+TINY_FIELDS = {
+  "model.num_layers": 2,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.d_ff": 64,
+  "moe.num_experts": 4,
+  "moe.top_k": 2,
+  "train.seq_len": 16,
+  "train.batch_size": 8,
+  "optim.warmup_steps": 2,
+  "data.markov.vocab_size": 16,
+  "data.markov.num_train": 256,
+  "data.markov.num_validation": 16,
+  "data.num_eval_batches": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, data_dir):
+  """A tiny run of 4 steps with checkpoints at steps 2 and 4, and an eval at each."""
+  workdir = tmp_path_factory.mktemp("source") / "run"
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=4",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=2",
+    data_dir=data_dir,
+  )
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def _config(data_dir, **extra):
+  from moejax.config import common
+
+  cfg = common.small_lm()
+  config_lib.override(cfg, {**TINY_FIELDS, "data.data_dir": data_dir, **extra})
+  return cfg
+
+
+def _saved_params(workdir, step):
+  item_dir, _ = weights.item_directory(str(workdir), step)
+  meta = weights.metadata(item_dir)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {
+    "params": {k: jax.ShapeDtypeStruct(shape, dtype, sharding=cpu) for k, (shape, dtype) in meta["params"].items()}
+  }
+  return {".".join(k): np.asarray(v) for k, v in weights.restore(item_dir, targets)["params"].items()}
+
+
+def _trainer_params(trainer):
+  return {weights.dotted(p): v.get_value() for p, v in nnx.to_flat_state(trainer.state["params"])}
+
+
+@pytest.mark.parametrize("mesh", [{}, {"mesh.expert": 4}, {"mesh.expert": 2, "mesh.fsdp": True}])
+def test_parameters_come_from_the_checkpoint_into_the_runs_shardings(source_run, data_dir, mesh):
+  cfg = _config(data_dir, **{"init.checkpoint": str(source_run), "init.step": 2, **mesh})
+  config_lib.validate(cfg, jax.device_count())
+  data = tasks.make_data(cfg)
+  trainer = Trainer(cfg, tasks.make_task(cfg, data, jax.device_count()), initialize=False)
+  the_plan = init.plan(cfg.init, init.shapes(trainer.abstract_state))
+  assert the_plan.description == f"step 2 of the run in {source_run}" and not the_plan.fresh and not the_plan.skipped
+  trainer.initialize(init.load(the_plan, trainer.abstract_state))
+  saved, got = _saved_params(source_run, 2), _trainer_params(trainer)
+  assert sorted(saved) == sorted(got)
+  for name, value in saved.items():
+    np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+  # Each array sits in the sharding the run gives it: experts split over 'expert', the rest by FSDP.
+  for leaf, want in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.abstract_state)):
+    assert leaf.sharding == want.sharding
+  wi = next(v for k, v in got.items() if k.endswith("ffn.wi") and v.ndim == 3)  # An MoE block's [E, d, f].
+  assert wi.addressable_shards[0].data.shape[0] == 4 // mesh.get("mesh.expert", 1)  # E/expert experts a device.
+  # A fresh optimizer at step 0.
+  assert int(trainer.state["step"]) == 0
+  assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(trainer.state["opt_state"]) if m.ndim)
+
+
+def test_a_new_run_from_a_runs_checkpoint_continues_its_function(source_run, data_dir, tmp_path):
+  """From step 2 of the source with a zero first learning rate (warm-up), the eval equals the source's at step 2."""
+  workdir = tmp_path / "b"
+  result = run_cli(
+    workdir,
+    "--config.train.num_steps=1",
+    f"--config.init.checkpoint={source_run}",
+    "--config.init.step=2",
+    data_dir=data_dir,
+  )
+  assert result.returncode == 0, result.stderr
+  taken = len(_saved_params(source_run, 2))  # Every parameter of the source.
+  assert f"init: {taken} arrays from step 2 of the run in {source_run}\n" in result.stdout
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["init"] == {"checkpoint": str(source_run), "step": 2, "include": [], "exclude": []}
+  with open(workdir / "summary.json") as f:
+    b = json.load(f)["eval_cross_entropy"]
+  with open(source_run / "metrics.jsonl") as f:
+    a2 = next(r for r in map(json.loads, f) if r["step"] == 2 and r["split"] == "eval")["cross_entropy"]
+  assert b == a2
+  # Resuming B's own workdir does not start over from the init: its checkpoint is newer.
+  again = run_cli(
+    workdir,
+    "--config.train.num_steps=1",
+    f"--config.init.checkpoint={source_run}",
+    "--config.init.step=2",
+    data_dir=data_dir,
+  )
+  assert again.returncode == 0 and "already trained to step 1" in again.stdout and "init:" not in again.stdout
+
+
+def test_a_converted_model_trains_from_the_command_line(data_dir, tmp_path):
+  meta, state, _ = hf_reference.load_fixture("qwen3_30b_a3b")
+  os.makedirs(tmp_path / "hf")
+  with open(tmp_path / "hf" / "config.json", "w") as f:
+    json.dump(meta["config"], f)
+  writer = files.ShardWriter(str(tmp_path / "hf"), 10**9)
+  for name, value in state.items():
+    writer.add(name, value)
+  writer.close()
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "qwen"), say=lambda *a: None)
+  result = run_cli(
+    tmp_path / "run",
+    "--config.train.num_steps=12",
+    "--config.train.log_every=4",
+    "--config.train.seq_len=16",
+    "--config.train.batch_size=8",
+    "--config.data.markov.vocab_size=16",
+    "--config.data.markov.num_train=256",
+    "--config.data.markov.num_validation=16",
+    "--config.data.num_eval_batches=2",
+    "--config.optim.learning_rate=0.01",
+    data_dir=data_dir,
+    config=f"configs/init_from.py:{tmp_path / 'qwen'}",
+    tiny=False,
+  )
+  assert result.returncode == 0, result.stderr
+  assert f"arrays from the converted model in {tmp_path / 'qwen'}" in result.stdout, result.stdout
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    losses = [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert losses[-1] < losses[0], losses
+
+
+def _shapes(**layers):
+  """Model shapes of a tiny 2- or 3-block decoder (through the real model)."""
+  from moejax.config import common
+
+  cfg = common.small_lm()
+  config_lib.override(cfg, {**TINY_FIELDS, **layers})
+  task = tasks.make_task(cfg, type("D", (), {"vocab_size": 16, "info": {}})())
+  model = nnx.eval_shape(lambda: task.make_model(None, nnx.Rngs(0)))
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  return init.shapes({"params": params, "model_state": model_state})
+
+
+def test_partial_loading_rules_and_refusals(source_run):
+  base = {"checkpoint": str(source_run), "step": 0, "include": (), "exclude": ()}
+  spec = lambda **kw: ml_collections.ConfigDict({**base, **kw})
+  two = _shapes()
+  # Everything, from the newest step.
+  assert init.plan(spec(), two).description == f"step 4 of the run in {source_run}"
+  # exclude: those stay fresh (a new head, say); include: only those come.
+  p = init.plan(spec(exclude=("unembed\\..*", "embed\\..*")), two)
+  assert set(p.fresh) == {"unembed.kernel", "embed.embedding"} and set(p.skipped) == {
+    "unembed.kernel",
+    "embed.embedding",
+  }
+  p = init.plan(spec(include=("blocks\\.\\d+\\.attention\\..*",)), two)
+  assert all(".attention." in weights.dotted(path) for path in p.take["params"]) and "embed.embedding" in p.fresh
+  # A model with a block the checkpoint lacks.
+  three = _shapes(**{"model.num_layers": 3})
+  with pytest.raises(
+    ConfigError, match="init.checkpoint: step 4 of the run in .* holds no blocks.2.attention.wo; leave it"
+  ):
+    init.plan(spec(), three)
+  assert init.plan(spec(exclude=("blocks\\.2\\..*",)), three).fresh[0].startswith("blocks.2.")
+  # A checkpoint array with no place in the model, and shapes that differ.
+  one = _shapes(**{"model.num_layers": 1})  # The source's dense block 0 alone.
+  with pytest.raises(
+    ConfigError, match="init.checkpoint: blocks.1.attention.wo of step 4 .* has no place in this model"
+  ):
+    init.plan(spec(), one)
+  assert init.plan(spec(exclude=("blocks\\.1\\..*",)), one).skipped[0].startswith("blocks.1.")
+  wide = _shapes(**{"model.d_ff": 32})
+  with pytest.raises(
+    ConfigError, match=r"init.checkpoint: blocks.0.ffn.wi is \(32, 64\) in step 4 of the run in .* but \(32, 32\)"
+  ):
+    init.plan(spec(), wide)
+
+
+@pytest.mark.parametrize(
+  "overrides, expected",
+  [
+    (("--config.init.checkpoint=/nonexistent/run",), "error: init.checkpoint: '/nonexistent/run' is not a directory"),
+    (("--config.init.step=3",), "error: config init.step: is not used here (init.checkpoint is ''"),
+    (
+      ("--config.init.checkpoint=/nonexistent/run", "--config.init.include=('blocks[',)"),
+      "error: config init.include: 'blocks[' is not a regular expression",
+    ),
+  ],
+)
+def test_bad_init_settings_are_refused_before_anything_is_written(overrides, expected, data_dir, tmp_path):
+  result = run_cli(tmp_path / "w", "--config.train.num_steps=1", *overrides, data_dir=data_dir)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
+  assert not os.path.exists(tmp_path / "w")
