@@ -22,7 +22,9 @@ under jit).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import zlib
 
 import jax
 
@@ -46,10 +48,17 @@ class Plan:
   take: dict
   fresh: tuple[str, ...]
   skipped: tuple[str, ...]
+  upcycled: tuple = ()  # Model paths of expert arrays made from the checkpoint's dense FFN.
+  segments: int = 1
+  noise: float = 0.0
+  seed: int = 0
 
   def summary(self) -> str:
     taken = sum(len(paths) for paths in self.take.values())
     parts = [f"init: {taken} arrays from {self.description}"]
+    if self.upcycled:
+      how = f"{self.segments} segments" if self.segments > 1 else "copies"
+      parts.append(f"{len(self.upcycled)} expert arrays upcycled from its dense FFNs ({how}, noise {self.noise:g})")
     if self.fresh:
       parts.append(f"{len(self.fresh)} left at their initialisation ({_listing(self.fresh)})")
     if self.skipped:
@@ -62,11 +71,51 @@ def _listing(names, most: int = 3) -> str:
   return ", ".join(names[:most]) + (f", ... {len(names) - most} more" if len(names) > most else "")
 
 
-def plan(init_cfg, model_shapes: dict) -> Plan:
+_EXPERT_ARRAYS = ("wi", "wg", "wo", "bi", "bg", "bo")
+
+
+def upcycled_shape(name: str, dense: tuple, num_experts: int, segments: int) -> tuple | None:
+  """The [E, ...] shape the experts' `name` array takes from a dense FFN array of shape `dense`.
+
+  wi, wg [d, f] -> [E, d, f/m]; wo [f, d] -> [E, f/m, d]; bi, bg [f] -> [E, f/m]; bo [d] -> [E, d];
+  m = segments. None if the dense array does not split so.
+  """
+  hidden_axis = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}[name]
+  shape = list(dense)
+  if hidden_axis is not None:
+    if shape[hidden_axis] % segments:
+      return None
+    shape[hidden_axis] //= segments
+  return (num_experts, *shape)
+
+
+def _upcycle(dense, key, *, name: str, num_experts: int, segments: int, noise: float):
+  """The [E, ...] expert array made from a dense FFN array (run under jit, into the experts' sharding)."""
+  import jax.numpy as jnp
+
+  hidden_axis = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}[name]
+  if hidden_axis is None or segments == 1:
+    pieces = [dense] * num_experts
+  else:
+    split = jnp.split(dense, segments, axis=hidden_axis)
+    pieces = [split[e % segments] for e in range(num_experts)]  # Expert e takes segment e mod m.
+  experts = jnp.stack(pieces)
+  if noise:
+    scale = noise * jnp.std(dense.astype(jnp.float32))
+    experts = experts + (scale * jax.random.normal(key, experts.shape, jnp.float32)).astype(experts.dtype)
+  return experts
+
+
+def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
   """Which variables to take, checked against the checkpoint's shapes.
 
   init_cfg: the config's `init` section (checkpoint set). model_shapes: {'params' | 'model_state':
-  {model path: shape}} of the run's model. Raises ConfigError for anything that does not line up.
+  {model path: shape}} of the run's model. seed: the run's (upcycling noise). Raises ConfigError
+  for anything that does not line up.
+
+  With init.upcycle, an MoE block's expert arrays ([E, ...]: wi, wg, wo and their biases) are
+  made from the checkpoint's dense FFN array of the same name in that block, and the MoE block's
+  other variables the checkpoint lacks (its router, Soft MoE's slot parameters) start fresh.
   """
   item_dir, description = weights.item_directory(
     init_cfg.checkpoint, init_cfg.step or None, fields=("init.checkpoint", "init.step")
@@ -76,7 +125,8 @@ def plan(init_cfg, model_shapes: dict) -> Plan:
   exclude = [re.compile(p) for p in init_cfg.exclude]
   excluded = lambda name: any(p.fullmatch(name) for p in exclude)
   included = lambda name: not include or any(p.fullmatch(name) for p in include)
-  take, fresh = {}, []
+  take, fresh, upcycled = {}, [], []
+  moe_blocks = {path[:2] for path, shape in model_shapes.get("params", {}).items() if _is_expert(path, shape)}
   for section in SECTIONS:
     take[section] = []
     for path, shape in model_shapes.get(section, {}).items():
@@ -85,6 +135,20 @@ def plan(init_cfg, model_shapes: dict) -> Plan:
         fresh.append(name)
         continue
       got = saved[section].get(weights.key(path))
+      if init_cfg.upcycle and _is_expert(path, shape) and got is not None and len(got[0]) == len(shape) - 1:
+        want = upcycled_shape(path[-1], tuple(got[0]), shape[0], init_cfg.upcycle_segments)
+        if want != tuple(shape):
+          raise ConfigError(
+            "init.upcycle",
+            f"{name} is {tuple(shape)} in this model; {description}'s dense {tuple(got[0])} makes {want} with "
+            f"init.upcycle_segments={init_cfg.upcycle_segments} (moe.d_expert must be its d_ff / segments)",
+          )
+        take[section].append(path)
+        upcycled.append(path)
+        continue
+      if init_cfg.upcycle and got is None and path[:2] in moe_blocks and "ffn" in path:
+        fresh.append(name)  # A new routing component of an upcycled MoE block (its router): from the seed.
+        continue
       if got is None:
         raise ConfigError(
           "init.checkpoint",
@@ -111,7 +175,30 @@ def plan(init_cfg, model_shapes: dict) -> Plan:
           "to take with init.include",
         )
       skipped.append(name)
-  return Plan(item_dir, description, take, tuple(fresh), tuple(sorted(skipped)))
+  if init_cfg.upcycle and not upcycled:
+    raise ConfigError("init.upcycle", f"{description} holds no dense FFN for this model's MoE blocks to start from")
+  return Plan(
+    item_dir,
+    description,
+    take,
+    tuple(fresh),
+    tuple(sorted(skipped)),
+    tuple(upcycled),
+    init_cfg.upcycle_segments,
+    float(init_cfg.upcycle_noise),
+    seed,
+  )
+
+
+def _is_expert(path, shape) -> bool:
+  """An MoE block's stacked expert array: blocks.{i}.ffn.{wi, wg, wo, bi, bg, bo} with a leading E axis."""
+  return (
+    len(path) == 4
+    and path[0] == "blocks"
+    and path[2] == "ffn"
+    and path[3] in _EXPERT_ARRAYS
+    and (len(shape) == (3 if path[3].startswith("w") else 2))
+  )
 
 
 def load(the_plan: Plan, abstract_state: dict) -> dict:
@@ -122,11 +209,26 @@ def load(the_plan: Plan, abstract_state: dict) -> dict:
   """
   from flax import nnx
 
-  targets = {}
+  targets, upcycled = {}, {}
   for section in SECTIONS:
     flat = dict(nnx.to_flat_state(abstract_state[section])) if section in abstract_state else {}
-    targets[section] = {path: _abstract(flat[path]) for path in the_plan.take.get(section, [])}
-  return weights.restore(the_plan.item_dir, targets)
+    targets[section] = {}
+    for path in the_plan.take.get(section, []):
+      target = _abstract(flat[path])
+      if path in the_plan.upcycled:  # The dense array, whole on every device (one FFN), then made into experts.
+        saved = weights.metadata_of(the_plan.item_dir, section, path)
+        whole = jax.sharding.NamedSharding(target.sharding.mesh, jax.sharding.PartitionSpec())
+        upcycled[path] = target
+        target = jax.ShapeDtypeStruct(saved[0], target.dtype, sharding=whole)
+      targets[section][path] = target
+  restored = weights.restore(the_plan.item_dir, targets)
+  for path, target in upcycled.items():
+    make = functools.partial(
+      _upcycle, name=path[-1], num_experts=target.shape[0], segments=the_plan.segments, noise=the_plan.noise
+    )
+    key = jax.random.fold_in(jax.random.key(the_plan.seed), zlib.crc32(weights.dotted(path).encode()))
+    restored["params"][path] = jax.jit(make, out_shardings=target.sharding)(restored["params"][path], key)
+  return restored
 
 
 def _abstract(leaf) -> jax.ShapeDtypeStruct:

@@ -145,7 +145,7 @@ def _init_plan(cfg, task):
 
   model = nnx.eval_shape(lambda: task.make_model(None, nnx.Rngs(params=cfg.seed)))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  return init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}))
+  return init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
 
 
 def main(argv: list[str]) -> int:

@@ -442,7 +442,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     if cfg.init.checkpoint:
       from moejax import init
 
-      init_plan = init_plan or init.plan(cfg.init, init.shapes(trainer.abstract_state))
+      init_plan = init_plan or init.plan(cfg.init, init.shapes(trainer.abstract_state), seed=cfg.seed)
       say(init_plan.summary())
       loaded = init.load(init_plan, trainer.abstract_state)
     trainer.initialize(loaded)

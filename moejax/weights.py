@@ -142,6 +142,11 @@ def metadata(item_dir: str) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, 
   return out
 
 
+def metadata_of(item_dir: str, section: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of one array of a weights checkpoint."""
+  return metadata(item_dir)[section][key(path)]
+
+
 def restore(item_dir: str, targets: Mapping[str, Mapping[Path, object]]) -> dict[str, dict[Path, object]]:
   """The arrays `targets` names, read from a weights checkpoint into their shardings and dtypes.
 

@@ -69,7 +69,9 @@ def _config(data_dir, **extra):
   from moejax.config import common
 
   cfg = common.small_lm()
-  config_lib.override(cfg, {**TINY_FIELDS, "data.data_dir": data_dir, **extra})
+  dense = extra.get("model.moe_every") == 0  # A dense model reads no moe field.
+  fields = {k: v for k, v in TINY_FIELDS.items() if not (dense and k.startswith("moe."))}
+  config_lib.override(cfg, {**fields, "data.data_dir": data_dir, **extra})
   return cfg
 
 
@@ -124,7 +126,10 @@ def test_a_new_run_from_a_runs_checkpoint_continues_its_function(source_run, dat
   taken = len(_saved_params(source_run, 2))  # Every parameter of the source.
   assert f"init: {taken} arrays from step 2 of the run in {source_run}\n" in result.stdout
   with open(workdir / "config.json") as f:
-    assert json.load(f)["init"] == {"checkpoint": str(source_run), "step": 2, "include": [], "exclude": []}
+    saved = json.load(f)["init"]
+  assert (
+    saved["checkpoint"] == str(source_run) and saved["step"] == 2 and saved["include"] == [] and not saved["upcycle"]
+  )
   with open(workdir / "summary.json") as f:
     b = json.load(f)["eval_cross_entropy"]
   with open(source_run / "metrics.jsonl") as f:
@@ -186,7 +191,7 @@ def _shapes(**layers):
 
 
 def test_partial_loading_rules_and_refusals(source_run):
-  base = {"checkpoint": str(source_run), "step": 0, "include": (), "exclude": ()}
+  base = {**config_lib.base_config("lm").init.to_dict(), "checkpoint": str(source_run)}
   spec = lambda **kw: ml_collections.ConfigDict({**base, **kw})
   two = _shapes()
   # Everything, from the newest step.
@@ -236,3 +241,109 @@ def test_bad_init_settings_are_refused_before_anything_is_written(overrides, exp
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+# ----- Sparse upcycling: an MoE run from a dense run's checkpoint. -----
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, data_dir):
+  """A tiny dense run (every block a dense FFN, SwiGLU so that wg is upcycled too), 2 steps."""
+  workdir = tmp_path_factory.mktemp("dense") / "run"
+  from cli_util import TINY
+
+  dense = [flag for flag in TINY if not flag.startswith("--config.moe.")]  # A dense model reads no moe field.
+  result = run_cli(
+    workdir,
+    *dense,
+    "--config.train.num_steps=2",
+    "--config.model.moe_every=0",
+    "--config.model.activation=swiglu",
+    data_dir=data_dir,
+    tiny=False,
+  )
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def _upcycled_trainer(dense_run, data_dir, preset="top2", **fields):
+  from test_router_training import LM_PRESETS
+
+  cfg = LM_PRESETS.get_config(preset)
+  config_lib.override(
+    cfg,
+    {
+      **TINY_FIELDS,
+      "model.activation": "swiglu",
+      "data.data_dir": data_dir,
+      "init.checkpoint": str(dense_run),
+      "init.upcycle": True,
+    },
+  )
+  config_lib.override(cfg, {**LM_PRESETS.PRESETS[preset], **fields})  # The preset's own top_k, experts, ...
+  config_lib.validate(cfg, jax.device_count())
+  data = tasks.make_data(cfg)
+  trainer = Trainer(cfg, tasks.make_task(cfg, data, jax.device_count()), initialize=False)
+  the_plan = init.plan(cfg.init, init.shapes(trainer.abstract_state), seed=cfg.seed)
+  trainer.initialize(init.load(the_plan, trainer.abstract_state))
+  return trainer, the_plan, data
+
+
+ROUTER_PRESETS = ["switch", "top2", "gshard", "dropless", "hash", "dense_gated", "expert_choice", "soft_moe", "bpr"]
+
+
+@pytest.mark.parametrize("preset", ROUTER_PRESETS + ["deepseek", "deepseek_v2"])
+def test_every_router_family_upcycles_from_a_dense_run(preset, dense_run, data_dir):
+  fine = preset.startswith("deepseek")  # Fine-grained: experts of d_ff / 4, segments of the dense FFN.
+  extra = {"moe.d_expert": 16, "init.upcycle_segments": 4} if fine else {}
+  trainer, the_plan, _ = _upcycled_trainer(dense_run, data_dir, preset, **extra)
+  dense, got = _saved_params(dense_run, 2), _trainer_params(trainer)
+  moe_block = next(i for i in range(2) if got[f"blocks.{i}.ffn.wi"].ndim == 3)
+  for name in ("wi", "wg", "wo"):
+    experts, ffn = np.asarray(got[f"blocks.{moe_block}.ffn.{name}"]), dense[f"blocks.{moe_block}.ffn.{name}"]
+    for e in range(experts.shape[0]):
+      if fine:  # Expert e holds segment e mod 4 of the dense hidden units (columns of wi, wg; rows of wo).
+        s = (e % 4) * 16
+        want = ffn[s : s + 16] if name == "wo" else ffn[:, s : s + 16]
+      else:
+        want = ffn
+      np.testing.assert_array_equal(experts[e], want, err_msg=f"{name} expert {e}")
+  # Everything else is the dense run's; the routing parameters start fresh.
+  for name, value in dense.items():
+    if not name.startswith(f"blocks.{moe_block}.ffn."):
+      np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+  fresh = [n for n in the_plan.fresh]
+  assert all(n.startswith(f"blocks.{moe_block}.ffn.") for n in fresh)
+  if preset not in ("hash", "dense_gated"):
+    assert fresh, "the router starts from the seed"
+
+
+def test_an_upcycled_moe_computes_the_dense_function(dense_run, data_dir):
+  """Identical experts whose combine weights sum to 1 (renormalised top-2, dropless) add up to the dense FFN."""
+  trainer, _, data = _upcycled_trainer(dense_run, data_dir, "dropless", **{"moe.combine_weights": "renormalized"})
+  dense_cfg = _config(
+    data_dir, **{"model.moe_every": 0, "model.activation": "swiglu", "init.checkpoint": str(dense_run)}
+  )
+  config_lib.validate(dense_cfg, jax.device_count())
+  dense = Trainer(dense_cfg, tasks.make_task(dense_cfg, data, jax.device_count()), initialize=False)
+  dense.initialize(init.load(init.plan(dense_cfg.init, init.shapes(dense.abstract_state)), dense.abstract_state))
+  batch = next(iter(data.eval_batches()))
+  ours, theirs = trainer.evaluate([batch]), dense.evaluate([batch])
+  np.testing.assert_allclose(ours["cross_entropy"], theirs["cross_entropy"], rtol=1e-5)
+
+
+def test_upcycling_noise_and_refusals(dense_run, data_dir):
+  trainer, _, _ = _upcycled_trainer(dense_run, data_dir, "top2", **{"init.upcycle_noise": 0.1})
+  dense, got = _saved_params(dense_run, 2), _trainer_params(trainer)
+  experts, ffn = np.asarray(got["blocks.1.ffn.wi"]), dense["blocks.1.ffn.wi"]
+  noise = experts - ffn[None]
+  assert not np.array_equal(experts[0], experts[1])  # The copies differ ...
+  np.testing.assert_allclose(noise.std() / ffn.std(), 0.1, rtol=0.1)  # ... by 0.1 of the array's std.
+  with pytest.raises(
+    ConfigError,
+    match=r"init.upcycle: blocks.1.ffn.w\w is \(16, 32, 16\) in this model; .* dense \(32, 64\) makes \(16, 32, 64\)",
+  ):
+    _upcycled_trainer(dense_run, data_dir, "deepseek", **{"moe.d_expert": 16})
+  dense = _config(data_dir, **{"model.moe_every": 0, "init.checkpoint": str(dense_run), "init.upcycle": True})
+  with pytest.raises(ConfigError, match="init.upcycle: the model has no MoE layer to upcycle into"):
+    config_lib.validate(dense, jax.device_count())

@@ -257,6 +257,15 @@ def _init() -> ml_collections.ConfigDict:
   # initialisation (and skips the checkpoint's arrays that match). Anything else that does not line up is refused.
   i.include = ()
   i.exclude = ()
+  # Sparse upcycling (Komatsuzaki et al. 2023): an MoE layer's experts start as copies of the
+  # checkpoint's dense FFN of that block; what the dense block lacks (its router, Soft MoE's slot
+  # parameters, shared experts) starts fresh from the seed, as the paper's new router does. upcycle_noise: each copy plus Gaussian noise of
+  # that std relative to the array's own std (0: exact copies). upcycle_segments m: fine-grained
+  # upcycling, the FFN's hidden units split into m segments, expert e taking segment e mod m
+  # (moe.d_expert must be the checkpoint's d_ff / m).
+  i.upcycle = False
+  i.upcycle_noise = 0.0
+  i.upcycle_segments = 1
   return i
 
 
@@ -380,8 +389,13 @@ def inactive_fields(cfg) -> dict[str, str]:
       why.update({f: f"data.source is {cfg.data.source!r}" for f in flat if f.startswith(f"data.{key}.")})
   if "init.checkpoint" in flat and not cfg.init.checkpoint:
     why.update(
-      {f"init.{n}": "init.checkpoint is '': the parameters start from the seed" for n in ("step", "include", "exclude")}
+      {
+        f"init.{n}": "init.checkpoint is '': the parameters start from the seed"
+        for n in ("step", "include", "exclude", "upcycle", "upcycle_noise", "upcycle_segments")
+      }
     )
+  elif "init.upcycle" in flat and not cfg.init.upcycle:
+    why.update({f"init.{n}": "init.upcycle is False" for n in ("upcycle_noise", "upcycle_segments")})
   if cfg.optim.schedule != "cosine":
     why["optim.end_lr_fraction"] = f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
   return why

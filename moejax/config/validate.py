@@ -212,7 +212,10 @@ def _train(cfg) -> None:
 def _init(cfg) -> None:
   i = cfg.init
   _check(isinstance(i.checkpoint, str), "init.checkpoint", f"must be a path or '', got {i.checkpoint!r}")
-  _positive(cfg, "init.step", allow_zero=True)
+  _positive(cfg, "init.step", "init.upcycle_noise", allow_zero=True)
+  _positive(cfg, "init.upcycle_segments")
+  if i.upcycle:
+    _check(schema.has_moe_layers(cfg), "init.upcycle", "the model has no MoE layer to upcycle into")
   for field in ("init.include", "init.exclude"):
     patterns = _get(cfg, field)
     _check(
