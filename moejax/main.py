@@ -137,15 +137,13 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
-def _init_plan(cfg, task):
-  """init.checkpoint's plan for this model (checked against the checkpoint's shapes; nothing read)."""
+def _abstract_model(cfg, task):
+  """(params, other model variables) of the run's model, abstract (shapes only)."""
   from flax import nnx
-
-  from moejax import init
 
   model = nnx.eval_shape(lambda: task.make_model(None, nnx.Rngs(params=cfg.seed)))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  return init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
+  return params, model_state
 
 
 def main(argv: list[str]) -> int:
@@ -185,11 +183,19 @@ def main(argv: list[str]) -> int:
     )
 
   init_plan = None
-  if cfg.init.checkpoint and not _has_checkpoint(workdir):  # A new run: its parameters come from there.
-    try:
-      init_plan = _init_plan(cfg, task)
-    except config_lib.ConfigError as e:
-      _fail(str(e))
+  try:
+    if cfg.optim.freeze or cfg.optim.freeze_patterns or cfg.init.checkpoint:
+      params, model_state = _abstract_model(cfg, task)
+    if cfg.optim.freeze or cfg.optim.freeze_patterns:
+      from moejax import finetune
+
+      finetune.labels(cfg.optim, params)  # A freeze that matches nothing is refused here.
+    if cfg.init.checkpoint and not _has_checkpoint(workdir):  # A new run: its parameters come from there.
+      from moejax import init
+
+      init_plan = init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
+  except config_lib.ConfigError as e:
+    _fail(f"config {e}" if e.field.startswith("optim.") else str(e))
   from moejax import train
 
   os.makedirs(workdir, exist_ok=True)

@@ -73,6 +73,8 @@ def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
 
   def sharding(leaf, spec):
     leaf, spec = unwrap(leaf), unwrap(spec)
+    if not hasattr(leaf, "ndim"):  # No array (optax's MaskedNode of a frozen parameter): a prefix of nothing.
+      return NamedSharding(mesh, P())
     # An array of fewer dimensions than its variable's spec (a factored optimizer moment) is replicated.
     axes = list(spec) + [None] * (leaf.ndim - len(spec)) if len(spec) <= leaf.ndim else [None] * leaf.ndim
     if fsdp and num_data > 1:

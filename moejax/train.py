@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
-from moejax import tasks
+from moejax import finetune, tasks
 from moejax.parallel import MESH_AXES, make_mesh, state_sharding
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
@@ -104,6 +104,7 @@ class Trainer:
     abstract_model = nnx.eval_shape(lambda: task.make_model(self.mesh, nnx.Rngs(params=cfg.seed)))
     self.num_moe_layers = len(abstract_model.moe_layers())
     self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, ...)
+    self.tx = finetune.with_frozen(self.tx, cfg.optim, abstract_params)  # Frozen groups: no update, no state.
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
     unsharded = {
       "step": jax.ShapeDtypeStruct((), jnp.int32),

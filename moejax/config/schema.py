@@ -32,6 +32,7 @@ ATTENTION_BIASES = ("none", "qkv", "qkvo")
 SHARED_EXPERT_GATES = ("none", "sigmoid")
 ROPE_SCALINGS = ("none", "yarn")
 NORMS = ("rms", "layer")
+FREEZE_GROUPS = ("experts", "router", "non_experts", "attention", "embeddings")
 # model.attention selects one kind; each kind reads its own model fields (the other kind's are inactive).
 ATTENTION_OPTIONS = {
   "mha": (
@@ -227,6 +228,11 @@ def _optim() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.1
   o.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
+  # Fine-tuning (`moejax.finetune`): parameter groups that get no update (FREEZE_GROUPS: 'experts',
+  # 'router', 'non_experts', 'attention', 'embeddings'; ST-MoE §5 fine-tunes with the experts
+  # frozen), and regular expressions over dotted paths for any other choice.
+  o.freeze = ()
+  o.freeze_patterns = ()
   return o
 
 

@@ -217,17 +217,22 @@ def _init(cfg) -> None:
   if i.upcycle:
     _check(schema.has_moe_layers(cfg), "init.upcycle", "the model has no MoE layer to upcycle into")
   for field in ("init.include", "init.exclude"):
-    patterns = _get(cfg, field)
-    _check(
-      isinstance(patterns, (tuple, list)) and all(isinstance(p, str) for p in patterns),
-      field,
-      f"must be a tuple of regular expressions, got {patterns!r}",
-    )
-    for pattern in patterns:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ConfigError(field, f"{pattern!r} is not a regular expression ({e})") from None
+    _regexes(cfg, field)
+
+
+def _regexes(cfg, field: str) -> None:
+  """The field holds a tuple of regular expressions."""
+  patterns = _get(cfg, field)
+  _check(
+    isinstance(patterns, (tuple, list)) and all(isinstance(p, str) for p in patterns),
+    field,
+    f"must be a tuple of regular expressions, got {patterns!r}",
+  )
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(field, f"{pattern!r} is not a regular expression ({e})") from None
 
 
 def _optim(cfg) -> None:
@@ -238,6 +243,16 @@ def _optim(cfg) -> None:
   for field in ("optim.b1", "optim.b2"):
     _check(0 <= _get(cfg, field) < 1, field, f"must be in [0, 1), got {_get(cfg, field)}")
   _check(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction", f"must be in [0, 1], got {o.end_lr_fraction}")
+  for group in o.freeze:
+    _check(
+      group in schema.FREEZE_GROUPS, "optim.freeze", f"{group!r} is not a group; choose from {schema.FREEZE_GROUPS}"
+    )
+  _regexes(cfg, "optim.freeze_patterns")
+  _check(
+    not ("experts" in o.freeze and "non_experts" in o.freeze),
+    "optim.freeze",
+    "'experts' and 'non_experts' freeze everything",
+  )
 
 
 def _data(cfg) -> None:
