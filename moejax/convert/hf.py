@@ -25,6 +25,11 @@ may hold must equal them).
 
 A config.json key that moejax does not model is refused with the key's name (`ConfigError`),
 never dropped: a converted model computes the released function or does not convert.
+
+Why one module of ~1,100 lines: it is the one place that knows each architecture's names, config
+keys and layouts (as MaxText keeps each family's parameter names in one place), read by the parity
+tests, the converter (`moejax.convert.checkpoints`) and the loaders alike; split per architecture,
+the shared attention/expert/MTP rules would be repeated or scattered.
 """
 
 from __future__ import annotations
