@@ -4,7 +4,9 @@ Groups, by a parameter's dotted path and shape (MoE blocks of the decoder, the V
 multi-token-prediction modules alike):
   experts      the MoE layers' expert arrays: routed experts [E, ...] (wi, wg, wo and their
                biases) and shared experts (ffn.shared.*)
-  router       the MoE layers' routing parameters (ffn.router.*, Qwen2-MoE's ffn.shared_gate)
+  router       the MoE layers' routing parameters (ffn.router.*, Qwen2-MoE's ffn.shared_gate), and
+               DeepSeek-V3's balancing bias, a model variable moved by a rule, not by gradients
+               (`moejax.train` skips `update_balance`)
   non_experts  every parameter but the experts (ST-MoE §5: fine-tuning only these holds up)
   attention    the attention blocks (*.attention.*)
   embeddings   the token and position embeddings and the output head

@@ -120,11 +120,18 @@ def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
   item_dir, description = weights.item_directory(
     init_cfg.checkpoint, init_cfg.step or None, fields=("init.checkpoint", "init.step")
   )
-  saved = weights.metadata(item_dir)
+  saved = weights.metadata(item_dir, field="init.checkpoint")
   include = [re.compile(p) for p in init_cfg.include]
   exclude = [re.compile(p) for p in init_cfg.exclude]
-  excluded = lambda name: any(p.fullmatch(name) for p in exclude)
-  included = lambda name: not include or any(p.fullmatch(name) for p in include)
+  matched = set()  # The patterns that matched a variable of the model or an array of the checkpoint.
+
+  def hits(patterns, name):
+    found = [p.pattern for p in patterns if p.fullmatch(name)]
+    matched.update(found)
+    return bool(found)
+
+  excluded = lambda name: hits(exclude, name)
+  included = lambda name: not include or hits(include, name)
   take, fresh, upcycled = {}, [], []
   moe_blocks = {path[:2] for path, shape in model_shapes.get("params", {}).items() if _is_expert(path, shape)}
   for section in SECTIONS:
@@ -146,7 +153,7 @@ def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
         take[section].append(path)
         upcycled.append(path)
         continue
-      if init_cfg.upcycle and got is None and path[:2] in moe_blocks and "ffn" in path:
+      if init_cfg.upcycle and got is None and path[:2] in moe_blocks and "ffn" in path and not _is_expert(path, shape):
         fresh.append(name)  # A new routing component of an upcycled MoE block (its router): from the seed.
         continue
       if got is None:
@@ -175,8 +182,20 @@ def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
           "to take with init.include",
         )
       skipped.append(name)
+  for field, patterns in (("init.include", init_cfg.include), ("init.exclude", init_cfg.exclude)):
+    for pattern in patterns:
+      if pattern not in matched:
+        raise ConfigError(field, f"'{pattern}' matches no variable of this model or array of {description}")
+  if not any(take.values()):
+    raise ConfigError("init.include", f"takes nothing from {description}: every variable is left at its initialisation")
   if init_cfg.upcycle and not upcycled:
     raise ConfigError("init.upcycle", f"{description} holds no dense FFN for this model's MoE blocks to start from")
+  experts = {shape[0] for path, shape in model_shapes.get("params", {}).items() if _is_expert(path, shape)}
+  if init_cfg.upcycle and any(e < init_cfg.upcycle_segments for e in experts):
+    raise ConfigError(
+      "init.upcycle_segments",
+      f"{init_cfg.upcycle_segments} segments need at least as many experts; the model has {min(experts)}",
+    )
   return Plan(
     item_dir,
     description,
@@ -221,7 +240,7 @@ def load(the_plan: Plan, abstract_state: dict) -> dict:
         upcycled[path] = target
         target = jax.ShapeDtypeStruct(saved[0], target.dtype, sharding=whole)
       targets[section][path] = target
-  restored = weights.restore(the_plan.item_dir, targets)
+  restored = weights.restore(the_plan.item_dir, targets, field="init.checkpoint")
   for path, target in upcycled.items():
     make = functools.partial(
       _upcycle, name=path[-1], num_experts=target.shape[0], segments=the_plan.segments, noise=the_plan.noise

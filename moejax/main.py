@@ -132,6 +132,21 @@ def _make_data_once(cfg):
   return make() if data is None else data
 
 
+def _remove_new_run(workdir: str, remove_dir: bool) -> None:
+  """Removes what a new run wrote before it failed to start: its config, manifest and empty checkpoint directory."""
+  import shutil
+
+  for name in ("config.json", "data_manifest.json"):
+    path = os.path.join(workdir, name)
+    if os.path.isfile(path):
+      os.remove(path)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and not any(name.isdigit() for name in os.listdir(checkpoints)):
+    shutil.rmtree(checkpoints, ignore_errors=True)
+  if remove_dir and os.path.isdir(workdir) and not os.listdir(workdir):
+    os.rmdir(workdir)
+
+
 def _has_checkpoint(workdir: str) -> bool:
   root = os.path.join(workdir, "checkpoints")
   return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
@@ -198,6 +213,8 @@ def main(argv: list[str]) -> int:
     _fail(f"config {e}" if e.field.startswith("optim.") else str(e))
   from moejax import train
 
+  new_run = not os.path.exists(os.path.join(workdir, "config.json"))
+  workdir_existed = os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -205,7 +222,12 @@ def main(argv: list[str]) -> int:
     if data.info.get("manifest"):
       with open(os.path.join(workdir, "data_manifest.json"), "w") as f:
         json.dump(data.info["manifest"], f, indent=1)
-  return train.train_and_evaluate(cfg, workdir, data, task=task, init_plan=init_plan)
+  try:
+    return train.train_and_evaluate(cfg, workdir, data, task=task, init_plan=init_plan)
+  except config_lib.ConfigError as e:  # init.checkpoint's arrays did not read (a corrupt file).
+    if new_run and jax.process_index() == 0:  # Leave the workdir as it was: take back what this run wrote.
+      _remove_new_run(workdir, remove_dir=not workdir_existed)
+    _fail(str(e))
 
 
 def run() -> None:

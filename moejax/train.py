@@ -30,7 +30,6 @@ Faults, each handled without a read-back or collective on the other steps:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -48,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
-from moejax import finetune, tasks
+from moejax import finetune, tasks, weights
 from moejax.parallel import MESH_AXES, make_mesh, state_sharding
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
@@ -155,8 +154,9 @@ class Trainer:
     (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # Rule-based state (DeepSeek's routing bias) moves after the step, from that step's loads.
     model = nnx.merge(self.graphdef, state["params"], state["model_state"])
-    for layer, aux in zip(model.moe_layers(), moe_aux):
-      layer.update_balance(aux)
+    if "router" not in self.cfg.optim.freeze:  # A frozen router's balancing bias (DeepSeek-V3's) stays put too.
+      for layer, aux in zip(model.moe_layers(), moe_aux):
+        layer.update_balance(aux)
     model_state = nnx.state(model, nnx.Not(nnx.Param))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -236,66 +236,6 @@ class _Unrestorable(Exception):
   """There are checkpoints but none restores (or the processes disagree); the message says which and why."""
 
 
-def _unreadable_file_error(error: Exception) -> BaseException | None:
-  """The root cause when `error` is how orbax reports an unreadable checkpoint file, else None.
-
-  Measured with orbax 0.12 by garbling, truncating, emptying and deleting each file of a step:
-  JSON/UTF-8 decoding errors (ValueError), tensorstore's DATA_LOSS/OUT_OF_RANGE/NOT_FOUND
-  (ValueError), missing files (OSError), and a bare Exception raised `from` one of those for
-  array data. Other types (TypeError, KeyError, ...) are bugs in this code, not in the files. A
-  ValueError of a state that does not fit (a bug, or a config change the config check missed)
-  fails every checkpoint alike, so nothing is moved aside and the run stops (exit 2) naming it.
-  """
-  root = error
-  while root.__cause__ is not None:
-    root = root.__cause__
-  if isinstance(error, (ValueError, OSError)) or (type(error) is Exception and isinstance(root, (ValueError, OSError))):
-    return root
-  return None
-
-
-def _why(error: BaseException, limit: int = 300) -> str:
-  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-def _silence_abandoned_reads() -> None:
-  """Installs, once per process, an unraisable-error hook (and an asyncio log filter) that drop the noise of
-  orbax's abandoned reads.
-
-  When one array read of a restore fails, orbax closes its event loop with the other reads in
-  flight. Collected, each of those turns its GeneratorExit into a bare Exception; a read that
-  completes later cannot post to the closed loop (RuntimeError "Event loop is closed"). Python
-  prints each with a traceback, dozens per failure (seen with orbax 0.12 under load), at any
-  time after the failure, so the hook stays. Neither is an error of its own (the restore reports
-  the failure once); every other unraisable error is passed on to the previous hook.
-  """
-  previous_hook = sys.unraisablehook
-  if getattr(previous_hook, "moejax_silences_abandoned_reads", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    abandoned = (type(error) is Exception and isinstance(error.__cause__, GeneratorExit)) or (
-      type(error) is RuntimeError and str(error) == "Event loop is closed"
-    )
-    if not abandoned:
-      previous_hook(unraisable)
-
-  hook.moejax_silences_abandoned_reads = True
-  sys.unraisablehook = hook
-  # The reads still running when the restore gave up may also fail on the same corrupt file; asyncio
-  # then logs "Task exception was never retrieved" with a traceback, through the logging module.
-  logging.getLogger("asyncio").addFilter(_drop_abandoned_read_errors)
-
-
-def _drop_abandoned_read_errors(record: logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of an orbax array read abandoned on an unreadable file."""
-  error = record.exc_info[1] if record.exc_info else None
-  abandoned_read = type(error) is Exception and isinstance(error.__cause__, (ValueError, OSError, GeneratorExit))
-  return not (abandoned_read and record.getMessage().startswith("Task exception was never retrieved"))
-
-
 def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:
   """Restores the newest checkpoint that restores into trainer.state (onto its shardings); returns its step or 0.
 
@@ -308,14 +248,14 @@ def _restore(manager: ocp.CheckpointManager, trainer: Trainer, say) -> int:
   failures = {}  # step -> why, newest first.
   restored, state = 0, None  # Saved steps start at 1.
   for step in sorted(manager.all_steps(), reverse=True):
-    _silence_abandoned_reads()
+    weights.silence_abandoned_reads()
     try:
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # noqa: BLE001 - narrowed by _unreadable_file_error; the rest re-raised.
-      cause = _unreadable_file_error(e)
+    except Exception as e:  # noqa: BLE001 - narrowed by weights.unreadable_file_error; the rest re-raised.
+      cause = weights.unreadable_file_error(e)
       if cause is None:
         raise
-      failures[step] = _why(cause)
+      failures[step] = weights.why(cause)
       continue
     restored = step
     break

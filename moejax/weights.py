@@ -16,7 +16,9 @@ never the whole checkpoint onto one device; `metadata` gives shapes and dtypes w
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -119,22 +121,31 @@ def item_directory(path: str, step: int | None = None, fields=("checkpoint", "st
       raise ConfigError(step_field, f"the run in {path!r} has no checkpoint at step {step} (it has {steps})")
     return os.path.join(root, str(step), "default"), f"step {step} of the run in {path}"
   raise ConfigError(
-    "checkpoint",
+    checkpoint_field,
     f"{path!r} is neither a converted model (no checkpoint/state), a run's workdir (no checkpoints/) "
     "nor one step of a run (no default/)",
   )
 
 
-def metadata(item_dir: str) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]]:
-  """{'params': {path: (shape, dtype)}, 'model_state': {...}} of a weights checkpoint, reading no array."""
+def metadata(
+  item_dir: str, field: str = "checkpoint"
+) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]]:
+  """{'params': {path: (shape, dtype)}, 'model_state': {...}} of a weights checkpoint, reading no array.
+
+  field: the name errors give the checkpoint (a flag, a config field).
+  """
   import orbax.checkpoint as ocp
 
+  unreadable = f"{item_dir!r} is not a readable orbax checkpoint"
+  silence_abandoned_reads()
   try:
     tree = ocp.PyTreeCheckpointer().metadata(item_dir)
   except Exception as e:  # noqa: BLE001 - orbax raises many types for an unreadable directory.
-    raise ConfigError("checkpoint", f"{item_dir!r} is not a readable orbax checkpoint ({_why(e)})") from None
+    raise ConfigError(field, f"{unreadable} ({why(e)})") from None
   tree = getattr(tree, "item_metadata", tree)
   tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, Mapping):  # orbax returns None (and logs) when the metadata file is garbled or gone.
+    raise ConfigError(field, f"{unreadable} (its metadata does not read)")
   out = {}
   for section in ("params", "model_state"):
     leaves = from_nested(tree.get(section, {}) or {})
@@ -147,13 +158,16 @@ def metadata_of(item_dir: str, section: str, path: Path) -> tuple[tuple[int, ...
   return metadata(item_dir)[section][key(path)]
 
 
-def restore(item_dir: str, targets: Mapping[str, Mapping[Path, object]]) -> dict[str, dict[Path, object]]:
+def restore(
+  item_dir: str, targets: Mapping[str, Mapping[Path, object]], field: str = "checkpoint"
+) -> dict[str, dict[Path, object]]:
   """The arrays `targets` names, read from a weights checkpoint into their shardings and dtypes.
 
   targets: {'params' | 'model_state': {path: jax.ShapeDtypeStruct}}; only these arrays are read
   (orbax's partial restore), each straight into its sharding as a jax Array, or, for a target
   without a sharding, into a host numpy array. Returns the same structure. Shapes must match (the
-  caller checks them against `metadata`).
+  caller checks them against `metadata`). An array that does not read (a truncated or garbled
+  file) is a ConfigError naming `field` and the checkpoint.
   """
   import orbax.checkpoint as ocp
 
@@ -165,9 +179,16 @@ def restore(item_dir: str, targets: Mapping[str, Mapping[Path, object]]) -> dict
     restore_args[section] = to_nested({key(p): _restore_args(v) for p, v in flat.items()})
   if not item:
     return {section: {} for section in targets}
-  restored = ocp.PyTreeCheckpointer().restore(
-    item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-  )
+  silence_abandoned_reads()
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
+  except Exception as e:  # noqa: BLE001 - narrowed to unreadable files; the rest re-raised.
+    cause = unreadable_file_error(e)
+    if cause is None:
+      raise
+    raise ConfigError(field, f"{item_dir!r} does not restore ({why(cause)})") from None
   out = {}
   for section, flat in targets.items():
     got = from_nested(restored.get(section, {})) if flat else {}
@@ -184,6 +205,65 @@ def _restore_args(target):
   return ocp.ArrayRestoreArgs(sharding=target.sharding, dtype=target.dtype, global_shape=target.shape)
 
 
-def _why(error: BaseException) -> str:
+# ----- Unreadable checkpoint files (shared with moejax.train's resume). -----
+
+
+def unreadable_file_error(error: Exception) -> BaseException | None:
+  """The root cause when `error` is how orbax reports an unreadable checkpoint file, else None.
+
+  Measured with orbax 0.12 by garbling, truncating, emptying and deleting each file of a step:
+  JSON/UTF-8 decoding errors (ValueError), tensorstore's DATA_LOSS/OUT_OF_RANGE/NOT_FOUND
+  (ValueError), missing files (OSError), and a bare Exception raised `from` one of those for
+  array data. Other types (TypeError, KeyError, ...) are bugs in this code, not in the files. A
+  ValueError of a state that does not fit (a bug, or a config change the config check missed)
+  fails every checkpoint alike, so nothing is moved aside and the run stops (exit 2) naming it.
+  """
+  root = error
+  while root.__cause__ is not None:
+    root = root.__cause__
+  if isinstance(error, (ValueError, OSError)) or (type(error) is Exception and isinstance(root, (ValueError, OSError))):
+    return root
+  return None
+
+
+def why(error: BaseException, limit: int = 300) -> str:
+  """One line of an error: its type and first line, cut at `limit` characters."""
   text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-  return f"{type(error).__name__}: {text[:200]}"
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def silence_abandoned_reads() -> None:
+  """Installs, once per process, an unraisable-error hook (and an asyncio log filter) that drop the noise of
+  orbax's abandoned reads.
+
+  When one array read of a restore fails, orbax closes its event loop with the other reads in
+  flight. Collected, each of those turns its GeneratorExit into a bare Exception; a read that
+  completes later cannot post to the closed loop (RuntimeError "Event loop is closed"). Python
+  prints each with a traceback, dozens per failure (seen with orbax 0.12 under load), at any
+  time after the failure, so the hook stays. Neither is an error of its own (the restore reports
+  the failure once); every other unraisable error is passed on to the previous hook.
+  """
+  previous_hook = sys.unraisablehook
+  if getattr(previous_hook, "moejax_silences_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    abandoned = (type(error) is Exception and isinstance(error.__cause__, GeneratorExit)) or (
+      type(error) is RuntimeError and str(error) == "Event loop is closed"
+    )
+    if not abandoned:
+      previous_hook(unraisable)
+
+  hook.moejax_silences_abandoned_reads = True
+  sys.unraisablehook = hook
+  # The reads still running when the restore gave up may also fail on the same corrupt file; asyncio
+  # then logs "Task exception was never retrieved" with a traceback, through the logging module.
+  logging.getLogger("asyncio").addFilter(_drop_abandoned_read_errors)
+
+
+def _drop_abandoned_read_errors(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an orbax array read abandoned on an unreadable file."""
+  error = record.exc_info[1] if record.exc_info else None
+  abandoned_read = type(error) is Exception and isinstance(error.__cause__, (ValueError, OSError, GeneratorExit))
+  return not (abandoned_read and record.getMessage().startswith("Task exception was never retrieved"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -160,23 +159,44 @@ def test_bfloat16_weights_stay_bfloat16_and_cast_on_request(tmp_path):
     assert json.load(f)["dtype"] == "float32"
 
 
-def test_a_trained_runs_checkpoint_exports(tmp_path):
-  """A run's workdir (any step) exports: its weights, as trained, under transformers' names."""
-  config, state, _ = _fixture("olmoe_1b_7b")
+def test_a_run_started_from_a_converted_model_exports(tmp_path):
+  """A real run from a converted model (configs/init_from.py) exports its trained weights; they convert back bit for bit."""
+  from cli_util import run_cli
+
+  config, state, _ = _fixture("qwen3_30b_a3b")
   _write_hf_dir(tmp_path / "hf", config, state)
   checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
-  # A workdir as a run leaves it: config.json and checkpoints/<step>/default with params inside.
   run = tmp_path / "run"
-  shutil.copytree(tmp_path / "moejax" / "checkpoint" / "state", run / "checkpoints" / "7" / "default")
-  for name in ("config.json", "hf_config.json"):
-    with open(tmp_path / "moejax" / name) as f, open(run / name, "w") as g:
-      g.write(f.read())
-  with pytest.raises(ConfigError, match="--step: the run in .* has no checkpoint at step 3 \\(it has \\[7\\]\\)"):
+  result = run_cli(
+    run,
+    "--config.train.num_steps=2",
+    "--config.train.seq_len=16",
+    "--config.train.batch_size=8",
+    "--config.data.markov.vocab_size=16",
+    "--config.data.markov.num_train=256",
+    "--config.data.markov.num_validation=16",
+    "--config.data.num_eval_batches=1",
+    data_dir=str(tmp_path / "tfds"),
+    config=f"configs/init_from.py:{tmp_path / 'moejax'}",
+    tiny=False,
+  )
+  assert result.returncode == 0, result.stderr
+  with pytest.raises(ConfigError, match="--step: the run in .* has no checkpoint at step 3 \\(it has \\[2\\]\\)"):
     checkpoints.to_hf(str(run), str(tmp_path / "x"), step=3, say=_quiet)
+  # The run holds no hf_config.json: the converted model it started from (init.checkpoint) gives it.
   checkpoints.to_hf(str(run), str(tmp_path / "back"), say=_quiet)
   back = files.HFCheckpoint(str(tmp_path / "back"))
-  for name, value in state.items():
-    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  assert sorted(back) == sorted(state)
+  assert any(not np.array_equal(back[name], value) for name, value in state.items())  # Trained: it moved.
+  checkpoints.from_hf(str(tmp_path / "back"), str(tmp_path / "again"), say=_quiet)
+  trained, _ = weights.item_directory(str(run))
+  again, _ = weights.item_directory(str(tmp_path / "again"))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = weights.metadata(trained)["params"]
+  targets = {"params": {k: jax.ShapeDtypeStruct(shape, dtype, sharding=cpu) for k, (shape, dtype) in meta.items()}}
+  ours, theirs = weights.restore(trained, targets)["params"], weights.restore(again, targets)["params"]
+  for name in meta:
+    np.testing.assert_array_equal(np.asarray(theirs[name]), np.asarray(ours[name]), err_msg=".".join(name))
 
 
 class _Presets:
@@ -244,6 +264,9 @@ def _bad_dirs(tmp_path):
       "tensors of model.layers.0: give parameter blocks.0.ffn.router.kernel shape (32, 8)",
     )
   )
+  q = dict(state)
+  q["model.layers.1.self_attn.q_proj.weight"] = np.zeros((60, 32), np.float32)  # Not heads × head_dim rows.
+  cases.append(("q_shape", make("q_shape", state=q), "tensors of layer 1 of the checkpoint: do not have the shapes"))
   ints = {**state, "model.norm.weight": state["model.norm.weight"].astype(np.int32)}
   cases.append(
     ("dtype", make("dtype", state=ints), "tensor model.norm.weight: has dtype I32; moejax loads F32, F16, BF16")
@@ -295,6 +318,11 @@ def test_an_existing_out_is_never_touched(tmp_path):
     bad.returncode == 2
     and bad.stderr.strip() == "error: --max_shard_size: 'lots' is not a size (e.g. 5GB, 500MB, 2GiB)"
   )
+  nan = _convert("to-hf", "--checkpoint", tmp_path / "moejax", "--out", tmp_path / "b", "--max_shard_size", "nan")
+  assert nan.returncode == 2 and nan.stderr.startswith("error: --max_shard_size: 'nan' is not a size")
+  for out, why in (("", "must name a new directory"), (tmp_path / "no" / "such", "that would hold it does not exist")):
+    bad = _convert("to-hf", "--checkpoint", tmp_path / "moejax", "--out", out)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --out: ") and why in bad.stderr, bad.stderr
   usage = _convert("to-hf", "--out", tmp_path / "c")
   assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1 and "--checkpoint" in usage.stderr
 

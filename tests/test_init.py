@@ -102,14 +102,16 @@ def test_parameters_come_from_the_checkpoint_into_the_runs_shardings(source_run,
   assert sorted(saved) == sorted(got)
   for name, value in saved.items():
     np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
-  # Each array sits in the sharding the run gives it: experts split over 'expert', the rest by FSDP.
-  for leaf, want in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.abstract_state)):
-    assert leaf.sharding == want.sharding
-  wi = next(v for k, v in got.items() if k.endswith("ffn.wi") and v.ndim == 3)  # An MoE block's [E, d, f].
-  assert wi.addressable_shards[0].data.shape[0] == 4 // mesh.get("mesh.expert", 1)  # E/expert experts a device.
+  # Each array sits in the sharding the run gives it: experts split over 'expert' (E/expert a device);
+  # with FSDP, also over 'data' on their largest dimension the 4 data devices divide.
+  fsdp = mesh.get("mesh.fsdp", False)
+  wi = got["blocks.1.ffn.wi"]  # The MoE block's [E=4, d=32, f=64].
+  assert tuple(wi.sharding.spec) == (("expert", None, "data") if fsdp else ("expert", None, None))
+  assert wi.addressable_shards[0].data.shape == (4 // mesh.get("mesh.expert", 1), 32, 16 if fsdp else 64)
+  embedding = got["embed.embedding"]  # [V=16, d=32]: replicated, or split over 'data' on d.
+  assert tuple(embedding.sharding.spec) == ((None, "data") if fsdp else (None, None))
   # A fresh optimizer at step 0.
   assert int(trainer.state["step"]) == 0
-  assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves(trainer.state["opt_state"]) if m.ndim)
 
 
 def test_a_new_run_from_a_runs_checkpoint_continues_its_function(source_run, data_dir, tmp_path):
@@ -218,11 +220,42 @@ def test_partial_loading_rules_and_refusals(source_run):
   ):
     init.plan(spec(), one)
   assert init.plan(spec(exclude=("blocks\\.1\\..*",)), one).skipped[0].startswith("blocks.1.")
+  with pytest.raises(ConfigError, match="init.include: 'blokcs.*' matches no variable of this model"):
+    init.plan(spec(include=("blokcs.*",)), two)  # A typo is not a choice to take nothing.
+  with pytest.raises(ConfigError, match="init.exclude: 'unembd.*' matches no variable"):
+    init.plan(spec(exclude=("unembd.*",)), two)
+  with pytest.raises(ConfigError, match="init.include: takes nothing from step 4"):
+    init.plan(spec(include=("embed.*",), exclude=("embed.*",)), two)
+  # Upcycling refuses an expert array the dense checkpoint lacks (its block 0 is a GELU FFN: no wg).
+  swiglu = _shapes(**{"model.activation": "swiglu", "model.moe_every": 1})
+  with pytest.raises(ConfigError, match="init.checkpoint: step 4 of the run in .* holds no blocks.0.ffn.wg"):
+    init.plan(spec(upcycle=True), swiglu)
   wide = _shapes(**{"model.d_ff": 32})
   with pytest.raises(
     ConfigError, match=r"init.checkpoint: blocks.0.ffn.wi is \(32, 64\) in step 4 of the run in .* but \(32, 32\)"
   ):
     init.plan(spec(), wide)
+
+
+def test_an_unreadable_init_checkpoint_is_one_line_and_leaves_no_workdir(source_run, data_dir, tmp_path):
+  import shutil
+
+  broken = tmp_path / "broken"
+  shutil.copytree(source_run, broken)
+  for root, _, names in os.walk(broken / "checkpoints" / "4" / "default"):
+    for name in names:
+      path = os.path.join(root, name)
+      if os.sep + "d" + os.sep in path:  # The array data files.
+        with open(path, "r+b") as f:
+          f.truncate(8)
+  result = run_cli(
+    tmp_path / "w", "--config.train.num_steps=1", f"--config.init.checkpoint={broken}", data_dir=data_dir
+  )
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+  # Its metadata lies in the same data files: the plan, before anything is written, already finds it unreadable.
+  assert lines[0].startswith(f"error: init.checkpoint: '{broken}/checkpoints/4/default' is not a readable")
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize(

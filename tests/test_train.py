@@ -311,7 +311,7 @@ def test_asyncio_reports_of_abandoned_reads_are_dropped():
   """After a failed restore, asyncio may log the other reads' failures on the same file: dropped; others kept."""
   import logging
 
-  from moejax import train
+  from moejax import weights
 
   def report(error):
     return logging.LogRecord(
@@ -331,6 +331,6 @@ def test_asyncio_reports_of_abandoned_reads_are_dropped():
       raise Exception("Encountered error while reading array index") from cause
   except Exception as error:  # noqa: BLE001 - orbax raises a bare Exception here.
     abandoned = error
-  assert not train._drop_abandoned_read_errors(report(abandoned))
-  assert train._drop_abandoned_read_errors(report(RuntimeError("a real bug")))
-  assert train._drop_abandoned_read_errors(report(Exception("no cause")))
+  assert not weights._drop_abandoned_read_errors(report(abandoned))
+  assert weights._drop_abandoned_read_errors(report(RuntimeError("a real bug")))
+  assert weights._drop_abandoned_read_errors(report(Exception("no cause")))

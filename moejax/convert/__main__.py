@@ -54,11 +54,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # orbax's INFO/WARNING lines (a v1 checkpoint read by the v0 reader).
   from moejax.convert import checkpoints, files
   from moejax.errors import ConfigError
 
-  if os.path.exists(args.out):
-    print(f"error: --out: {args.out!r} exists; give a new directory (nothing is overwritten)", file=sys.stderr)
+  parent = os.path.dirname(os.path.abspath(args.out)) if args.out.strip() else ""
+  if not args.out.strip():
+    problem = "must name a new directory"
+  elif os.path.exists(args.out):
+    problem = f"{args.out!r} exists; give a new directory (nothing is overwritten)"
+  elif not os.path.isdir(parent):
+    problem = f"the directory {parent!r} that would hold it does not exist"
+  elif not os.access(parent, os.W_OK):
+    problem = f"the directory {parent!r} is not writable"
+  else:
+    problem = None
+  if problem:
+    print(f"error: --out: {problem}", file=sys.stderr)
     return EXIT_BAD_INPUT
   try:
     if args.command == "from-hf":
@@ -78,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
+  except OSError as e:  # The disk, not the input: full, or a path that went away while writing.
+    print(f"error: writing {args.out}: {e}", file=sys.stderr, flush=True)
+    return 1
   return 0
 
 

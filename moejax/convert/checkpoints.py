@@ -106,12 +106,13 @@ def _abstract_model(cfg):
   return model, params, others
 
 
-def _part_prefix(part: str, model_type: str) -> str:
-  """The checkpoint's name of a part: 'layer 3' -> model.layers.3 (DBRX: transformer.blocks.3)."""
+def _part_prefix(part: str, model_type: str, num_layers: int) -> str:
+  """The checkpoint's name of a part: 'layer 3' -> model.layers.3 (DBRX: transformer.blocks.3); 'mtp 0' -> layer L."""
   kind, _, index = part.partition(" ")
   if kind == "globals":
     return "the embedding, final norm and head"
-  return f"{'transformer.blocks' if model_type == 'dbrx' else 'model.layers'}.{index}"
+  layer = int(index) + (num_layers if kind == "mtp" else 0)
+  return f"{'transformer.blocks' if model_type == 'dbrx' else 'model.layers'}.{layer}"
 
 
 def from_hf(hf_dir: str, out_dir: str, preset: str | None = None, without_mtp: bool = False, say=print) -> dict:
@@ -156,7 +157,7 @@ def from_hf(hf_dir: str, out_dir: str, preset: str | None = None, without_mtp: b
         want = tuple(target.get_value().shape)
         if tuple(array.shape) != want:
           raise ConfigError(
-            f"tensors of {_part_prefix(part, model_type)}",
+            f"tensors of {_part_prefix(part, model_type, cfg.model.num_layers)}",
             f"give parameter {weights_lib.dotted(path)} shape {tuple(array.shape)}; config.json's sizes make it {want}",
           )
         array = np.asarray(array)
@@ -223,24 +224,29 @@ def _source_configs(source: str, hf_config_path: str | None) -> tuple[ml_collect
   if cfg.task != "lm":
     raise ConfigError("--checkpoint", f"{root!r} holds a {cfg.task} model; only decoder LMs convert to transformers")
   hf_path = hf_config_path or os.path.join(root, "hf_config.json")
+  started_from = cfg.init.checkpoint and os.path.join(cfg.init.checkpoint, "hf_config.json")
+  if not hf_config_path and not os.path.isfile(hf_path) and started_from and os.path.isfile(started_from):
+    hf_path = started_from  # A run started from a converted model (init.checkpoint): that model's config.json.
   if not os.path.isfile(hf_path):
     raise ConfigError(
       "--hf_config",
-      f"{root!r} was not converted from a transformers model (no hf_config.json): give --hf_config, a config.json "
-      "of the architecture whose sizes and options are this model's (writing one from a moejax config alone is "
-      "not implemented)",
+      f"{root!r} holds no hf_config.json, nor does a converted model it started from (init.checkpoint): give "
+      "--hf_config, a config.json of the architecture whose sizes and options are this model's (writing one "
+      "from a moejax config alone is not implemented)",
     )
-  return cfg, files.read_config(os.path.dirname(hf_path)) if os.path.basename(hf_path) == "config.json" else _json(
-    hf_path
-  )
+  return cfg, _json(hf_path)
 
 
 def _json(path: str) -> dict:
+  """A transformers config.json (a JSON object with a model_type) at `path`."""
   try:
     with open(path) as f:
-      return json.load(f)
+      config = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConfigError(f"file {path}", f"is not readable JSON ({type(e).__name__}: {e})") from None
+  if not isinstance(config, dict) or "model_type" not in config:
+    raise ConfigError(f"file {path}", "is not a transformers config.json (a JSON object with a model_type)")
+  return config
 
 
 def to_hf(
@@ -275,7 +281,7 @@ def to_hf(
   if differ:
     raise ConfigError("--hf_config", f"describes another model than {source}: {differ[0]}")
   model, params, others = _abstract_model(cfg)
-  saved = weights_lib.metadata(item_dir)
+  saved = weights_lib.metadata(item_dir, field="--checkpoint")
   for section, variables in (("params", params), ("model_state", others)):
     for path, variable in variables.items():
       got = saved[section].get(weights_lib.key(path))
@@ -301,7 +307,7 @@ def to_hf(
         }
         for section, variables in (("params", params), ("model_state", others))
       }
-      restored = weights_lib.restore(item_dir, targets)
+      restored = weights_lib.restore(item_dir, targets, field="--checkpoint")
       flat = {path: np.asarray(a) for section in restored.values() for path, a in section.items()}
       for name, tensor in hf.export_part(flat, part, model.cfg, model_type).items():
         tensor = np.asarray(tensor)
@@ -312,6 +318,8 @@ def to_hf(
     config = dict(hf_config)
     if dtype is not None:
       config["dtype"] = dtype
+      if "torch_dtype" in config:  # Older transformers read this name; both must say the same.
+        config["torch_dtype"] = dtype
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
   return {"source": description, "model_type": model_type, "files": written, "tensors": tensors}

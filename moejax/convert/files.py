@@ -18,6 +18,7 @@ truncated or garbled header or data), a tensor in two shards, a dtype moejax doe
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 
@@ -65,6 +66,10 @@ class HFCheckpoint(Mapping):
           weight_map = json.load(f)["weight_map"]
       except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"file {index}", f"is not a safetensors index ({type(e).__name__}: {e})") from None
+      if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+      ):
+        raise ConfigError(f"file {index}", "is not a safetensors index (its weight_map must map tensor names to files)")
       files = sorted(set(weight_map.values()))
     elif os.path.isfile(single):
       weight_map, files = None, [SINGLE_FILE]
@@ -159,7 +164,9 @@ def parse_size(text: str) -> int:
   try:
     value = float(number) * factor
   except ValueError:
-    raise ConfigError("--max_shard_size", f"{text!r} is not a size (e.g. 5GB, 500MB, 2GiB)") from None
+    value = float("nan")
+  if not math.isfinite(value):
+    raise ConfigError("--max_shard_size", f"{text!r} is not a size (e.g. 5GB, 500MB, 2GiB)")
   if value < 1:
     raise ConfigError("--max_shard_size", f"{text!r} must be at least one byte")
   return int(value)

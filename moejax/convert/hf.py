@@ -771,6 +771,10 @@ def iter_hf_to_moejax(weights: Mapping[str, np.ndarray], cfg, model_type: str):
       if name not in origin:
         raise
       raise ConfigError(f"tensor {origin[name]}", str(error).split(": ", 1)[1]) from None
+    except (ValueError, IndexError) as error:  # A reshape or split the tensors' shapes do not allow.
+      where = "the embedding, final norm and head" if index is None else f"layer {index} of the checkpoint"
+      first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+      raise ConfigError(f"tensors of {where}", f"do not have the shapes config.json gives ({first})") from None
   leftover = sorted(name for names in by_layer.values() for name in names)
   if leftover:
     raise ConfigError(f"tensor {leftover[0]}", "has no place in the moejax model built from this config")
