@@ -30,8 +30,15 @@ if "MOEJAX_TEST_XLA_CACHES" in os.environ:
   )
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data directory of the test module's own (datasets prepared once per module)."""
+  return str(tmp_path_factory.mktemp("tfds"))
 
 
 def pytest_unconfigure(config):

@@ -126,11 +126,6 @@ def test_corpus_splits_are_the_split_files_concatenated(tmp_path):
 _MARKOV = dict(vocab_size=12, num_sources=3, branching=3, seed=5, num_train=80, num_validation=24)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_markov_builder_round_trips_samples(data_dir):
   from moejax.data import builders
 

@@ -226,11 +226,6 @@ def _train(workdir, data_dir, *flags, devices=8, steps=STEPS):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def one_device(tmp_path_factory, data_dir):
   """The reference: STEPS steps on one device."""
   workdir = tmp_path_factory.mktemp("one_device") / "run"

@@ -37,11 +37,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _trainer(data_dir, **fields):
   cfg = common.small_lm()
   config_lib.override(cfg, {**TINY, "data.data_dir": data_dir, **fields})

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cli_util import REPO, run_cli
+from cli_util import run_cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_reference  # noqa: E402
@@ -43,11 +43,6 @@ TINY_FIELDS = {
   "data.markov.num_validation": 16,
   "data.num_eval_batches": 2,
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")

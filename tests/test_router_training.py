@@ -30,11 +30,6 @@ VIT_PRESETS = _config_module("vit_digits")
 CAUSAL = [p for p in LM_PRESETS.PRESETS if not LM_PRESETS.get_config(p).moe.allow_noncausal and p != "dense"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _train(cfg, steps):
   config_lib.validate(cfg, jax.device_count())
   data = tasks.make_data(cfg)

@@ -12,11 +12,6 @@ from cli_util import TINY, run_cli, start_cli
 from moejax.metric_writer import read_metrics
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_deepseek_v3_pieces_train_from_the_cli(tmp_path, data_dir):
   # MLA with YaRN, multi-token prediction, V3's group-limited sigmoid routing with its bias.
   workdir = tmp_path / "run"
