@@ -23,7 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 
 def _fail(message: str) -> None:
+  from moejax.errors import silence_stderr
+
   print(f"error: {message}", file=sys.stderr, flush=True)
+  silence_stderr()  # The one line stays the only one.
   sys.exit(EXIT_BAD_INPUT)
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
   logging.set_verbosity(logging.ERROR)  # orbax's INFO/WARNING lines (a v1 checkpoint read by the v0 reader).
   from moejax.convert import checkpoints, files
-  from moejax.errors import ConfigError
+  from moejax.errors import ConfigError, silence_stderr
 
   parent = os.path.dirname(os.path.abspath(args.out)) if args.out.strip() else ""
   if not args.out.strip():
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"wrote {args.out}: {report['tensors']} tensors in {', '.join(report['files'])}")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    silence_stderr()  # The one line stays the only one.
     return EXIT_BAD_INPUT
   except OSError as e:  # The disk, not the input: full, or a path that went away while writing.
     print(f"error: writing {args.out}: {e}", file=sys.stderr, flush=True)
