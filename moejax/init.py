@@ -72,6 +72,8 @@ def _listing(names, most: int = 3) -> str:
 
 
 _EXPERT_ARRAYS = ("wi", "wg", "wo", "bi", "bg", "bo")
+# The axis of a dense FFN array that runs over its hidden units (None: bo has none).
+_HIDDEN_AXIS = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}
 
 
 def upcycled_shape(name: str, dense: tuple, num_experts: int, segments: int) -> tuple | None:
@@ -80,7 +82,7 @@ def upcycled_shape(name: str, dense: tuple, num_experts: int, segments: int) -> 
   wi, wg [d, f] -> [E, d, f/m]; wo [f, d] -> [E, f/m, d]; bi, bg [f] -> [E, f/m]; bo [d] -> [E, d];
   m = segments. None if the dense array does not split so.
   """
-  hidden_axis = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}[name]
+  hidden_axis = _HIDDEN_AXIS[name]
   shape = list(dense)
   if hidden_axis is not None:
     if shape[hidden_axis] % segments:
@@ -93,7 +95,7 @@ def _upcycle(dense, key, *, name: str, num_experts: int, segments: int, noise: f
   """The [E, ...] expert array made from a dense FFN array (run under jit, into the experts' sharding)."""
   import jax.numpy as jnp
 
-  hidden_axis = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}[name]
+  hidden_axis = _HIDDEN_AXIS[name]
   if hidden_axis is None or segments == 1:
     pieces = [dense] * num_experts
   else:
@@ -229,16 +231,17 @@ def load(the_plan: Plan, abstract_state: dict) -> dict:
   from flax import nnx
 
   targets, upcycled = {}, {}
+  saved = weights.metadata(the_plan.item_dir, field="init.checkpoint") if the_plan.upcycled else None
   for section in SECTIONS:
     flat = dict(nnx.to_flat_state(abstract_state[section])) if section in abstract_state else {}
     targets[section] = {}
     for path in the_plan.take.get(section, []):
       target = _abstract(flat[path])
       if path in the_plan.upcycled:  # The dense array, whole on every device (one FFN), then made into experts.
-        saved = weights.metadata_of(the_plan.item_dir, section, path)
+        dense_shape = saved[section][weights.key(path)][0]
         whole = jax.sharding.NamedSharding(target.sharding.mesh, jax.sharding.PartitionSpec())
         upcycled[path] = target
-        target = jax.ShapeDtypeStruct(saved[0], target.dtype, sharding=whole)
+        target = jax.ShapeDtypeStruct(dense_shape, target.dtype, sharding=whole)
       targets[section][path] = target
   restored = weights.restore(the_plan.item_dir, targets, field="init.checkpoint")
   for path, target in upcycled.items():

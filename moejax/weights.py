@@ -153,11 +153,6 @@ def metadata(
   return out
 
 
-def metadata_of(item_dir: str, section: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
-  """(shape, dtype) of one array of a weights checkpoint."""
-  return metadata(item_dir)[section][key(path)]
-
-
 def restore(
   item_dir: str, targets: Mapping[str, Mapping[Path, object]], field: str = "checkpoint"
 ) -> dict[str, dict[Path, object]]:
