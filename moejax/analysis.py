@@ -100,7 +100,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     state = manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state))
   finally:
     manager.close()
-  model = nnx.merge(trainer.graphdef, state["params"], state["model_state"])
+  model = trainer.model(state)  # LoRA adapters merged.
   return Run(cfg=cfg, model=model, step=int(step), data=data)
 
 

@@ -66,33 +66,58 @@ def in_group(group: str, names: tuple[str, ...], ndim: int) -> bool:
   raise ValueError(group)
 
 
-def labels(optim_cfg, params) -> object:
-  """The params tree with 'frozen' or 'train' at each parameter; ConfigError if a freeze matches nothing."""
-  patterns = [re.compile(p) for p in optim_cfg.freeze_patterns]
-  used = {("group", g): False for g in optim_cfg.freeze} | {("pattern", p.pattern): False for p in patterns}
+def _matching(params, groups, patterns, fields) -> object:
+  """The params tree with True where a parameter is in one of `groups` or fully matches one of `patterns`.
 
-  def label(keypath, leaf):
+  fields: the config fields (groups, patterns) an error names; a group or pattern that matches
+  nothing is a ConfigError.
+  """
+  patterns = [re.compile(p) for p in patterns]
+  used = {(fields[0], g): False for g in groups} | {(fields[1], p.pattern): False for p in patterns}
+
+  def hit(keypath, leaf):
     names = _names(keypath)
     dotted = ".".join(names)
-    frozen = False
-    for group in optim_cfg.freeze:
+    out = False
+    for group in groups:
       if in_group(group, names, len(leaf.shape)):
-        used[("group", group)] = frozen = True
+        used[(fields[0], group)] = out = True
     for pattern in patterns:
       if pattern.fullmatch(dotted):
-        used[("pattern", pattern.pattern)] = frozen = True
-    return "frozen" if frozen else "train"
+        used[(fields[1], pattern.pattern)] = out = True
+    return out
 
-  out = jax.tree_util.tree_map_with_path(label, params)
-  for (kind, what), hit in used.items():
-    if not hit:
-      field = "optim.freeze" if kind == "group" else "optim.freeze_patterns"
+  out = jax.tree_util.tree_map_with_path(hit, params)
+  for (field, what), found in used.items():
+    if not found:
       raise ConfigError(field, f"'{what}' matches no parameter of this model")
   return out
 
 
-def with_frozen(tx: optax.GradientTransformation, optim_cfg, params) -> optax.GradientTransformation:
-  """tx for the trained parameters, no update (and no state) for the frozen ones; tx itself if none are."""
-  if not optim_cfg.freeze and not optim_cfg.freeze_patterns:
+def labels(cfg, params) -> object | None:
+  """The params tree with 'frozen' or 'train' at each parameter; None when every parameter trains.
+
+  Frozen: the parameters of optim.freeze / optim.freeze_patterns; with LoRA (lora.rank > 0),
+  every base parameter but those of lora.train (`moejax.lora`). ConfigError if a group or
+  pattern matches nothing.
+  """
+  if cfg.lora.rank > 0:
+    trained = _matching(params, cfg.lora.train, (), ("lora.train", ""))
+    return jax.tree.map(lambda t: "train" if t else "frozen", trained)
+  if not cfg.optim.freeze and not cfg.optim.freeze_patterns:
+    return None
+  frozen = _matching(params, cfg.optim.freeze, cfg.optim.freeze_patterns, ("optim.freeze", "optim.freeze_patterns"))
+  return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+
+
+def with_frozen(tx: optax.GradientTransformation, param_labels, adapters=None) -> optax.GradientTransformation:
+  """tx for the trained parameters, no update (and no state) for the frozen ones; tx itself if none are.
+
+  param_labels: `labels`' tree (None: nothing frozen); adapters: LoRA's tree, trained in full,
+  beside the parameters: the optimizer's tree is then {'params', 'lora'}.
+  """
+  if param_labels is None:
     return tx
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels(optim_cfg, params))
+  if adapters is not None:
+    param_labels = {"params": param_labels, "lora": jax.tree.map(lambda _: "train", adapters)}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, param_labels)

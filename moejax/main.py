@@ -202,18 +202,23 @@ def main(argv: list[str]) -> int:
 
   init_plan = None
   try:
-    if cfg.optim.freeze or cfg.optim.freeze_patterns or cfg.init.checkpoint:
+    tuning = cfg.optim.freeze or cfg.optim.freeze_patterns or cfg.lora.rank > 0
+    if tuning or cfg.init.checkpoint:
       params, model_state = _abstract_model(cfg, task)
-    if cfg.optim.freeze or cfg.optim.freeze_patterns:
-      from moejax import finetune
+    if tuning:
+      from flax import nnx
 
-      finetune.labels(cfg.optim, params)  # A freeze that matches nothing is refused here.
+      from moejax import finetune, lora
+
+      finetune.labels(cfg, params)  # A freeze or lora.train that matches nothing is refused here,
+      if cfg.lora.rank > 0:  # as are LoRA targets that match nothing.
+        lora.shapes(cfg.lora, {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(params)})
     if cfg.init.checkpoint and not _has_checkpoint(workdir):  # A new run: its parameters come from there.
       from moejax import init
 
       init_plan = init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
   except config_lib.ConfigError as e:
-    _fail(f"config {e}" if e.field.startswith("optim.") else str(e))
+    _fail(f"config {e}" if e.field.startswith(("optim.", "lora.")) else str(e))
   from moejax import train
 
   new_run = not os.path.exists(os.path.join(workdir, "config.json"))

@@ -47,8 +47,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
-from moejax import finetune, tasks, weights
-from moejax.parallel import MESH_AXES, make_mesh, state_sharding
+from moejax import finetune, lora, tasks, weights
+from moejax.parallel import MESH_AXES, expert_param, make_mesh, state_sharding
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 
 EXIT_OK, EXIT_NONFINITE, EXIT_UNRESTORABLE = 0, 1, 2  # 2 as for bad input (main.py).
@@ -87,7 +87,8 @@ class Trainer:
 
   state: 'step'; 'params' (nnx.Param); 'model_state' (other model variables, e.g. DeepSeek's
   routing bias, updated after each step by `MoELayer.update_balance`, not by gradients); 'opt_state'; 'steps_without_tokens'
-  <int32>[MoE layers, E] for the dead-expert count.
+  <int32>[MoE layers, E] for the dead-expert count; with LoRA (`moejax.lora`), 'lora': the
+  adapters {path...: {'a', 'b'}}, and the optimizer's tree is {'params', 'lora'}.
 
   The state is never built whole on one device or host: `abstract_state` (shapes, dtypes and
   shardings) comes from `nnx.eval_shape`, and `initialize` draws the parameters under jit straight
@@ -103,16 +104,25 @@ class Trainer:
     abstract_model = nnx.eval_shape(lambda: task.make_model(self.mesh, nnx.Rngs(params=cfg.seed)))
     self.num_moe_layers = len(abstract_model.moe_layers())
     self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, ...)
-    self.tx = finetune.with_frozen(self.tx, cfg.optim, abstract_params)  # Frozen groups: no update, no state.
+    flat_params = {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract_params)}
+    self.adapters = lora.shapes(cfg.lora, flat_params) if lora.enabled(cfg) else {}
+    # Which base parameters get no gradient and no update: the frozen groups, or, with LoRA, all but lora.train's.
+    self.param_labels = finetune.labels(cfg, abstract_params)
+    abstract_adapters = jax.eval_shape(self._initial_adapters) if self.adapters else None
+    self.tx = finetune.with_frozen(self.tx, self.param_labels, abstract_adapters)
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
     unsharded = {
       "step": jax.ShapeDtypeStruct((), jnp.int32),
       "params": abstract_params,
       "model_state": abstract_model_state,
-      "opt_state": jax.eval_shape(self.tx.init, abstract_params),
+      "opt_state": jax.eval_shape(
+        self.tx.init, self._trainable({"params": abstract_params, "lora": abstract_adapters})
+      ),
       # One row even without MoE layers: orbax cannot save an empty array.
       "steps_without_tokens": jax.ShapeDtypeStruct((max(self.num_moe_layers, 1), cfg.moe.num_experts), jnp.int32),
     }
+    if self.adapters:
+      unsharded["lora"] = abstract_adapters
     self.state_sharding = state_sharding(self.mesh, unsharded, fsdp=cfg.mesh.fsdp)
     self._initialize = jax.jit(self._initial_state, donate_argnums=0, out_shardings=self.state_sharding)
     self.abstract_state = jax.eval_shape(self._initialize, {"params": {}, "model_state": {}})
@@ -135,31 +145,67 @@ class Trainer:
     model = self.task.make_model(self.mesh, nnx.Rngs(params=self.cfg.seed))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     params, model_state = _with(params, loaded["params"]), _with(model_state, loaded["model_state"])
-    return {
+    adapters = self._initial_adapters() if self.adapters else None
+    state = {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "model_state": model_state,
-      "opt_state": self.tx.init(params),
+      "opt_state": self.tx.init(self._trainable({"params": params, "lora": adapters})),
       "steps_without_tokens": jnp.zeros((max(self.num_moe_layers, 1), self.cfg.moe.num_experts), jnp.int32),
     }
+    if self.adapters:
+      state["lora"] = adapters
+    return state
+
+  def _initial_adapters(self) -> dict:
+    """The LoRA adapters at step 0 ({path...: {'a', 'b'}}, nnx.Params; a routed expert's split over 'expert')."""
+    drawn = lora.init(self.adapters, self.cfg.seed + 2)
+    wrap = lambda path, array: expert_param(array) if len(self.adapters[path][0]) == 3 else nnx.Param(array)
+    return lora.nest({path: {k: wrap(path, v) for k, v in ab.items()} for path, ab in drawn.items()})
+
+  def _trainable(self, state) -> object:
+    """What the optimizer updates: the parameters, or with LoRA {'params', 'lora'}."""
+    return {"params": state["params"], "lora": state["lora"]} if self.adapters else state["params"]
+
+  def model_params(self, trainable) -> nnx.State:
+    """The parameters the model runs with: frozen ones behind stop_gradient (no gradient is formed for them), adapters merged."""
+    params = trainable["params"] if self.adapters else trainable
+    if self.param_labels is not None:
+      frozen = lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p
+      params = jax.tree.map(frozen, params, self.param_labels)
+    if not self.adapters:
+      return params
+    flat = dict(nnx.to_flat_state(params))
+    adapters = lora.unnest(trainable["lora"])
+    s = lora.scale(self.cfg.lora)
+    for path in self.adapters:
+      a, b = (adapters[weights.key(path)][k] for k in ("a", "b"))
+      flat[path] = flat[path].replace(lora.merged(flat[path].get_value(), _value(a), _value(b), s))
+    return nnx.from_flat_state(flat)
+
+  def model(self, state=None) -> nnx.Module:
+    """The model as the state computes it (LoRA adapters merged); the current state by default."""
+    state = self.state if state is None else state
+    return nnx.merge(self.graphdef, self.model_params(self._trainable(state)), state["model_state"])
 
   def _train_step_fn(self, state, batch):
-    def loss_fn(params):
-      model = nnx.merge(self.graphdef, params, state["model_state"])
+    def loss_fn(trainable):
+      model = nnx.merge(self.graphdef, self.model_params(trainable), state["model_state"])
       loss, metrics, moe_aux = self.task.loss(
         model, batch, train=True, rng=jax.random.fold_in(self._noise_key, state["step"])
       )
       return loss, (metrics, moe_aux)
 
-    (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    trainable = self._trainable(state)
+    (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     # Rule-based state (DeepSeek's routing bias) moves after the step, from that step's loads.
-    model = nnx.merge(self.graphdef, state["params"], state["model_state"])
+    model = nnx.merge(self.graphdef, self.model_params(trainable), state["model_state"])
     if "router" not in self.cfg.optim.freeze:  # A frozen router's balancing bias (DeepSeek-V3's) stays put too.
       for layer, aux in zip(model.moe_layers(), moe_aux):
         layer.update_balance(aux)
     model_state = nnx.state(model, nnx.Not(nnx.Param))
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
     metrics["learning_rate"] = self.schedule(state["step"])
     idle = state["steps_without_tokens"]
@@ -169,16 +215,19 @@ class Trainer:
       dead = (idle >= self.cfg.moe.dead_expert_steps).sum(axis=1)
       for i in range(self.num_moe_layers):
         metrics[f"moe_layer{i}/dead_experts"] = dead[i]
-    return {
+    new = {
       "step": state["step"] + 1,
-      "params": params,
+      "params": trainable["params"] if self.adapters else trainable,
       "model_state": model_state,
       "opt_state": opt_state,
       "steps_without_tokens": idle,
-    }, metrics
+    }
+    if self.adapters:
+      new["lora"] = trainable["lora"]
+    return new, metrics
 
-  def _eval_step_fn(self, params, model_state, batch):
-    return self.task.eval_metrics(nnx.merge(self.graphdef, params, model_state), batch)
+  def _eval_step_fn(self, trainable, model_state, batch):
+    return self.task.eval_metrics(nnx.merge(self.graphdef, self.model_params(trainable), model_state), batch)
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this process's rows of the global batch on the 'data' axis."""
@@ -190,11 +239,14 @@ class Trainer:
 
   def evaluate(self, eval_batches) -> dict[str, float]:
     """The task's eval metrics averaged over the (equal-sized) eval batches."""
-    per_batch = [
-      self._eval_step(self.state["params"], self.state["model_state"], self.shard_batch(b)) for b in eval_batches
-    ]
+    trainable = self._trainable(self.state)
+    per_batch = [self._eval_step(trainable, self.state["model_state"], self.shard_batch(b)) for b in eval_batches]
     per_batch = jax.device_get(per_batch)
     return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
+
+
+def _value(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
 def _with(state: nnx.State, arrays: dict) -> nnx.State:

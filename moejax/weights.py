@@ -5,8 +5,8 @@ the same reader takes a run's checkpoint and a converted one. A tree of nested d
 keys, a {'value': array} at each leaf, parameters under 'params' and other model variables
 (DeepSeek-V3's routing bias) under 'model_state':
   {'params': {'blocks': {'0': {'ffn': {'wi': {'value': <[E, d, f]>}}}}, ...}, 'model_state': {...}}
-A run keeps it in <workdir>/checkpoints/<step>/default (with the optimizer state beside it); a
-converted model (`python -m moejax.convert from-hf`) in <dir>/checkpoint/state.
+A run keeps it in <workdir>/checkpoints/<step>/default (with the optimizer state beside it, and a
+LoRA run's adapters under 'lora', which `restore` merges into the parameters); a converted model (`python -m moejax.convert from-hf`) in <dir>/checkpoint/state.
 
 `PartWriter` saves such a checkpoint one part (a decoder layer) at a time with orbax's partial
 saving, so the writer never holds more than a part. `restore` reads chosen arrays of a checkpoint
@@ -21,8 +21,10 @@ import os
 import sys
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
+from moejax import lora
 from moejax.errors import ConfigError
 
 Path = tuple  # A variable's path in the model, e.g. ('blocks', 0, 'ffn', 'wi').
@@ -130,7 +132,9 @@ def item_directory(path: str, step: int | None = None, fields=("checkpoint", "st
 def metadata(
   item_dir: str, field: str = "checkpoint"
 ) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]]:
-  """{'params': {path: (shape, dtype)}, 'model_state': {...}} of a weights checkpoint, reading no array.
+  """{'params': {path: (shape, dtype)}, 'model_state': {...}, 'lora': {...}} of a weights checkpoint, reading no array.
+
+  'lora': a LoRA run's adapters ({(*path, 'a' | 'b'): ...}; `moejax.lora`), empty for any other.
 
   field: the name errors give the checkpoint (a flag, a config field).
   """
@@ -147,7 +151,7 @@ def metadata(
   if not isinstance(tree, Mapping):  # orbax returns None (and logs) when the metadata file is garbled or gone.
     raise ConfigError(field, f"{unreadable} (its metadata does not read)")
   out = {}
-  for section in ("params", "model_state"):
+  for section in ("params", "model_state", "lora"):
     leaves = from_nested(tree.get(section, {}) or {})
     out[section] = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves.items()}
   return out
@@ -163,9 +167,16 @@ def restore(
   without a sharding, into a host numpy array. Returns the same structure. Shapes must match (the
   caller checks them against `metadata`). An array that does not read (a truncated or garbled
   file) is a ConfigError naming `field` and the checkpoint.
+
+  A LoRA run's parameters are read merged, W + s·A·B (`moejax.lora.merged`, s from the run's
+  config.json): the function the run trained.
   """
   import orbax.checkpoint as ocp
 
+  targets = dict(targets)
+  adapted = _adapted(item_dir, targets.get("params", {}), field)
+  if adapted:
+    targets["lora"] = {k: v for ab in adapted.values() for k, v in ab.items()}
   item, restore_args = {}, {}
   for section, flat in targets.items():
     if not flat:
@@ -188,7 +199,46 @@ def restore(
   for section, flat in targets.items():
     got = from_nested(restored.get(section, {})) if flat else {}
     out[section] = {p: got[key(p)] for p in flat}
+  if adapted:
+    adapters, s = out.pop("lora"), _lora_scale(item_dir, field)
+    for path, target in targets["params"].items():
+      if path in adapted:
+        a, b = (adapters[k] for k in adapted[path])
+        w = out["params"][path]
+        merge = lambda w, a, b: lora.merged(w, a, b, s)
+        out["params"][path] = (
+          merge(w, a, b) if isinstance(w, np.ndarray) else jax.jit(merge, out_shardings=w.sharding)(w, a, b)
+        )
   return out
+
+
+def _adapted(item_dir: str, params: Mapping[Path, object], field: str) -> dict:
+  """{param path: {adapter path: target}} of the wanted parameters a LoRA run adapted (read replicated, float32)."""
+  if not params:
+    return {}
+  saved = metadata(item_dir, field)["lora"]
+  out = {}
+  for path, target in params.items():
+    if (*key(path), "a") not in saved:
+      continue
+    sharding = getattr(target, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):  # Small: whole on each device of W's mesh.
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    out[path] = {
+      (*key(path), name): jax.ShapeDtypeStruct(saved[(*key(path), name)][0], np.float32, sharding=sharding)
+      for name in ("a", "b")
+    }
+  return out
+
+
+def _lora_scale(item_dir: str, field: str) -> float:
+  """alpha / rank of the LoRA run whose checkpoint item is item_dir (<workdir>/checkpoints/<step>/default)."""
+  from moejax.config import saved_config
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(item_dir)))), "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(field, f"{item_dir!r} holds LoRA adapters but its run's config.json ({path}) is missing")
+  return lora.scale(saved_config(path).lora)
 
 
 def _restore_args(target):

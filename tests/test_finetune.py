@@ -79,8 +79,7 @@ def test_frozen_parameters_are_bit_identical_after_training(freeze, patterns, da
   trainer, data = _trainer(data_dir, **{"optim.freeze": freeze, "optim.freeze_patterns": patterns})
   before = _params(trainer)
   labels = {
-    ".".join(finetune._names(p)): label
-    for p, label in jax.tree_util.tree_flatten_with_path(finetune.labels(trainer.cfg.optim, trainer.state["params"]))[0]
+    ".".join(finetune._names(p)): label for p, label in jax.tree_util.tree_flatten_with_path(trainer.param_labels)[0]
   }
   batches = data.train_batches(0)
   for _ in range(5):

@@ -33,6 +33,7 @@ SHARED_EXPERT_GATES = ("none", "sigmoid")
 ROPE_SCALINGS = ("none", "yarn")
 NORMS = ("rms", "layer")
 FREEZE_GROUPS = ("experts", "router", "non_experts", "attention", "embeddings")
+LORA_GROUPS = ("attention", "experts", "dense_ffn", "router")
 # model.attention selects one kind; each kind reads its own model fields (the other kind's are inactive).
 ATTENTION_OPTIONS = {
   "mha": (
@@ -95,6 +96,7 @@ def base_config(task: str = "lm") -> ml_collections.ConfigDict:
   c.optim = _optim()
   c.train = _train(task)
   c.init = _init()
+  c.lora = _lora()
   c.mesh, c.distributed = _mesh(), _distributed()
   c.lock()
   return c
@@ -275,6 +277,20 @@ def _init() -> ml_collections.ConfigDict:
   return i
 
 
+def _lora() -> ml_collections.ConfigDict:
+  # LoRA adapters (`moejax.lora`, Hu et al. 2021): each targeted weight W runs as W + (alpha/rank)·A·B,
+  # A [in, rank] ~ N(0, 1/in), B [rank, out] = 0; a routed expert array gets one adapter per expert.
+  # With rank > 0 the base model is frozen but for the groups of `train` (FREEZE_GROUPS, e.g.
+  # 'router'), and optim.freeze is not used.
+  l = ml_collections.ConfigDict()
+  l.rank = 0  # 0: no adapters.
+  l.alpha = 8.0  # The update is scaled by alpha / rank.
+  l.targets = ("attention", "experts", "dense_ffn")  # LORA_GROUPS: attention, experts, dense_ffn, router.
+  l.patterns = ()  # Regular expressions over dotted paths of other weights to adapt (re.fullmatch).
+  l.train = ()  # Base-parameter groups (FREEZE_GROUPS) trained beside the adapters.
+  return l
+
+
 def _mesh() -> ml_collections.ConfigDict:
   # Devices: a ('data', 'expert') mesh. Batches (and MoE groups) are split over all of its
   # devices; expert weights over 'expert' (E/expert experts per device), other weights replicated
@@ -402,6 +418,8 @@ def inactive_fields(cfg) -> dict[str, str]:
     )
   elif "init.upcycle" in flat and not cfg.init.upcycle:
     why.update({f"init.{n}": "init.upcycle is False" for n in ("upcycle_noise", "upcycle_segments")})
+  if "lora.rank" in flat and cfg.lora.rank == 0:
+    why.update({f"lora.{n}": "lora.rank is 0: no adapters" for n in ("alpha", "targets", "patterns", "train")})
   if cfg.optim.schedule != "cosine":
     why["optim.end_lr_fraction"] = f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
   return why

@@ -30,6 +30,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   _train(cfg)
   _init(cfg)
   _optim(cfg)
+  _lora(cfg)
   _data(cfg)
   distributed.check(cfg)
   _mesh(cfg, num_devices, num_processes)
@@ -218,6 +219,25 @@ def _init(cfg) -> None:
     _check(schema.has_moe_layers(cfg), "init.upcycle", "the model has no MoE layer to upcycle into")
   for field in ("init.include", "init.exclude"):
     _regexes(cfg, field)
+
+
+def _lora(cfg) -> None:
+  lo = cfg.lora
+  _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", f"must be an integer >= 0, got {lo.rank!r}")
+  if lo.rank == 0:
+    return
+  _positive(cfg, "lora.alpha")
+  for field, allowed in (("lora.targets", schema.LORA_GROUPS), ("lora.train", schema.FREEZE_GROUPS)):
+    for group in _get(cfg, field):
+      _check(group in allowed, field, f"{group!r} is not a group; choose from {allowed}")
+  _regexes(cfg, "lora.patterns")
+  _check(lo.targets or lo.patterns, "lora.targets", "no group and no lora.patterns: nothing to adapt")
+  for field in ("optim.freeze", "optim.freeze_patterns"):
+    _check(
+      not _get(cfg, field),
+      field,
+      "with lora.rank > 0 the base model is frozen; name the groups that still train in lora.train",
+    )
 
 
 def _regexes(cfg, field: str) -> None:
