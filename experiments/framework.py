@@ -115,6 +115,11 @@ class Variant:
   config: str  # 'configs/<file>.py[:preset]', relative to the repository
   overrides: dict = dataclasses.field(default_factory=dict)
   note: str = ""  # Shown in the table (e.g. "not causal: sees the future").
+  # The label of an earlier variant whose final checkpoint (same seed, same --out) this one starts
+  # from (init.checkpoint; e.g. upcycling, fine-tuning). That variant is always trained here, not
+  # copied from another experiment: its checkpoint is needed.
+  init_from: str = ""
+  per_scale: dict = dataclasses.field(default_factory=dict)  # scale -> overrides after `overrides` (e.g. steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,9 @@ class Experiment:
   paper: str = ""  # What the literature found, for the table's note.
   found: str = ""  # What the quick scale found here, and where it disagrees with the paper.
   metric: str = "eval_cross_entropy"  # summary.json field the table leads with
+  # Runs evaluate during training (train.eval_every): the table adds the best eval and how far the
+  # final one is above it (over-fitting), and eval_vs_step.png plots the eval curves.
+  eval_curves: bool = False
 
   def variant(self, label: str) -> Variant:
     return next(v for v in self.variants if v.label == label)
@@ -147,8 +155,17 @@ def load_config(spec: str):
 _NOTED: set = set()  # (variant, field) whose unread --config setting was reported.
 
 
-def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, extra: dict | None = None):
-  """The full config of one run; `extra` (--set) is applied last, to every variant."""
+def run_dir(out: str, label: str, seed: int) -> str:
+  return os.path.join(out, "runs", label, f"seed{seed}")
+
+
+def run_config(
+  experiment: Experiment, variant: Variant, scale: str, seed: int, extra: dict | None = None, out: str = ""
+):
+  """The full config of one run; `extra` (--set) is applied last, to every variant.
+
+  out: the experiment's output directory, where a variant with `init_from` finds its source run.
+  """
   from moejax.config import ConfigError, override, schema
 
   cfg = load_config(variant.config)
@@ -156,6 +173,7 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
   if scale == "smoke":
     values = {**(SMOKE_LM if cfg.task == "lm" else SMOKE_VIT), **values}
   values.update(variant.overrides)
+  values.update(variant.per_scale.get(scale, {}))
   if scale == "smoke":  # Whatever the variant sets, smoke runs stay tiny.
     values.update(
       {
@@ -165,6 +183,11 @@ def run_config(experiment: Experiment, variant: Variant, scale: str, seed: int, 
       }
     )
   values["seed"] = seed
+  if variant.init_from:
+    labels = [v.label for v in experiment.variants]
+    if variant.init_from not in labels[: labels.index(variant.label)]:
+      raise ValueError(f"variant {variant.label}: init_from {variant.init_from!r} is not a variant listed before it")
+    values["init.checkpoint"] = os.path.abspath(run_dir(out or ".", variant.init_from, seed))
   cfg = override(cfg, values)
   for field, value in (extra or {}).items():
     try:
@@ -292,6 +315,9 @@ def _curve(workdir: str) -> dict[str, np.ndarray]:
   for layer in layers:
     experts = sorted(k for k in rows[0] if k.startswith(layer + "/load_e"))
     curve[layer] = np.array([[r[k] for k in experts] for r in rows], float)  # [steps, E]
+  evals = [row for _, row in sorted(read_metrics(workdir, split="eval").items())]
+  curve["eval_step"] = np.array([r["step"] for r in evals], float)
+  curve["eval"] = np.array([r.get("cross_entropy", r.get("loss", np.nan)) for r in evals], float)
   balance = [k for k in rows[-1] if k.endswith("/max_over_mean_load")]
   curve["max_over_mean_load"] = float(np.mean([rows[-1][k] for k in balance])) if balance else float("nan")
   return curve
@@ -325,6 +351,7 @@ COLUMNS = (
   "tokens",
   "wall_time_s",
   "max_over_mean_load",
+  "best_eval",
 )
 
 
@@ -333,7 +360,7 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
   rows, curves = [], {}
   for variant in experiment.variants:
     for seed in seeds:
-      workdir = os.path.join(out, "runs", variant.label, f"seed{seed}")
+      workdir = run_dir(out, variant.label, seed)
       with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
       curves[variant.label, seed] = curve = _curve(workdir)
@@ -350,6 +377,7 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
           "tokens": summary["tokens_this_run"],
           "wall_time_s": summary["wall_time_s"],
           "max_over_mean_load": curve["max_over_mean_load"],
+          "best_eval": float(np.min(curve["eval"])) if curve["eval"].size else float("nan"),
         }
       )
   if experiment.baseline:
@@ -392,6 +420,11 @@ def _fields(experiment: Experiment, rows: list[dict]):
     (metric.replace("_", " "), lambda rs, tex: _pm([r[metric] for r in rs], digits, tex)),
     ("final train loss", lambda rs, tex: _pm([r["final_train_loss"] for r in rs], 4, tex)),
   ]
+  if experiment.eval_curves:
+    fields += [
+      ("best eval", lambda rs, tex: _pm([r["best_eval"] for r in rs], digits, tex)),
+      ("final − best", lambda rs, tex: _pm([r[metric] - r["best_eval"] for r in rs], digits, tex)),
+    ]
   if experiment.baseline:
     fields.append(
       (
@@ -524,6 +557,27 @@ def plots(experiment: Experiment, rows, curves, out: str, seeds) -> list[str]:
     fig.savefig(os.path.join(out, f"loss_vs_{name}.png"), dpi=120)
     plt.close(fig)
     written.append(f"loss_vs_{name}.png")
+  if experiment.eval_curves:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for variant in experiment.variants:
+      runs = [curves[variant.label, s] for s in seeds]
+      n = min(len(c["eval"]) for c in runs)
+      if n < 2:  # A run evaluated once (e.g. a pretraining source): no curve.
+        continue
+      evals = np.stack([c["eval"][:n] for c in runs])
+      mean, std = evals.mean(0), evals.std(0)
+      line = ax.plot(runs[0]["eval_step"][:n], mean, label=f"{variant.label} eval")[0]
+      ax.fill_between(runs[0]["eval_step"][:n], mean - std, mean + std, alpha=0.15, color=line.get_color())
+      train = np.stack([_smooth(c["loss"])[: len(runs[0]["loss"])] for c in runs]).mean(0)
+      ax.plot(runs[0]["step"], train, ls=":", color=line.get_color(), lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cross-entropy (eval: solid, train: dotted)")
+    ax.set_title(experiment.title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "eval_vs_step.png"), dpi=120)
+    plt.close(fig)
+    written.append("eval_vs_step.png")
   moe = [v for v in experiment.variants if any(k.startswith("moe_layer") for k in curves[v.label, seeds[0]])]
   if moe:
     layers = max(sum(k.startswith("moe_layer") for k in curves[v.label, seeds[0]]) for v in moe)
@@ -639,16 +693,26 @@ def main(experiment: Experiment, argv=None) -> int:
   started = time.time()
   runs = [(v, s) for v in experiment.variants if v.label in args.only for s in args.seeds]
   try:
-    configs = [(v, s, run_config(experiment, v, args.scale, s, args.set)) for v, s in runs]
+    configs = [(v, s, run_config(experiment, v, args.scale, s, args.set, out=args.out)) for v, s in runs]
+    sources = {v.init_from for v in experiment.variants if v.init_from}
+    missing = [
+      f"{v.label} starts from {v.init_from}"
+      for v, s, _ in configs
+      if v.init_from
+      and v.init_from not in args.only
+      and not os.path.exists(os.path.join(run_dir(args.out, v.init_from, s), "summary.json"))
+    ]
+    if missing:
+      raise ValueError(f"--only: {missing[0]}, which is neither selected nor trained in {args.out}")
   except (ConfigError, ValueError, KeyError) as e:
     print(f"error: {experiment.name}: {e}", file=sys.stderr)
     return 2
   done = {"trained": 0, "copied": 0, "skipped": 0}
   for i, (variant, seed, cfg) in enumerate(configs):
-    workdir = os.path.join(args.out, "runs", variant.label, f"seed{seed}")
+    workdir = run_dir(args.out, variant.label, seed)
     print(f"[{i + 1}/{len(configs)}] {variant.label} seed {seed} -> {workdir}", flush=True)
-    try:
-      done[train_run(cfg, workdir, reuse_from=args.reuse_from)] += 1
+    try:  # A source of other variants is trained here, not copied: they need its checkpoint.
+      done[train_run(cfg, workdir, reuse_from=None if variant.label in sources else args.reuse_from)] += 1
     except ConfigError as e:
       print(f"error: {experiment.name} {variant.label}: {'' if e.field == '--out' else 'config '}{e}", file=sys.stderr)
       return 2

@@ -199,6 +199,58 @@ def test_a_run_started_from_a_converted_model_exports(tmp_path):
     np.testing.assert_array_equal(np.asarray(theirs[name]), np.asarray(ours[name]), err_msg=".".join(name))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_config_json_from_the_moejax_config_alone(case, tmp_path):
+  """config.json written from the moejax config: the same model_type, converting back to the same moejax model.
+
+  The fixture's model without its hf_config.json exports (to-hf writes config.json itself) and
+  converts back bit for bit; the live test below loads such an export in transformers.
+  """
+  from moejax.convert import hf, hf_config
+
+  config, state, _ = _fixture(case)
+  ours = hf_config.config_json(hf.moejax_config(config))
+  assert ours["model_type"] == config["model_type"]
+  assert ours["architectures"] == [hf_config.CAUSAL_LM[config["model_type"]]]
+  assert hf.config_overrides(ours) == hf.config_overrides(config)
+  _write_hf_dir(tmp_path / "hf", config, state)
+  without_mtp = bool(config.get("num_nextn_predict_layers"))  # transformers' state dicts hold no MTP module.
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), without_mtp=without_mtp, say=_quiet)
+  os.remove(tmp_path / "moejax" / "hf_config.json")
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), say=_quiet)
+  with open(tmp_path / "back" / "config.json") as f:
+    written = hf.config_overrides(json.load(f))
+  assert written == {**hf.config_overrides(config), **({"model.mtp_depth": 0} if without_mtp else {})}
+  back = files.HFCheckpoint(str(tmp_path / "back"))
+  assert sorted(back) == sorted(state)
+  for name in back:
+    np.testing.assert_array_equal(back[name], state[name], err_msg=name)
+
+
+def test_config_json_of_every_preset_or_the_field_that_has_no_transformers_model():
+  from moejax.config import common
+  from moejax.convert import hf_config
+
+  presets = checkpoints.load_presets()
+  got = {}
+  for name in presets.PRESETS:
+    try:
+      got[name] = hf_config.config_json(presets.get_config(name))["model_type"]
+    except ConfigError as e:
+      got[name] = str(e)
+  assert got["mixtral_8x7b"] == "mixtral" and got["qwen1_5_moe_a2_7b"] == "qwen2_moe" and got["dbrx"] == "dbrx"
+  assert (
+    got["deepseek_v3"] == "deepseek_v3" and got["deepseek_v2_lite"] == "deepseek_v2" and got["gpt_oss_20b"] == "gpt_oss"
+  )
+  assert got["olmoe_1b_7b"] == "olmoe" and got["qwen3_235b_a22b"] == "qwen3_moe"
+  assert "model.parallel_dense_d_ff is 7168 here, 0 in the nearest" in got["arctic"]  # Not in transformers.
+  assert "model.activation is 'geglu' here" in got["grok_1"]
+  quickstart = common.small_lm()
+  quickstart.model.vocab_size = 64
+  with pytest.raises(ConfigError, match="--hf_config: no transformers architecture .* model.activation is 'gelu' here"):
+    hf_config.config_json(quickstart)
+
+
 class _Presets:
   """A stand-in for configs/architectures.py with one tiny preset: the fixture's own model."""
 
@@ -341,6 +393,15 @@ def test_live_exported_directory_loads_in_transformers(case, tmp_path):
   assert os.path.isfile(tmp_path / "back" / files.INDEX_FILE)  # Sharded, as released checkpoints are.
   model = transformers.AutoModelForCausalLM.from_pretrained(
     str(tmp_path / "back"), dtype=torch.float32, attn_implementation="eager"
+  ).eval()
+  with torch.no_grad():
+    logits = model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()
+  np.testing.assert_allclose(logits, arrays["logits_float32"], atol=1e-5, rtol=0)
+  # Again with config.json written from the moejax config alone (no hf_config.json to copy).
+  os.remove(tmp_path / "moejax" / "hf_config.json")
+  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "alone"), say=_quiet)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "alone"), dtype=torch.float32, attn_implementation="eager"
   ).eval()
   with torch.no_grad():
     logits = model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()

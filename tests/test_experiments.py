@@ -15,7 +15,16 @@ import pytest
 
 from experiments import framework
 
-EXPERIMENTS = ["routing_families", "capacity_factor", "num_experts", "vision", "load_balancing", "fine_grained"]
+EXPERIMENTS = [
+  "routing_families",
+  "capacity_factor",
+  "num_experts",
+  "vision",
+  "load_balancing",
+  "fine_grained",
+  "upcycling",
+  "finetune",
+]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

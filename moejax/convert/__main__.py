@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
   to_hf.add_argument("--step", type=int, help="which checkpoint of a run's workdir (default: the newest)")
   to_hf.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: as stored)")
   to_hf.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
-  to_hf.add_argument("--hf_config", help="the config.json to write, for a model not converted from transformers")
+  to_hf.add_argument(
+    "--hf_config",
+    help="the config.json to write (default: the converted model's, else one written from the moejax config)",
+  )
   return parser
 
 

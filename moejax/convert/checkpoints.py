@@ -29,11 +29,12 @@ import ml_collections
 import numpy as np
 
 from moejax.convert import files, hf
+from moejax.convert.hf_config import config_json
 from moejax.errors import ConfigError
 
 # Fields a converted config.json sets that say how the model trains, not what it computes: a
 # preset may differ in them (its recipe wins).
-TRAINING_FIELDS = ("moe.load_balance", "moe.z_loss_weight", "moe.router_noise", "moe.jitter", "model.mtp_loss")
+TRAINING_FIELDS = hf.TRAINING_FIELDS
 PRESETS_FILE = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "architectures.py"
 )
@@ -211,7 +212,8 @@ def _building(out_dir: str):
 
 
 def _source_configs(source: str, hf_config_path: str | None) -> tuple[ml_collections.ConfigDict, dict]:
-  """(the moejax config, the transformers config.json dict) of a weights source."""
+  """(the moejax config, the transformers config.json dict, or None where neither the source nor a
+  converted model it started from has one and --hf_config is not given) of a weights source."""
   from moejax.config import saved_config
 
   root = source
@@ -228,12 +230,7 @@ def _source_configs(source: str, hf_config_path: str | None) -> tuple[ml_collect
   if not hf_config_path and not os.path.isfile(hf_path) and started_from and os.path.isfile(started_from):
     hf_path = started_from  # A run started from a converted model (init.checkpoint): that model's config.json.
   if not os.path.isfile(hf_path):
-    raise ConfigError(
-      "--hf_config",
-      f"{root!r} holds no hf_config.json, nor does a converted model it started from (init.checkpoint): give "
-      "--hf_config, a config.json of the architecture whose sizes and options are this model's (writing one "
-      "from a moejax config alone is not implemented)",
-    )
+    return cfg, None  # Written from the moejax config (`hf_config.config_json`), once the vocabulary is known.
   return cfg, _json(hf_path)
 
 
@@ -271,6 +268,12 @@ def to_hf(
 
   item_dir, description = weights_lib.item_directory(source, step, fields=("--checkpoint", "--step"))
   cfg, hf_config = _source_configs(source, hf_config_path)
+  saved = weights_lib.metadata(item_dir, field="--checkpoint")
+  if hf_config is None:  # From the moejax config alone; the vocabulary a run took from its data is the embedding's.
+    if not cfg.model.vocab_size and ("embed", "embedding") in saved["params"]:
+      cfg.model.vocab_size = saved["params"][("embed", "embedding")][0][0]
+    hf_config = config_json(cfg)
+    say(f"config.json written from the moejax config: a {hf_config['model_type']} model")
   model_type = hf.architecture(hf_config).model_type
   converted = hf.config_overrides(hf_config)
   if converted.get("model.mtp_depth") and not cfg.model.mtp_depth:
@@ -281,7 +284,6 @@ def to_hf(
   if differ:
     raise ConfigError("--hf_config", f"describes another model than {source}: {differ[0]}")
   model, params, others = _abstract_model(cfg)
-  saved = weights_lib.metadata(item_dir, field="--checkpoint")
   for section, variables in (("params", params), ("model_state", others)):
     for path, variable in variables.items():
       got = saved[section].get(weights_lib.key(path))

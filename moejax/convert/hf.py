@@ -72,6 +72,19 @@ GENERIC_KEYS = frozenset(
 )
 
 
+# Fields a config.json sets that shape training, not the function (compared nowhere).
+TRAINING_FIELDS = (
+  "moe.load_balance",
+  "moe.device_balance",
+  "moe.comm_balance",
+  "moe.z_loss_weight",
+  "moe.router_noise",
+  "moe.jitter",
+  "moe.bias_update_rate",
+  "model.mtp_loss",
+)
+
+
 class _Reader:
   """A config.json dict read key by key; `unread()` names what no rule looked at."""
 

@@ -1,0 +1,60 @@
+"""Sparse upcycling (Komatsuzaki et al. 2023): continue a dense checkpoint as dense, or as an MoE.
+
+  python -m experiments.upcycling [--scale quick|paper|smoke] [--seeds 0,1,2]
+
+On `configs/lm_routers.py` (Markov mixture; MoE in blocks 2 and 4, E = 8, top-2 with renormalised
+weights, capacity factor 1.25), for each seed:
+  dense_pretrain     the dense model trained for N steps: the checkpoint, its compute sunk
+  dense_continued    that checkpoint trained M more steps as the dense model
+  upcycled           that checkpoint as an MoE (init.upcycle: each expert a copy of the block's
+                     FFN, the router fresh) trained M more steps
+  moe_scratch        the same MoE from random weights for M steps: equal extra compute
+  moe_scratch_total  the same MoE from random weights for N + M steps: equal total steps
+The continued and upcycled runs start a fresh AdamW with the same warm-up and schedule (moejax's
+init takes parameters only); the paper also resets the optimizer for the upcycled model. At equal
+steps the MoE spends more FLOPs per token than the dense model (two experts of the dense FFN's
+size for each token in its MoE blocks): the FLOPs column and loss_vs_flops.png show it.
+
+Quick scale: N = M = 250 steps of 16 × 64 tokens; paper scale: the 12-block d = 768 decoder on C4,
+N = 100k and M = 50k steps.
+
+Result at the quick scale: see `found` below and experiments/results/upcycling/quick/.
+"""
+
+import sys
+
+from experiments.framework import PAPER_LM, QUICK_LM, Experiment, Variant, main
+
+ROUTERS = "configs/lm_routers.py"
+MOE = f"{ROUTERS}:top2"
+RENORMALISED = {"moe.combine_weights": "renormalized"}  # Upcycled experts then sum to the dense FFN at step 0.
+UPCYCLE = {"init.upcycle": True}
+# The scales set M, the extra steps; these the pretraining's N and the from-scratch run's N + M.
+N = {"quick": {"train.num_steps": 250, "train.checkpoint_every": 250}, "paper": {"train.num_steps": 100_000}}
+N_PLUS_M = {"quick": {"train.num_steps": 500, "train.checkpoint_every": 500}, "paper": {"train.num_steps": 150_000}}
+
+EXPERIMENT = Experiment(
+  name="upcycling",
+  title="Sparse upcycling: dense continuation vs upcycled MoE vs MoE from scratch",
+  variants=(
+    Variant("dense_pretrain", f"{ROUTERS}:dense", per_scale=N, note="the dense checkpoint (N steps)"),
+    Variant("dense_continued", f"{ROUTERS}:dense", init_from="dense_pretrain", note="N + M steps of dense"),
+    Variant("upcycled", MOE, {**RENORMALISED, **UPCYCLE}, init_from="dense_pretrain", note="N dense + M MoE"),
+    Variant("moe_scratch", MOE, RENORMALISED, note="M steps: equal extra compute"),
+    Variant("moe_scratch_total", MOE, RENORMALISED, per_scale=N_PLUS_M, note="N + M steps from scratch"),
+  ),
+  scales={
+    "quick": QUICK_LM,
+    "paper": {**PAPER_LM, "train.num_steps": 50_000},
+  },
+  baseline="dense_continued",
+  paper=(
+    "Komatsuzaki et al. 2023 (T5 language models and ViT): for the same extra compute, upcycled "
+    "models beat continuing the dense model, by more as the extra budget grows, and an MoE trained "
+    "from scratch needs far more compute (more than the dense checkpoint's sunk cost in their "
+    "figures) to catch up with the upcycled one."
+  ),
+)
+
+if __name__ == "__main__":
+  sys.exit(main(EXPERIMENT))
