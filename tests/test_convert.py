@@ -391,21 +391,19 @@ def test_live_exported_directory_loads_in_transformers(case, tmp_path):
   size = sum(v.nbytes for v in state.values())
   checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), max_shard_bytes=size // 3, say=_quiet)
   assert os.path.isfile(tmp_path / "back" / files.INDEX_FILE)  # Sharded, as released checkpoints are.
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-    str(tmp_path / "back"), dtype=torch.float32, attn_implementation="eager"
-  ).eval()
-  with torch.no_grad():
-    logits = model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()
-  np.testing.assert_allclose(logits, arrays["logits_float32"], atol=1e-5, rtol=0)
+
+  def logits_of(directory):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(directory), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+      return model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()
+
+  np.testing.assert_allclose(logits_of(tmp_path / "back"), arrays["logits_float32"], atol=1e-5, rtol=0)
   # Again with config.json written from the moejax config alone (no hf_config.json to copy).
   os.remove(tmp_path / "moejax" / "hf_config.json")
   checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "alone"), say=_quiet)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-    str(tmp_path / "alone"), dtype=torch.float32, attn_implementation="eager"
-  ).eval()
-  with torch.no_grad():
-    logits = model(torch.as_tensor(arrays["tokens"])).logits.float().numpy()
-  np.testing.assert_allclose(logits, arrays["logits_float32"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logits_of(tmp_path / "alone"), arrays["logits_float32"], atol=1e-5, rtol=0)
 
 
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
