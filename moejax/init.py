@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import zlib
 
@@ -64,6 +65,22 @@ class Plan:
     if self.skipped:
       parts.append(f"{len(self.skipped)} of the checkpoint not taken ({_listing(self.skipped)})")
     return "; ".join(parts)
+
+  def record(self) -> dict:
+    """What a new run took, for its workdir's init.json: the exact checkpoint (its step included) and how."""
+    parts = os.path.normpath(self.item_dir).split(os.sep)
+    step = int(parts[-2]) if parts[-1] == "default" and parts[-2].isdigit() else None
+    return {
+      "source": self.description,
+      "item_directory": os.path.abspath(self.item_dir),
+      "step": step,
+      "taken": {section: [weights.dotted(p) for p in paths] for section, paths in self.take.items()},
+      "fresh": list(self.fresh),
+      "skipped": list(self.skipped),
+      "upcycled": [weights.dotted(p) for p in self.upcycled],
+      "upcycle_segments": self.segments,
+      "upcycle_noise": self.noise,
+    }
 
 
 def _listing(names, most: int = 3) -> str:
@@ -119,9 +136,8 @@ def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
   made from the checkpoint's dense FFN array of the same name in that block, and the MoE block's
   other variables the checkpoint lacks (its router, Soft MoE's slot parameters) start fresh.
   """
-  item_dir, description = weights.item_directory(
-    init_cfg.checkpoint, init_cfg.step or None, fields=("init.checkpoint", "init.step")
-  )
+  step = init_cfg.step or agreed_newest_step(init_cfg.checkpoint)
+  item_dir, description = weights.item_directory(init_cfg.checkpoint, step, fields=("init.checkpoint", "init.step"))
   saved = weights.metadata(item_dir, field="init.checkpoint")
   include = [re.compile(p) for p in init_cfg.include]
   exclude = [re.compile(p) for p in init_cfg.exclude]
@@ -209,6 +225,28 @@ def plan(init_cfg, model_shapes: dict, seed: int = 0) -> Plan:
     float(init_cfg.upcycle_noise),
     seed,
   )
+
+
+def agreed_newest_step(path: str, broadcast=None) -> int | None:
+  """With several processes, the newest step of the run in `path` as process 0 sees it; else None (each its own).
+
+  A source run still writing checkpoints could otherwise give processes different newest steps.
+  None also where `path` is not a run's workdir (a converted model, one step of a run).
+  broadcast: process 0's value to all (`multihost_utils.broadcast_one_to_all`; a test stands in for it).
+  """
+  if jax.process_count() == 1:
+    return None
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  try:
+    item_dir, _ = weights.item_directory(path, None, fields=("init.checkpoint", "init.step"))
+    parts = item_dir.split(os.sep)
+    mine = int(parts[-2]) if parts[-1] == "default" and parts[-3] == "checkpoints" else -1
+  except ConfigError:
+    mine = -1  # plan() names the problem, on every process.
+  newest = int((broadcast or multihost_utils.broadcast_one_to_all)(np.int32(mine)))
+  return newest if newest >= 0 else None
 
 
 def _is_expert(path, shape) -> bool:

@@ -437,6 +437,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
 
       init_plan = init_plan or init.plan(cfg.init, init.shapes(trainer.abstract_state), seed=cfg.seed)
       say(init_plan.summary())
+      if is_writer:  # The checkpoint actually taken (init.step 0 resolves to a step) and what of it.
+        with open(os.path.join(workdir, "init.json"), "w") as f:
+          json.dump(init_plan.record(), f, indent=1)
       loaded = init.load(init_plan, trainer.abstract_state)
     trainer.initialize(loaded)
   writer = MetricWriter(workdir, enabled=is_writer)

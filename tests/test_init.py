@@ -127,6 +127,10 @@ def test_a_new_run_from_a_runs_checkpoint_continues_its_function(source_run, dat
   assert (
     saved["checkpoint"] == str(source_run) and saved["step"] == 2 and saved["include"] == [] and not saved["upcycle"]
   )
+  with open(workdir / "init.json") as f:
+    record = json.load(f)
+  assert record["step"] == 2 and record["item_directory"] == str(source_run / "checkpoints" / "2" / "default")
+  assert len(record["taken"]["params"]) == taken and not record["fresh"] and not record["upcycled"]
   with open(workdir / "summary.json") as f:
     b = json.load(f)["eval_cross_entropy"]
   with open(source_run / "metrics.jsonl") as f:
@@ -141,6 +145,24 @@ def test_a_new_run_from_a_runs_checkpoint_continues_its_function(source_run, dat
     data_dir=data_dir,
   )
   assert again.returncode == 0 and "already trained to step 1" in again.stdout and "init:" not in again.stdout
+
+
+def test_with_several_processes_the_newest_step_is_process_0s(source_run, data_dir, monkeypatch):
+  """init.step 0 with several processes: every process takes the step process 0 found newest (a source run
+  still writing could show them different ones), passed by broadcast_one_to_all (here a stand-in: process 0
+  saw step 2, this process sees 4)."""
+  from jax.experimental import multihost_utils
+
+  cfg = _config(data_dir, **{"init.checkpoint": str(source_run)})
+  config_lib.validate(cfg, jax.device_count())
+  trainer = Trainer(cfg, tasks.make_task(cfg, tasks.make_data(cfg)), initialize=False)
+  assert init.plan(cfg.init, init.shapes(trainer.abstract_state)).record()["step"] == 4  # One process: its newest.
+  sent = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or np.int32(2))
+  the_plan = init.plan(cfg.init, init.shapes(trainer.abstract_state))
+  assert sent == [4]  # This process offered its own newest, and took process 0's.
+  assert the_plan.description == f"step 2 of the run in {source_run}" and the_plan.record()["step"] == 2
 
 
 def test_a_converted_model_trains_from_the_command_line(data_dir, tmp_path):
