@@ -40,15 +40,19 @@ def _names(keypath) -> tuple[str, ...]:
   return tuple(out[:-1] if out and out[-1] in ("value", ".value") else out)
 
 
-def is_expert(names: tuple[str, ...], ndim: int) -> bool:
-  if "shared" in names and "ffn" in names:
-    return True
+def routed_expert(names: tuple[str, ...], ndim: int) -> bool:
+  """An MoE layer's stacked routed-expert array: …ffn.{wi, wg, wo} [E, in, out] or …ffn.{bi, bg, bo} [E, out]."""
   return (
     len(names) >= 2
     and names[-2] == "ffn"
     and names[-1] in _EXPERT_ARRAYS
     and ndim == (3 if names[-1].startswith("w") else 2)
   )
+
+
+def is_expert(names: tuple[str, ...], ndim: int) -> bool:
+  """A routed expert's array or a shared expert's."""
+  return ("shared" in names and "ffn" in names) or routed_expert(names, ndim)
 
 
 def in_group(group: str, names: tuple[str, ...], ndim: int) -> bool:

@@ -29,7 +29,7 @@ import zlib
 
 import jax
 
-from moejax import weights
+from moejax import finetune, weights
 from moejax.errors import ConfigError
 
 SECTIONS = ("params", "model_state")
@@ -88,7 +88,6 @@ def _listing(names, most: int = 3) -> str:
   return ", ".join(names[:most]) + (f", ... {len(names) - most} more" if len(names) > most else "")
 
 
-_EXPERT_ARRAYS = ("wi", "wg", "wo", "bi", "bg", "bo")
 # The axis of a dense FFN array that runs over its hidden units (None: bo has none).
 _HIDDEN_AXIS = {"wi": 1, "wg": 1, "wo": 0, "bi": 0, "bg": 0, "bo": None}
 
@@ -250,14 +249,8 @@ def agreed_newest_step(path: str, broadcast=None) -> int | None:
 
 
 def _is_expert(path, shape) -> bool:
-  """An MoE block's stacked expert array: blocks.{i}.ffn.{wi, wg, wo, bi, bg, bo} with a leading E axis."""
-  return (
-    len(path) == 4
-    and path[0] == "blocks"
-    and path[2] == "ffn"
-    and path[3] in _EXPERT_ARRAYS
-    and (len(shape) == (3 if path[3].startswith("w") else 2))
-  )
+  """A decoder or ViT block's stacked routed-expert array (blocks.{i}.ffn.wi, ...; not the MTP modules')."""
+  return len(path) == 4 and path[0] == "blocks" and finetune.routed_expert(weights.key(path), len(shape))
 
 
 def load(the_plan: Plan, abstract_state: dict) -> dict:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import finetune
 from moejax.errors import ConfigError
 
 GROUPS = ("attention", "experts", "dense_ffn", "router")
@@ -48,7 +49,7 @@ _NOT_MATRICES = re.compile(r"b[a-z]*|scale|sinks|bias")  # Biases (bi, bqkv, ...
 
 def routed_expert(names: tuple[str, ...], ndim: int) -> bool:
   """An MoE layer's stacked expert matrix [E, in, out] (…ffn.wi | wg | wo)."""
-  return len(names) >= 2 and names[-2] == "ffn" and names[-1] in _EXPERT_MATRICES and ndim == 3
+  return names[-1] in _EXPERT_MATRICES and finetune.routed_expert(names, ndim)
 
 
 def in_group(group: str, names: tuple[str, ...], ndim: int) -> bool:
