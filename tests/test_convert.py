@@ -124,6 +124,9 @@ def test_mtp_module_round_trips(tmp_path):
   state = hf.export_hf_weights(model, "deepseek_v3")
   layer = f"model.layers.{cfg.model.num_layers}"
   assert f"{layer}.eh_proj.weight" in state
+  # The release's layout: the module also holds copies of the shared embedding and head.
+  np.testing.assert_array_equal(state[f"{layer}.embed_tokens.weight"], state["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(state[f"{layer}.shared_head.head.weight"], state["lm_head.weight"])
   _write_hf_dir(tmp_path / "hf", config, state)
   checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
   checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), say=_quiet)

@@ -21,7 +21,7 @@ q_a_layernorm, q_b_proj or q_proj; kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
 moejax.layers.mla), `mlp.shared_experts`, V3's `mlp.gate.e_score_correction_bias` (the router's
 balancing bias, state) and its multi-token-prediction module `model.layers.{L}` (enorm, hnorm,
 eh_proj, shared_head.norm, and a decoder layer; the copies of the shared embedding and head it
-may hold must equal them).
+may hold must equal them, and export writes them).
 
 A config.json key that moejax does not model is refused with the key's name (`ConfigError`),
 never dropped: a converted model computes the released function or does not convert.
@@ -1030,12 +1030,20 @@ def export_part(flat: Mapping[tuple, np.ndarray], part: str, cfg, model_type: st
   """One part (`export_parts`) of `export_hf_weights`: its tensors from the moejax arrays `flat` holds for it."""
   arch = architecture({"model_type": model_type})
   kind, _, index = part.partition(" ")
+  # The MTP modules' copies of the shared embedding and head, as DeepSeek-V3's release holds them
+  # (model.layers.{L + k}.embed_tokens, .shared_head.head): the same arrays, written again.
+  mtp_layers = [f"model.layers.{cfg.num_layers + k}" for k in range(cfg.mtp_depth)]
   if part == "embedding":
-    out = {"model.embed_tokens.weight": flat[("embed", "embedding")]}
+    embedding = flat[("embed", "embedding")]
+    out = {"model.embed_tokens.weight": embedding}
+    out.update({f"{layer}.embed_tokens.weight": embedding for layer in mtp_layers})
+    if cfg.tie_embeddings:
+      out.update({f"{layer}.shared_head.head.weight": embedding for layer in mtp_layers})
   elif part == "final norm":
     out = {"model.norm.weight": flat[("final_norm", "scale")]}
   elif part == "head":
-    out = {"lm_head.weight": _linear(flat[("unembed", "kernel")])}
+    head = _linear(flat[("unembed", "kernel")])
+    out = {"lm_head.weight": head, **{f"{layer}.shared_head.head.weight": head for layer in mtp_layers}}
   elif kind == "layer":
     i = int(index)
     out = _block_to_hf(flat, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), cfg, arch, model_type)
