@@ -14,7 +14,7 @@ on that distribution's validation split every few steps:
   moe_lora            LoRA rank 8 on the MoE's attention, dense FFN and every expert (per expert)
 All fine-tunes: constant learning rate 1e-3 after 10 warm-up steps, fresh AdamW, the same steps.
 The table leads with the final eval loss; "best eval" is the lowest eval of the run and
-"final − best" how far over-fitting has taken it above that; eval_vs_step.png draws the eval
+"final vs best" how far over-fitting has taken it from that; eval_vs_step.png draws the eval
 curves (solid) over the train curves (dotted). The two pretraining rows are evaluated on their own
 (pretraining) data.
 
@@ -72,7 +72,7 @@ EXPERIMENT = Experiment(
     _tune("moe_full", "moe_pretrain", MOE),
     _tune("moe_frozen_experts", "moe_pretrain", MOE, {"optim.freeze": ("experts",)}),
     _tune("moe_experts_only", "moe_pretrain", MOE, {"optim.freeze": ("non_experts",)}),
-    _tune("moe_lora", "moe_pretrain", MOE, LORA),
+    _tune("moe_lora", "moe_pretrain", MOE, {**LORA, "lora.targets": ("attention", "experts", "dense_ffn")}),
   ),
   scales={"quick": QUICK_LM, "paper": PAPER_LM},
   eval_curves=True,

@@ -183,12 +183,17 @@ def run_config(
       }
     )
   values["seed"] = seed
+  source = None
   if variant.init_from:
     labels = [v.label for v in experiment.variants]
     if variant.init_from not in labels[: labels.index(variant.label)]:
       raise ValueError(f"variant {variant.label}: init_from {variant.init_from!r} is not a variant listed before it")
     values["init.checkpoint"] = os.path.abspath(run_dir(out or ".", variant.init_from, seed))
+    source = run_config(experiment, experiment.variant(variant.init_from), scale, seed, extra, out)
   cfg = override(cfg, values)
+  if source is not None and cfg.data.to_dict() == source.data.to_dict() and cfg.seed == source.seed:
+    # The same data as the run it continues: go on to the batches that run has not seen.
+    cfg.train.data_offset = source.train.data_offset + source.train.num_steps
   for field, value in (extra or {}).items():
     try:
       override(cfg, {field: _as_type_of(cfg, field, value)})
@@ -252,6 +257,12 @@ def finished_twin(cfg, search_root: str, exclude: str = "") -> str | None:
   return None
 
 
+def _same_source(old: str, new: str) -> bool:
+  """Whether two init.checkpoint paths name the same runs/<label>/seed<k> (under different --out or clones)."""
+  tail = lambda path: os.path.normpath(path).split(os.sep)[-3:]
+  return bool(old) and bool(new) and tail(old) == tail(new) and tail(new)[0] == "runs"
+
+
 def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
   """Trains (or resumes) one run: 'trained', 'copied' (see reuse_from) or 'skipped' (finished earlier).
 
@@ -264,7 +275,16 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
   from moejax import config as config_lib
   from moejax import tasks, train
 
-  differ, _ = config_lib.differences_from_saved(workdir, cfg.to_dict())
+  resolved = cfg.to_dict()
+  saved_path = os.path.join(workdir, "config.json")
+  if os.path.exists(saved_path):
+    # A run started from another variant's (init_from) names it by absolute path: the same run in a
+    # clone elsewhere, or with --out moved, is the same source (runs/<label>/seed<k> under --out).
+    with open(saved_path) as f:
+      saved_source = json.load(f).get("init", {}).get("checkpoint", "")
+    if _same_source(saved_source, resolved["init"]["checkpoint"]):
+      resolved["init"]["checkpoint"] = saved_source
+  differ, _ = config_lib.differences_from_saved(workdir, resolved)
   if differ:
     raise config_lib.ConfigError(
       "--out",
@@ -301,7 +321,7 @@ def train_run(cfg, workdir: str, reuse_from: str | None = None) -> str:
 # ----------------------------------------------------------------------------- analysis
 
 
-def _curve(workdir: str) -> dict[str, np.ndarray]:
+def _curve(workdir: str, metric: str = "eval_cross_entropy") -> dict[str, np.ndarray]:
   """Train curves of one run: step, loss, wall time, per-layer expert loads."""
   from moejax.metric_writer import read_metrics
 
@@ -317,10 +337,17 @@ def _curve(workdir: str) -> dict[str, np.ndarray]:
     curve[layer] = np.array([[r[k] for k in experts] for r in rows], float)  # [steps, E]
   evals = [row for _, row in sorted(read_metrics(workdir, split="eval").items())]
   curve["eval_step"] = np.array([r["step"] for r in evals], float)
-  curve["eval"] = np.array([r.get("cross_entropy", r.get("loss", np.nan)) for r in evals], float)
+  curve["eval"] = np.array([r.get(metric.removeprefix("eval_"), np.nan) for r in evals], float)
   balance = [k for k in rows[-1] if k.endswith("/max_over_mean_load")]
   curve["max_over_mean_load"] = float(np.mean([rows[-1][k] for k in balance])) if balance else float("nan")
   return curve
+
+
+def _best(evals: np.ndarray, metric: str) -> float:
+  """The best of a run's evals: the lowest loss, or the highest accuracy."""
+  if not evals.size:
+    return float("nan")
+  return float(np.max(evals) if "accuracy" in metric else np.min(evals))
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
@@ -363,7 +390,7 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
       workdir = run_dir(out, variant.label, seed)
       with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-      curves[variant.label, seed] = curve = _curve(workdir)
+      curves[variant.label, seed] = curve = _curve(workdir, experiment.metric)
       rows.append(
         {
           "variant": variant.label,
@@ -377,7 +404,7 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
           "tokens": summary["tokens_this_run"],
           "wall_time_s": summary["wall_time_s"],
           "max_over_mean_load": curve["max_over_mean_load"],
-          "best_eval": float(np.min(curve["eval"])) if curve["eval"].size else float("nan"),
+          "best_eval": _best(curve["eval"], experiment.metric),
         }
       )
   if experiment.baseline:
@@ -423,7 +450,7 @@ def _fields(experiment: Experiment, rows: list[dict]):
   if experiment.eval_curves:
     fields += [
       ("best eval", lambda rs, tex: _pm([r["best_eval"] for r in rs], digits, tex)),
-      ("final − best", lambda rs, tex: _pm([r[metric] - r["best_eval"] for r in rs], digits, tex)),
+      ("final vs best", lambda rs, tex: _pm([abs(r[metric] - r["best_eval"]) for r in rs], digits, tex)),
     ]
   if experiment.baseline:
     fields.append(
@@ -700,10 +727,10 @@ def main(experiment: Experiment, argv=None) -> int:
       for v, s, _ in configs
       if v.init_from
       and v.init_from not in args.only
-      and not os.path.exists(os.path.join(run_dir(args.out, v.init_from, s), "summary.json"))
+      and not os.path.isdir(os.path.join(run_dir(args.out, v.init_from, s), "checkpoints"))
     ]
     if missing:
-      raise ValueError(f"--only: {missing[0]}, which is neither selected nor trained in {args.out}")
+      raise ValueError(f"--only: {missing[0]}, which is neither selected nor trained (with checkpoints) in {args.out}")
   except (ConfigError, ValueError, KeyError) as e:
     print(f"error: {experiment.name}: {e}", file=sys.stderr)
     return 2

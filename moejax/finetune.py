@@ -102,16 +102,33 @@ def labels(cfg, params) -> object | None:
   """The params tree with 'frozen' or 'train' at each parameter; None when every parameter trains.
 
   Frozen: the parameters of optim.freeze / optim.freeze_patterns; with LoRA (lora.rank > 0),
-  every base parameter but those of lora.train (`moejax.lora`). ConfigError if a group or
+  every base parameter but those of lora.train and lora.train_patterns (`moejax.lora`). ConfigError if a group or
   pattern matches nothing.
   """
   if cfg.lora.rank > 0:
-    trained = _matching(params, cfg.lora.train, (), ("lora.train", ""))
+    trained = _matching(params, cfg.lora.train, cfg.lora.train_patterns, ("lora.train", "lora.train_patterns"))
     return jax.tree.map(lambda t: "train" if t else "frozen", trained)
   if not cfg.optim.freeze and not cfg.optim.freeze_patterns:
     return None
   frozen = _matching(params, cfg.optim.freeze, cfg.optim.freeze_patterns, ("optim.freeze", "optim.freeze_patterns"))
   return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+
+
+def frozen_names(param_labels) -> set[str]:
+  """The dotted paths `labels` marks frozen."""
+  if param_labels is None:
+    return set()
+  flat = jax.tree_util.tree_flatten_with_path(param_labels)[0]
+  return {".".join(_names(path)) for path, label in flat if label == "frozen"}
+
+
+def router_frozen(param_labels) -> bool:
+  """Whether the routers are frozen (every router parameter the model has): then DeepSeek's balancing bias stays put too."""
+  if param_labels is None:
+    return False
+  flat = jax.tree_util.tree_flatten_with_path(param_labels)[0]
+  routers = [label for path, label in flat if in_group("router", _names(path), 2)]
+  return bool(routers) and all(label == "frozen" for label in routers)
 
 
 def with_frozen(tx: optax.GradientTransformation, param_labels, adapters=None) -> optax.GradientTransformation:

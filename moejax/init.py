@@ -242,8 +242,8 @@ def agreed_newest_step(path: str, broadcast=None) -> int | None:
     item_dir, _ = weights.item_directory(path, None, fields=("init.checkpoint", "init.step"))
     parts = item_dir.split(os.sep)
     mine = int(parts[-2]) if parts[-1] == "default" and parts[-3] == "checkpoints" else -1
-  except ConfigError:
-    mine = -1  # plan() names the problem, on every process.
+  except Exception:  # noqa: BLE001 - every process must reach the broadcast; plan() then names the problem.
+    mine = -1
   newest = int((broadcast or multihost_utils.broadcast_one_to_all)(np.int32(mine)))
   return newest if newest >= 0 else None
 

@@ -8,9 +8,11 @@ A [E, in, r], B [E, r, out], split over the 'expert' mesh axis like W.
 
 Which matrices (`lora.targets`, groups; `lora.patterns`, regular expressions over dotted paths):
   attention   every attention projection (wqkv, wq, wkv, wo; MLA's wq_a, wq_b, wkv_a, wkv_b)
+  ffn         every FFN matrix: experts and dense_ffn (whichever the model has)
   experts     the MoE layers' routed experts (per-expert adapters) and shared experts
   dense_ffn   the dense FFN matrices: dense blocks, Arctic's parallel dense FFN
   router      the routers' kernels
+The default, attention and ffn, adapts every matrix of the attention and FFN blocks of any model.
 A pattern may name any other weight of two or more dimensions (an embedding [V, d] is a lookup of
 rows, i.e. a one-hot input: LoRA's usual embedding adapter); biases, norm scales and attention
 sinks are refused, as is a group or pattern that matches nothing.
@@ -42,7 +44,7 @@ import numpy as np
 from moejax import finetune
 from moejax.errors import ConfigError
 
-GROUPS = ("attention", "experts", "dense_ffn", "router")
+GROUPS = ("attention", "ffn", "experts", "dense_ffn", "router")
 _EXPERT_MATRICES = ("wi", "wg", "wo")
 _NOT_MATRICES = re.compile(r"b[a-z]*|scale|sinks|bias")  # Biases (bi, bqkv, ...), norm scales, sinks.
 
@@ -59,6 +61,8 @@ def in_group(group: str, names: tuple[str, ...], ndim: int) -> bool:
     return False
   if group == "attention":
     return "attention" in names and ndim >= 2
+  if group == "ffn":
+    return in_group("experts", names, ndim) or in_group("dense_ffn", names, ndim)
   if group == "experts":
     return "ffn" in names and (routed_expert(names, ndim) or ("shared" in names and ndim == 2))
   if group == "dense_ffn":

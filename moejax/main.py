@@ -139,7 +139,7 @@ def _remove_new_run(workdir: str, remove_dir: bool) -> None:
   """Removes what a new run wrote before it failed to start: its config, manifest and empty checkpoint directory."""
   import shutil
 
-  for name in ("config.json", "data_manifest.json"):
+  for name in ("config.json", "data_manifest.json", "init.json"):
     path = os.path.join(workdir, name)
     if os.path.isfile(path):
       os.remove(path)
@@ -162,6 +162,34 @@ def _abstract_model(cfg, task):
   model = nnx.eval_shape(lambda: task.make_model(None, nnx.Rngs(params=cfg.seed)))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
   return params, model_state
+
+
+def _frozen_from_weights(cfg, params, init_plan) -> None:
+  """ConfigError if a new run would freeze parameters that no checkpoint gives: they would stay random.
+
+  LoRA freezes the base model, so it needs init.checkpoint; with either LoRA or optim.freeze, a
+  frozen parameter the init leaves fresh (init.exclude, an upcycled MoE's new router) is refused.
+  A freeze without init.checkpoint is allowed (a frozen random router is an experiment of its own).
+  """
+  from moejax import finetune
+  from moejax.errors import ConfigError
+
+  field = "lora.train" if cfg.lora.rank > 0 else "optim.freeze"
+  if cfg.lora.rank > 0 and init_plan is None:
+    raise ConfigError(
+      "lora.rank", "LoRA freezes the base model, but init.checkpoint is '': it would stay at its random initialisation"
+    )
+  if init_plan is None:
+    return
+  stuck = sorted(finetune.frozen_names(finetune.labels(cfg, params)) & set(init_plan.fresh))
+  if stuck:
+    raise ConfigError(
+      field,
+      f"{len(stuck)} frozen parameters get no weights from init.checkpoint and would stay at their random "
+      f"initialisation ({', '.join(stuck[:3])}{', ...' if len(stuck) > 3 else ''}); train them "
+      f"({'lora.train or lora.train_patterns' if field == 'lora.train' else 'leave them out of the freeze'}) "
+      "or take them from the checkpoint",
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -217,6 +245,8 @@ def main(argv: list[str]) -> int:
       from moejax import init
 
       init_plan = init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
+    if tuning and not _has_checkpoint(workdir):
+      _frozen_from_weights(cfg, params, init_plan)
   except config_lib.ConfigError as e:
     _fail(f"config {e}" if e.field.startswith(("optim.", "lora.")) else str(e))
   from moejax import train

@@ -1,6 +1,6 @@
 """The training loop: jitted train step, periodic eval, orbax checkpoints, resume, faults.
 
-Determinism: the batch of step s is a pure function of (seed, s) and the parameters are
+Determinism: the batch of step s is a pure function of (seed, train.data_offset + s) and the parameters are
 initialised from the seed, so a run resumed from its newest checkpoint reproduces the losses
 of an unbroken run step for step (tests/test_train.py kills a run with SIGKILL to check).
 
@@ -108,6 +108,7 @@ class Trainer:
     self.adapters = lora.shapes(cfg.lora, flat_params) if lora.enabled(cfg) else {}
     # Which base parameters get no gradient and no update: the frozen groups, or, with LoRA, all but lora.train's.
     self.param_labels = finetune.labels(cfg, abstract_params)
+    self.router_frozen = finetune.router_frozen(self.param_labels)
     abstract_adapters = jax.eval_shape(self._initial_adapters) if self.adapters else None
     self.tx = finetune.with_frozen(self.tx, self.param_labels, abstract_adapters)
     self.batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))
@@ -200,7 +201,7 @@ class Trainer:
     (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     # Rule-based state (DeepSeek's routing bias) moves after the step, from that step's loads.
     model = nnx.merge(self.graphdef, self.model_params(trainable), state["model_state"])
-    if "router" not in self.cfg.optim.freeze:  # A frozen router's balancing bias (DeepSeek-V3's) stays put too.
+    if not self.router_frozen:  # A frozen router's balancing bias (DeepSeek-V3's) stays put too.
       for layer, aux in zip(model.moe_layers(), moe_aux):
         layer.update_balance(aux)
     model_state = nnx.state(model, nnx.Not(nnx.Param))
@@ -437,10 +438,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
 
       init_plan = init_plan or init.plan(cfg.init, init.shapes(trainer.abstract_state), seed=cfg.seed)
       say(init_plan.summary())
+      loaded = init.load(init_plan, trainer.abstract_state)
       if is_writer:  # The checkpoint actually taken (init.step 0 resolves to a step) and what of it.
         with open(os.path.join(workdir, "init.json"), "w") as f:
           json.dump(init_plan.record(), f, indent=1)
-      loaded = init.load(init_plan, trainer.abstract_state)
     trainer.initialize(loaded)
   writer = MetricWriter(workdir, enabled=is_writer)
   eval_batches = list(data.eval_batches())
@@ -457,7 +458,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     return scalars
 
   with _StopSignal() as stop:
-    batches = data.train_batches(start_step)
+    batches = data.train_batches(t.data_offset + start_step)
     nonfinite = None  # On device: the first NaN/inf step (see _note_nonfinite).
     for step in range(start_step + 1, t.num_steps + 1):
       metrics = trainer.train_step(next(batches))

@@ -201,15 +201,15 @@ def restore(
     out[section] = {p: got[key(p)] for p in flat}
   if adapted:
     adapters, s = out.pop("lora"), _lora_scale(item_dir, field)
-    for path, target in targets["params"].items():
+    for path in targets["params"]:
       if path in adapted:
         a, b = (adapters[k] for k in adapted[path])
         w = out["params"][path]
-        merge = lambda w, a, b: lora.merged(w, a, b, s)
-        out["params"][path] = (
-          merge(w, a, b) if isinstance(w, np.ndarray) else jax.jit(merge, out_shardings=w.sharding)(w, a, b)
-        )
+        out["params"][path] = lora.merged(w, a, b, s) if isinstance(w, np.ndarray) else _merge(w, a, b, s)
   return out
+
+
+_merge = jax.jit(lora.merged, static_argnums=3)  # W + s·A·B on device, compiled once per shape.
 
 
 def _adapted(item_dir: str, params: Mapping[Path, object], field: str) -> dict:
@@ -222,8 +222,10 @@ def _adapted(item_dir: str, params: Mapping[Path, object], field: str) -> dict:
     if (*key(path), "a") not in saved:
       continue
     sharding = getattr(target, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):  # Small: whole on each device of W's mesh.
-      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      # Per-expert adapters [E, ...] split over E as W is; others are small: whole on each device.
+      lead = sharding.spec[0] if len(saved[(*key(path), "a")][0]) == 3 and len(sharding.spec) else None
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
     out[path] = {
       (*key(path), name): jax.ShapeDtypeStruct(saved[(*key(path), name)][0], np.float32, sharding=sharding)
       for name in ("a", "b")

@@ -139,6 +139,19 @@ def test_mtp_module_round_trips(tmp_path):
   mtp = [name for name in state if name.startswith(f"{layer}.")]
   assert report["tensors"] == len(state) - len(mtp) and f"{len(mtp)} of its tensors left out" in said[-1]
   assert saved_config(str(tmp_path / "main" / "config.json")).model.mtp_depth == 0
+  # With tied embeddings, the module's head copy is the embedding (there is no lm_head).
+  tied_config = {**config, "tie_word_embeddings": True}
+  tied = DecoderLM(decoder_config(hf.moejax_config(tied_config), 0), rngs=nnx.Rngs(4))
+  tied_state = hf.export_hf_weights(tied, "deepseek_v3")
+  assert "lm_head.weight" not in tied_state
+  np.testing.assert_array_equal(tied_state[f"{layer}.shared_head.head.weight"], tied_state["model.embed_tokens.weight"])
+  _write_hf_dir(tmp_path / "tied", tied_config, tied_state)
+  checkpoints.from_hf(str(tmp_path / "tied"), str(tmp_path / "tied_moejax"), say=_quiet)
+  checkpoints.to_hf(str(tmp_path / "tied_moejax"), str(tmp_path / "tied_back"), say=_quiet)
+  tied_back = files.HFCheckpoint(str(tmp_path / "tied_back"))
+  assert sorted(tied_back) == sorted(tied_state)
+  for name, value in tied_state.items():
+    np.testing.assert_array_equal(tied_back[name], value, err_msg=name)
   main_config, main_state, _ = _fixture("mixtral_8x7b")
   _write_hf_dir(tmp_path / "mixtral", main_config, main_state)
   with pytest.raises(ConfigError, match="--without_mtp: the model has no multi-token-prediction module"):

@@ -47,34 +47,28 @@ def test_targets_by_hand():
 @pytest.mark.parametrize(
   "fields, message",
   [
-    ({"lora.patterns": (r".*\.bqkv",)}, "lora.patterns: '.*\\.bqkv' matches nothing"),
+    ({"lora.patterns": (r".*\.bqkv",)}, "lora.patterns: '.*\\.bqkv' matches no weight matrix"),  # No bias here.
     ({"lora.patterns": (r"final_norm\.scale",)}, "which is no weight matrix"),
     ({"lora.targets": (), "lora.patterns": (r"decoder\..*",)}, "'decoder\\..*' matches no weight matrix"),
+    ({"lora.targets": ("dense_ffn",), "model.moe_every": 1}, "lora.targets: 'dense_ffn' matches no weight matrix"),
   ],
 )
 def test_targets_that_fit_nothing_are_refused(fields, message):
-  if "bqkv" in str(fields):  # The tiny model's attention has no bias: the pattern matches nothing at all.
-    message = "'.*\\.bqkv' matches no weight matrix"
   with pytest.raises(ConfigError, match=re.escape(message)):
     _adapter_shapes(**fields)
 
 
-@pytest.mark.parametrize("shape", [(5, 6, 7), (6, 3, 2, 4), (6, 7)])
-def test_the_merged_weight_computes_the_unmerged_adapter(shape):
-  """x·(W + s·A·B) = x·W + s·(x·A)·B, for an expert array [E, in, out] (per-expert), wqkv's [in, 3, H, hd] and a matrix."""
-  rng = np.random.default_rng(0)
-  lead = shape[:1] if len(shape) == 3 else ()
-  fan_in, out = shape[len(lead)], int(np.prod(shape[len(lead) + 1 :]))
-  w = rng.normal(size=shape).astype(np.float32)
-  a = rng.normal(size=(*lead, fan_in, 2)).astype(np.float32)
-  b = rng.normal(size=(*lead, 2, out)).astype(np.float32)
-  x = rng.normal(size=(*lead, 4, fan_in)).astype(np.float32)
-  merged = np.asarray(lora.merged(jax.numpy.asarray(w), a, b, 0.5)).reshape(*lead, fan_in, out)
-  unmerged = x @ w.reshape(*lead, fan_in, out) + 0.5 * (x @ a) @ b
-  np.testing.assert_allclose(x @ merged, unmerged, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(
-    lora.merged(w, a, b, 0.5), np.asarray(lora.merged(jax.numpy.asarray(w), a, b, 0.5)), rtol=1e-6
-  )
+@pytest.mark.parametrize("fields", [{"model.moe_every": 1}, {"model.moe_every": 0}])
+def test_the_default_targets_fit_all_moe_and_dense_models(fields):
+  """attention and ffn: every block's attention and FFN matrices, whether the FFNs are experts or dense."""
+  got = _adapter_shapes(**fields)
+  ffn = {n for n in got if ".ffn." in n}
+  if fields["model.moe_every"]:
+    assert got["blocks.0.ffn.wi"] == ((4, 32, 3), (4, 3, 32))  # Every block is MoE: per-expert adapters.
+    assert len(ffn) == 2 * (3 + 3)  # Routed and shared wi, wg, wo in both blocks.
+  else:
+    assert got["blocks.0.ffn.wi"] == ((32, 3), (3, 32)) and len(ffn) == 2 * 3
+  assert {n for n in got if ".attention." in n} == {f"blocks.{i}.attention.{w}" for i in (0, 1) for w in ("wqkv", "wo")}
 
 
 def _adapters(trainer):
@@ -85,9 +79,24 @@ def _adapters(trainer):
   }
 
 
+def _bias(trainer):
+  return {weights.dotted(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainer.state["model_state"])}
+
+
+def test_a_frozen_routers_balancing_bias_stays_put(data_dir):
+  """Under LoRA the router is frozen (unless lora.train names it): DeepSeek's balancing bias stays put too."""
+  trainer, data = _trainer(data_dir, **{"lora.rank": 2})
+  before, batches = _bias(trainer), data.train_batches(0)
+  assert any(".router." in name for name in before)
+  for _ in range(3):
+    trainer.train_step(next(batches))
+  for name, value in _bias(trainer).items():
+    np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
 def test_training_moves_only_the_adapters(data_dir):
   trainer, data = _trainer(data_dir, **{"lora.rank": 2, "lora.alpha": 4.0, "lora.train": ("router",)})
-  base = _params(trainer)
+  base, bias = _params(trainer), _bias(trainer)
   adapters = _adapters(trainer)
   batches = data.train_batches(0)
   eval_batches = data.eval_batches()[:1]
@@ -104,6 +113,7 @@ def test_training_moves_only_the_adapters(data_dir):
       np.testing.assert_array_equal(after[name], value, err_msg=name)
   moved = _adapters(trainer)
   assert all(not np.array_equal(moved[k], adapters[k]) for k in adapters if k[-1] == "b")
+  assert any(not np.array_equal(v, bias[k]) for k, v in _bias(trainer).items())  # A trained router's bias moves.
   # AdamW's moments cover the adapters and the router only.
   moments = sum(x.size for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim)
   trained = sum(v.size for v in moved.values()) + sum(v.size for k, v in after.items() if ".router." in k)
@@ -112,7 +122,16 @@ def test_training_moves_only_the_adapters(data_dir):
   assert tuple(trainer.state["lora"]["blocks"]["1"]["ffn"]["wi"]["a"].get_value().sharding.spec)[0] == "expert"
 
 
-def test_merged_equals_unmerged(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_dir):
+  """A plain tiny run of 3 steps: the base model the LoRA runs start from."""
+  workdir = tmp_path_factory.mktemp("base") / "run"
+  result = run_cli(workdir, "--config.train.num_steps=3", "--config.optim.learning_rate=0.03", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def test_merged_equals_unmerged(base_run, data_dir, tmp_path):
   """A LoRA run's eval (adapters beside the base, merged in the step) equals a plain model holding W + s·A·B.
 
   Twice: the merged weights built here in numpy, and a new run started from the LoRA run's
@@ -121,38 +140,37 @@ def test_merged_equals_unmerged(data_dir, tmp_path):
   lora_run = tmp_path / "lora"
   flags = ("--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.targets=('attention','experts')")
   result = run_cli(
-    lora_run, "--config.train.num_steps=6", "--config.optim.learning_rate=0.03", *flags, data_dir=data_dir
+    lora_run,
+    "--config.train.num_steps=6",
+    "--config.optim.learning_rate=0.03",
+    f"--config.init.checkpoint={base_run}",
+    *flags,
+    data_dir=data_dir,
   )
   assert result.returncode == 0, result.stderr
   with open(lora_run / "summary.json") as f:
     lora_eval = json.load(f)["eval_cross_entropy"]
+  with open(lora_run / "init.json") as f:
+    assert json.load(f)["step"] == 3
   # The merged weights by hand: W + (8/4)·A·B from the checkpoint's arrays.
   item_dir, _ = weights.item_directory(str(lora_run))
   saved = weights.metadata(item_dir)
   assert saved["lora"] and all(np.dtype(d) == np.float32 for _, d in saved["lora"].values())
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  raw = {
-    section: {k: jax.ShapeDtypeStruct(s, d, sharding=cpu) for k, (s, d) in saved[section].items()}
-    for section in ("lora",)
-  }
   import orbax.checkpoint as ocp
 
   tree = ocp.PyTreeCheckpointer().restore(item_dir)
   base = {k: np.asarray(v) for k, v in weights.from_nested(tree["params"]).items()}
   ab = {k: np.asarray(v) for k, v in weights.from_nested(tree["lora"]).items()}
-  assert raw and len(ab) == 2 * (2 * 2 + 2)  # a and b of wqkv and wo in 2 blocks, and the experts' wi and wo (GELU).
+  assert len(ab) == 2 * (2 * 2 + 2)  # a and b of wqkv and wo in 2 blocks, and the experts' wi and wo (GELU).
   by_hand = dict(base)
   for k in {k[:-1] for k in ab}:
     w = base[k]
     a, b = ab[(*k, "a")], ab[(*k, "b")]
     by_hand[k] = (w.reshape(*a.shape[:-2], a.shape[-2], -1) + 2.0 * (a @ b)).reshape(w.shape)
     assert np.abs(by_hand[k] - w).max() > 1e-4, k  # The adapters trained.
-  read = {
-    k: np.asarray(v)
-    for k, v in weights.restore(
-      item_dir, {"params": {k: jax.ShapeDtypeStruct(s, d, sharding=cpu) for k, (s, d) in saved["params"].items()}}
-    )["params"].items()
-  }
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {"params": {k: jax.ShapeDtypeStruct(s, d, sharding=cpu) for k, (s, d) in saved["params"].items()}}
+  read = {k: np.asarray(v) for k, v in weights.restore(item_dir, targets)["params"].items()}
   for k, value in by_hand.items():
     np.testing.assert_allclose(read[k], value, rtol=1e-6, atol=1e-7, err_msg=weights.dotted(k))
   # A plain run from the LoRA run's checkpoint computes the same function: eval after one step at learning rate 0.
@@ -168,6 +186,54 @@ def test_merged_equals_unmerged(data_dir, tmp_path):
   with open(plain / "summary.json") as f:
     plain_eval = json.load(f)["eval_cross_entropy"]
   np.testing.assert_allclose(plain_eval, lora_eval, rtol=1e-5)
+
+
+def test_a_lora_run_resumes_as_if_unbroken(base_run, data_dir, tmp_path):
+  """2 steps, then on to 4 (constant schedule: num_steps may grow) = 4 steps unbroken, loss for loss."""
+  flags = (
+    "--config.lora.rank=2",
+    f"--config.init.checkpoint={base_run}",
+    "--config.optim.schedule=constant",
+    "--config.train.checkpoint_every=2",
+  )
+  losses = {}
+  for name, steps in (("broken", (2, 4)), ("unbroken", (4,))):
+    for n in steps:
+      result = run_cli(tmp_path / name, f"--config.train.num_steps={n}", *flags, data_dir=data_dir)
+      assert result.returncode == 0, result.stderr
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      losses[name] = {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+  assert losses["broken"] == losses["unbroken"] and len(losses["unbroken"]) == 4
+
+
+def test_frozen_parameters_no_checkpoint_gives_are_refused(base_run, data_dir, tmp_path):
+  """LoRA without init.checkpoint, or a frozen parameter the init leaves fresh: one line, nothing written."""
+  cases = [
+    (("--config.lora.rank=2",), "error: config lora.rank: LoRA freezes the base model, but init.checkpoint is ''"),
+    (
+      ("--config.lora.rank=2", f"--config.init.checkpoint={base_run}", r"--config.init.exclude=('.*router.*',)"),
+      "error: config lora.train: 1 frozen parameters get no weights from init.checkpoint",
+    ),
+    (
+      (
+        "--config.optim.freeze=('router',)",
+        f"--config.init.checkpoint={base_run}",
+        r"--config.init.exclude=('.*router.*',)",
+      ),
+      "error: config optim.freeze: 1 frozen parameters get no weights from init.checkpoint",
+    ),
+  ]
+  for flags, line in cases:
+    result = run_cli(tmp_path / "w", *flags, data_dir=data_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+  # Training the router beside the adapters takes it out of the refusal.
+  ok = ("--config.lora.rank=2", f"--config.init.checkpoint={base_run}", r"--config.init.exclude=('.*router.*',)")
+  result = run_cli(
+    tmp_path / "ok", *ok, "--config.lora.train=('router',)", "--config.train.num_steps=1", data_dir=data_dir
+  )
+  assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize(

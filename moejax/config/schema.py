@@ -33,7 +33,7 @@ SHARED_EXPERT_GATES = ("none", "sigmoid")
 ROPE_SCALINGS = ("none", "yarn")
 NORMS = ("rms", "layer")
 FREEZE_GROUPS = ("experts", "router", "non_experts", "attention", "embeddings")
-LORA_GROUPS = ("attention", "experts", "dense_ffn", "router")
+LORA_GROUPS = ("attention", "ffn", "experts", "dense_ffn", "router")
 # model.attention selects one kind; each kind reads its own model fields (the other kind's are inactive).
 ATTENTION_OPTIONS = {
   "mha": (
@@ -248,6 +248,9 @@ def _train(task: str) -> ml_collections.ConfigDict:
   t.eval_every = 250  # 0: evaluate only at the end.
   t.checkpoint_every = 250
   t.keep_checkpoints = 3
+  # Step s trains on batch data_offset + s of the seed's stream: a run that continues another's
+  # weights on the same data (init.checkpoint) sets it to the steps that run took, to go on to new batches.
+  t.data_offset = 0
   return t
 
 
@@ -285,9 +288,11 @@ def _lora() -> ml_collections.ConfigDict:
   l = ml_collections.ConfigDict()
   l.rank = 0  # 0: no adapters.
   l.alpha = 8.0  # The update is scaled by alpha / rank.
-  l.targets = ("attention", "experts", "dense_ffn")  # LORA_GROUPS: attention, experts, dense_ffn, router.
+  # LORA_GROUPS: attention, ffn (= experts and dense_ffn), experts, dense_ffn, router; each must match.
+  l.targets = ("attention", "ffn")
   l.patterns = ()  # Regular expressions over dotted paths of other weights to adapt (re.fullmatch).
-  l.train = ()  # Base-parameter groups (FREEZE_GROUPS) trained beside the adapters.
+  l.train = ()  # Base-parameter groups (FREEZE_GROUPS) trained beside the adapters,
+  l.train_patterns = ()  # and regular expressions over dotted paths of others (e.g. a ViT's 'head\\..*').
   return l
 
 
@@ -419,7 +424,9 @@ def inactive_fields(cfg) -> dict[str, str]:
   elif "init.upcycle" in flat and not cfg.init.upcycle:
     why.update({f"init.{n}": "init.upcycle is False" for n in ("upcycle_noise", "upcycle_segments")})
   if "lora.rank" in flat and cfg.lora.rank == 0:
-    why.update({f"lora.{n}": "lora.rank is 0: no adapters" for n in ("alpha", "targets", "patterns", "train")})
+    why.update(
+      {f"lora.{n}": "lora.rank is 0: no adapters" for n in ("alpha", "targets", "patterns", "train", "train_patterns")}
+    )
   if cfg.optim.schedule != "cosine":
     why["optim.end_lr_fraction"] = f"optim.schedule is {cfg.optim.schedule!r}; the end value applies to 'cosine'"
   return why

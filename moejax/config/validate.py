@@ -199,7 +199,7 @@ def _train(cfg) -> None:
   _positive(
     cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"
   )
-  _positive(cfg, "train.eval_every", allow_zero=True)
+  _positive(cfg, "train.eval_every", "train.data_offset", allow_zero=True)
   if cfg.task == "lm":  # Tokens per image are known once the data is: checked in models.build.vit_config.
     _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     group = e.group_size or t.seq_len
@@ -231,6 +231,7 @@ def _lora(cfg) -> None:
     for group in _get(cfg, field):
       _check(group in allowed, field, f"{group!r} is not a group; choose from {allowed}")
   _regexes(cfg, "lora.patterns")
+  _regexes(cfg, "lora.train_patterns")
   _check(lo.targets or lo.patterns, "lora.targets", "no group and no lora.patterns: nothing to adapt")
   for field in ("optim.freeze", "optim.freeze_patterns"):
     _check(

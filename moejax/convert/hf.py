@@ -80,7 +80,8 @@ TRAINING_FIELDS = (
   "moe.z_loss_weight",
   "moe.router_noise",
   "moe.jitter",
-  "moe.bias_update_rate",
+  "moe.importance_loss",
+  "moe.load_loss",
   "model.mtp_loss",
 )
 
@@ -855,10 +856,8 @@ def _mtp_to_moejax(weights: Mapping, index: int, cfg, arch: Architecture, last_i
     (*path, "proj"): _linear(_take(weights, f"{layer}.eh_proj.weight", used)),
     (*path, "norm", "scale"): _take(weights, f"{layer}.shared_head.norm.weight", used),
   }
-  for copy, shared in (
-    ("embed_tokens.weight", "model.embed_tokens.weight"),
-    ("shared_head.head.weight", "lm_head.weight"),
-  ):
+  head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+  for copy, shared in (("embed_tokens.weight", "model.embed_tokens.weight"), ("shared_head.head.weight", head)):
     name = f"{layer}.{copy}"
     if name in weights:  # The checkpoint's copies of the shared embedding and head must be them.
       if shared not in weights or not np.array_equal(np.asarray(weights[name]), np.asarray(weights[shared])):

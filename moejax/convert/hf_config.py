@@ -8,8 +8,8 @@ names, for the architecture that came closest, the first field that differs. So 
 written that transformers would compute differently: a model with capacity dropping, learned
 positions, a GELU FFN, ... has no transformers architecture here and is refused by name.
 
-model.dtype is not compared: it is the activations' precision, not the architecture (the weights
-are written in the checkpoint's dtype or to-hf's --dtype). Keys moejax has no counterpart for get transformers' neutral values: max_position_embeddings is
+Fields that do not decide the function (`NOT_THE_FUNCTION`: the activations' dtype, init scale,
+kernels and exchanges; training losses, `hf.TRAINING_FIELDS`) are not compared. Keys moejax has no counterpart for get transformers' neutral values: max_position_embeddings is
 the run's sequence length (YaRN's original length × factor with YaRN); no dropout; no token ids.
 """
 
@@ -237,7 +237,7 @@ def differences(hf_config: dict, cfg) -> list[str]:
   except (ConfigError, KeyError, TypeError, ValueError) as e:
     return [f"it does not convert back ({e})"]
   mine, other = _resolved(schema.flatten(cfg)), _resolved(schema.flatten(theirs))
-  skip = set(schema.inactive_fields(cfg)) | set(schema.inactive_fields(theirs)) | {"model.dtype"}
+  skip = set(schema.inactive_fields(cfg)) | set(schema.inactive_fields(theirs)) | set(NOT_THE_FUNCTION)
   out = []
   for field, value in mine.items():
     if not field.startswith(("model.", "moe.")) or field.startswith(hf.TRAINING_FIELDS) or field in skip:
@@ -248,9 +248,24 @@ def differences(hf_config: dict, cfg) -> list[str]:
   return out
 
 
+# Fields that change how a model trains or runs, not what it computes.
+NOT_THE_FUNCTION = (
+  "model.dtype",  # The activations' precision (the weights' dtype is the checkpoint's or --dtype's).
+  "model.init_scale",
+  "moe.dead_expert_steps",
+  "moe.dropless_block_size",
+  "moe.dropless_impl",
+  "moe.expert_exchange",
+  "moe.permute_backend",
+  "moe.allow_noncausal",
+)
+
+
 def _resolved(flat: dict) -> dict:
-  """The fields whose 0 means "derived" (head_dim, num_kv_heads, d_expert) as what they derive to."""
+  """The fields whose 0 means "derived" (head_dim, num_kv_heads, d_expert) as what they derive to; of
+  DeepSeek's balancing-bias rate only whether the bias moves (exists): its value is a training choice."""
   out = dict(flat)
+  out["moe.bias_update_rate"] = flat["moe.bias_update_rate"] > 0
   out["model.head_dim"] = flat["model.head_dim"] or flat["model.d_model"] // flat["model.num_heads"]
   out["model.num_kv_heads"] = flat["model.num_kv_heads"] or flat["model.num_heads"]
   out["moe.d_expert"] = flat["moe.d_expert"] or flat["model.d_ff"]
