@@ -113,6 +113,17 @@ def test_converted_checkpoint_computes_transformers_logits(case, tmp_path):
   assert delta < 1e-4, delta
 
 
+def _assert_round_trip(root, config, state):
+  """HF directory -> moejax -> HF directory under root: every tensor back bit for bit."""
+  _write_hf_dir(root / "hf", config, state)
+  checkpoints.from_hf(str(root / "hf"), str(root / "moejax"), say=_quiet)
+  checkpoints.to_hf(str(root / "moejax"), str(root / "back"), say=_quiet)
+  back = files.HFCheckpoint(str(root / "back"))
+  assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
 def test_mtp_module_round_trips(tmp_path):
   """DeepSeek-V3's released files hold its MTP module as layer L; it converts both ways, or is left out."""
   from moejax.convert import hf
@@ -127,13 +138,8 @@ def test_mtp_module_round_trips(tmp_path):
   # The release's layout: the module also holds copies of the shared embedding and head.
   np.testing.assert_array_equal(state[f"{layer}.embed_tokens.weight"], state["model.embed_tokens.weight"])
   np.testing.assert_array_equal(state[f"{layer}.shared_head.head.weight"], state["lm_head.weight"])
+  _assert_round_trip(tmp_path / "main_model", config, state)
   _write_hf_dir(tmp_path / "hf", config, state)
-  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
-  checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), say=_quiet)
-  back = files.HFCheckpoint(str(tmp_path / "back"))
-  assert sorted(back) == sorted(state)
-  for name, value in state.items():
-    np.testing.assert_array_equal(back[name], value, err_msg=name)
   said = []
   report = checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "main"), without_mtp=True, say=said.append)
   mtp = [name for name in state if name.startswith(f"{layer}.")]
@@ -145,13 +151,7 @@ def test_mtp_module_round_trips(tmp_path):
   tied_state = hf.export_hf_weights(tied, "deepseek_v3")
   assert "lm_head.weight" not in tied_state
   np.testing.assert_array_equal(tied_state[f"{layer}.shared_head.head.weight"], tied_state["model.embed_tokens.weight"])
-  _write_hf_dir(tmp_path / "tied", tied_config, tied_state)
-  checkpoints.from_hf(str(tmp_path / "tied"), str(tmp_path / "tied_moejax"), say=_quiet)
-  checkpoints.to_hf(str(tmp_path / "tied_moejax"), str(tmp_path / "tied_back"), say=_quiet)
-  tied_back = files.HFCheckpoint(str(tmp_path / "tied_back"))
-  assert sorted(tied_back) == sorted(tied_state)
-  for name, value in tied_state.items():
-    np.testing.assert_array_equal(tied_back[name], value, err_msg=name)
+  _assert_round_trip(tmp_path / "tied", tied_config, tied_state)
   main_config, main_state, _ = _fixture("mixtral_8x7b")
   _write_hf_dir(tmp_path / "mixtral", main_config, main_state)
   with pytest.raises(ConfigError, match="--without_mtp: the model has no multi-token-prediction module"):
