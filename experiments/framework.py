@@ -373,6 +373,7 @@ COLUMNS = (
   "steps_to_baseline",
   "speedup_vs_baseline",
   "total_params",
+  "trained_params",
   "active_params_per_token",
   "train_flops_per_token",
   "tokens",
@@ -399,6 +400,7 @@ def collect(experiment: Experiment, out: str, scale: str, seeds) -> tuple[list[d
           "eval_accuracy": summary.get("eval_accuracy", float("nan")),
           "final_train_loss": float(_smooth(curve["loss"])[-1]),
           "total_params": summary["total_params"],
+          "trained_params": summary.get("trained_params", summary["total_params"]),
           "active_params_per_token": summary["active_params_per_token"],
           "train_flops_per_token": summary["train_flops_per_token"],
           "tokens": summary["tokens_this_run"],
@@ -461,6 +463,10 @@ def _fields(experiment: Experiment, rows: list[dict]):
     )
   fields += [
     ("params", lambda rs, tex: f"{rs[0]['total_params'] / 1e6:.2f}M"),
+  ]
+  if any(r["trained_params"] != r["total_params"] for r in rows):
+    fields.append(("trained", lambda rs, tex: f"{rs[0]['trained_params'] / 1e6:.3f}M"))
+  fields += [
     ("active/token", lambda rs, tex: f"{rs[0]['active_params_per_token'] / 1e6:.2f}M"),
     ("train GFLOPs/token", lambda rs, tex: f"{rs[0]['train_flops_per_token'] / 1e9:.4f}"),
     ("max/mean load", lambda rs, tex: _pm([r["max_over_mean_load"] for r in rs], 2, tex)),

@@ -30,6 +30,7 @@ Faults, each handled without a read-back or collective on the other steps:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -183,6 +184,13 @@ class Trainer:
       a, b = (adapters[weights.key(path)][k] for k in ("a", "b"))
       flat[path] = flat[path].replace(lora.merged(flat[path].get_value(), _value(a), _value(b), s))
     return nnx.from_flat_state(flat)
+
+  def trained_params(self) -> int:
+    """How many numbers the optimizer updates: the unfrozen parameters and the LoRA adapters."""
+    flat = jax.tree_util.tree_flatten_with_path(self.abstract_state["params"])[0]
+    frozen = finetune.frozen_names(self.param_labels)
+    count = sum(leaf.size for path, leaf in flat if ".".join(finetune._names(path)) not in frozen)
+    return count + sum(math.prod(a) + math.prod(b) for a, b in self.adapters.values())
 
   def model(self, state=None) -> nnx.Module:
     """The model as the state computes it (LoRA adapters merged); the current state by default."""
@@ -507,6 +515,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
         "train_loss": last_metrics.get("loss"),
         **baselines,
         "total_params": cost.total_params,
+        "trained_params": trainer.trained_params(),
         "active_params_per_token": cost.active_params,
         "train_flops_per_token": cost.train_flops_per_token,
         "wall_time_s": time.time() - started,

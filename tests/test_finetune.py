@@ -94,7 +94,7 @@ def test_frozen_parameters_are_bit_identical_after_training(freeze, patterns, da
   assert len(moved) >= len(trained) - 2, sorted(set(trained) - set(moved))  # (a norm scale may stay put)
   # The frozen parameters hold no optimizer state: AdamW's moments cover the trained ones only.
   moments = sum(x.size for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim)
-  assert moments == 2 * sum(after[n].size for n in trained)
+  assert moments == 2 * sum(after[n].size for n in trained) == 2 * trainer.trained_params()
 
 
 def test_a_freeze_that_matches_nothing_is_refused(data_dir, tmp_path):

@@ -117,7 +117,7 @@ def test_training_moves_only_the_adapters(data_dir):
   # AdamW's moments cover the adapters and the router only.
   moments = sum(x.size for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim)
   trained = sum(v.size for v in moved.values()) + sum(v.size for k, v in after.items() if ".router." in k)
-  assert moments == 2 * trained
+  assert moments == 2 * trained and trainer.trained_params() == trained
   # Per-expert adapters sit with their experts on the 'expert' mesh axis.
   assert tuple(trainer.state["lora"]["blocks"]["1"]["ffn"]["wi"]["a"].get_value().sharding.spec)[0] == "expert"
 
