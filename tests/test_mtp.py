@@ -37,21 +37,27 @@ def _mtp_model(depth=2, router="top_k"):
   return DecoderLM(decoder_config(cfg, 20), rngs=nnx.Rngs(0))
 
 
+# Jitted: eager op-by-op dispatch of a dropless MoE takes a minute a call on CPU.
+_forward = nnx.jit(lambda model, tokens: model.forward(tokens))
+_call = nnx.jit(lambda model, tokens: model(tokens))
+_block = nnx.jit(lambda block, x, tokens: block(x, train=False, token_ids=tokens))
+
+
 def test_mtp_modules_see_the_token_k_ahead_and_nothing_later():
   model = _mtp_model(depth=2)
   tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 20)
-  logits, aux, mtp_logits = model.forward(tokens)
+  logits, aux, mtp_logits = _forward(model, tokens)
   assert len(mtp_logits) == 2 and mtp_logits[0].shape == (2, 10, 20)
   assert len(aux) == len(model.moe_layers()) == 3  # Block 1's MoE, then the 2 MTP modules' (each like block 1).
   assert model.moe_layers()[1] is model.mtp[0].block.ffn
   # __call__ is the main model alone: the same logits, no MTP aux.
-  main, main_aux = model(tokens)
+  main, main_aux = _call(model, tokens)
   np.testing.assert_array_equal(main, logits)
   assert len(main_aux) == 1
   # Depth k at position i reads tokens up to i + k: changing token 6 leaves depth 1's positions
   # 0..4 and depth 2's positions 0..3 unchanged, and changes depth 1 at position 5.
   changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % 20)
-  _, _, other = model.forward(changed)
+  _, _, other = _forward(model, changed)
   np.testing.assert_allclose(other[0][:, :5], mtp_logits[0][:, :5], atol=1e-6)
   np.testing.assert_allclose(other[1][:, :4], mtp_logits[1][:, :4], atol=1e-6)
   assert not np.allclose(other[0][:, 5], mtp_logits[0][:, 5], atol=1e-4)
@@ -66,7 +72,7 @@ def test_mtp_module_is_the_papers_formula():
   module.hidden_norm.scale[...] = jnp.linspace(2.0, 1.0, 32)
   x = model.embed(tokens)
   for block in model.blocks:
-    x, _ = block(x, train=False, token_ids=tokens)
+    x, _ = _block(block, x, tokens)
   emb = np.asarray(model.embed(jnp.roll(tokens, -1, axis=1)), np.float64)
   h = np.asarray(x, np.float64)
 
@@ -75,9 +81,9 @@ def test_mtp_module_is_the_papers_formula():
 
   joined = np.concatenate([rms(emb, module.embed_norm.scale[...]), rms(h, module.hidden_norm.scale[...])], -1)
   projected = joined @ np.asarray(module.proj[...], np.float64)
-  out, _ = module.block(jnp.asarray(projected, jnp.float32), train=False, token_ids=jnp.roll(tokens, -1, axis=1))
+  out, _ = _block(module.block, jnp.asarray(projected, jnp.float32), jnp.roll(tokens, -1, axis=1))
   want = rms(np.asarray(out, np.float64), module.norm.scale[...]) @ np.asarray(model.unembed.kernel[...], np.float64)
-  _, _, (got,) = model.forward(tokens)
+  _, _, (got,) = _forward(model, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -108,7 +114,7 @@ def test_mtp_weights_convert_both_ways():
   again = DecoderLM(decoder_config(cfg, 20), rngs=nnx.Rngs(1))
   hf.load_hf_weights(again, weights, "deepseek_v3")
   tokens = jnp.arange(16).reshape(2, 8) % 20
-  for ours, theirs in zip(model.forward(tokens)[2], again.forward(tokens)[2]):
+  for ours, theirs in zip(_forward(model, tokens)[2], _forward(again, tokens)[2]):
     np.testing.assert_array_equal(ours, theirs)
   # The released checkpoints' copies of the shared embedding must be it; a missing module is named.
   copies = {**weights, "model.layers.2.embed_tokens.weight": weights["model.embed_tokens.weight"]}
