@@ -267,6 +267,28 @@ def test_config_json_of_every_preset_or_the_field_that_has_no_transformers_model
     hf_config.config_json(quickstart)
 
 
+def test_an_array_the_architecture_has_no_tensor_for_is_refused(tmp_path, monkeypatch):
+  """to-hf refuses a checkpoint array that the export writes nowhere (transformers would compute without it).
+
+  Stood in for by an export that forgets the final norm; the real case is a moving DeepSeek balancing
+  bias under an architecture without one, which config.json already refuses.
+  """
+  from moejax.convert import hf
+
+  config, state, _ = _fixture("qwen3_30b_a3b")
+  _write_hf_dir(tmp_path / "hf", config, state)
+  checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), say=_quiet)
+  export_part = hf.export_part
+
+  def forgetful(flat, part, cfg, model_type):
+    return {} if part == "final norm" else export_part(flat, part, cfg, model_type)
+
+  monkeypatch.setattr(hf, "export_part", forgetful)
+  with pytest.raises(ConfigError, match="parameter final_norm.scale: has no tensor in a qwen3_moe checkpoint"):
+    checkpoints.to_hf(str(tmp_path / "moejax"), str(tmp_path / "back"), say=_quiet)
+  assert not (tmp_path / "back").exists()
+
+
 class _Presets:
   """A stand-in for configs/architectures.py with one tiny preset: the fixture's own model."""
 

@@ -234,6 +234,23 @@ def _source_configs(source: str, hf_config_path: str | None) -> tuple[ml_collect
   return cfg, _json(hf_path)
 
 
+class _Reads(dict):
+  """A dict that remembers which keys were read (`read`)."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.read = set()
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+  def get(self, key, default=None):
+    if key in self:
+      self.read.add(key)
+    return super().get(key, default)
+
+
 def _json(path: str) -> dict:
   """A transformers config.json (a JSON object with a model_type) at `path`."""
   try:
@@ -310,8 +327,17 @@ def to_hf(
         for section, variables in (("params", params), ("model_state", others))
       }
       restored = weights_lib.restore(item_dir, targets, field="--checkpoint")
-      flat = {path: np.asarray(a) for section in restored.values() for path, a in section.items()}
-      for name, tensor in hf.export_part(flat, part, model.cfg, model_type).items():
+      flat = _Reads({path: np.asarray(a) for section in restored.values() for path, a in section.items()})
+      exported = hf.export_part(flat, part, model.cfg, model_type)
+      left = {p: dict.__getitem__(flat, p) for p in set(flat) - flat.read}
+      absent = hf.absent_defaults({p: np.shape(a) for p, a in left.items()}, model_type)
+      unread = sorted(p for p, a in left.items() if not (p in absent and np.array_equal(a, absent[p])))
+      if unread:  # An array the architecture has no tensor for (e.g. a balancing bias DeepSeek-V2 lacks).
+        raise ConfigError(
+          f"parameter {weights_lib.dotted(unread[0])}",
+          f"has no tensor in a {model_type} checkpoint: transformers would compute without it",
+        )
+      for name, tensor in exported.items():
         tensor = np.asarray(tensor)
         writer.add(name, tensor if out_dtype is None else tensor.astype(out_dtype))
         tensors += 1
