@@ -158,7 +158,7 @@ def metadata(
 
 
 def restore(
-  item_dir: str, targets: Mapping[str, Mapping[Path, object]], field: str = "checkpoint"
+  item_dir: str, targets: Mapping[str, Mapping[Path, object]], field: str = "checkpoint", saved: dict | None = None
 ) -> dict[str, dict[Path, object]]:
   """The arrays `targets` names, read from a weights checkpoint into their shardings and dtypes.
 
@@ -169,12 +169,13 @@ def restore(
   file) is a ConfigError naming `field` and the checkpoint.
 
   A LoRA run's parameters are read merged, W + s·A·B (`moejax.lora.merged`, s from the run's
-  config.json): the function the run trained.
+  config.json): the function the run trained. saved: the checkpoint's `metadata`, if the caller
+  has it (read here otherwise).
   """
   import orbax.checkpoint as ocp
 
   targets = dict(targets)
-  adapted = _adapted(item_dir, targets.get("params", {}), field)
+  adapted = _adapted(item_dir, targets.get("params", {}), field, saved)
   if adapted:
     targets["lora"] = {k: v for ab in adapted.values() for k, v in ab.items()}
   item, restore_args = {}, {}
@@ -212,11 +213,11 @@ def restore(
 _merge = jax.jit(lora.merged, static_argnums=3)  # W + s·A·B on device, compiled once per shape.
 
 
-def _adapted(item_dir: str, params: Mapping[Path, object], field: str) -> dict:
+def _adapted(item_dir: str, params: Mapping[Path, object], field: str, saved: dict | None) -> dict:
   """{param path: {adapter path: target}} of the wanted parameters a LoRA run adapted (read replicated, float32)."""
   if not params:
     return {}
-  saved = metadata(item_dir, field)["lora"]
+  saved = (saved or metadata(item_dir, field))["lora"]
   out = {}
   for path, target in params.items():
     if (*key(path), "a") not in saved:

@@ -326,7 +326,7 @@ def to_hf(
         }
         for section, variables in (("params", params), ("model_state", others))
       }
-      restored = weights_lib.restore(item_dir, targets, field="--checkpoint")
+      restored = weights_lib.restore(item_dir, targets, field="--checkpoint", saved=saved)
       flat = _Reads({path: np.asarray(a) for section in restored.values() for path, a in section.items()})
       exported = hf.export_part(flat, part, model.cfg, model_type)
       left = {p: dict.__getitem__(flat, p) for p in set(flat) - flat.read}
