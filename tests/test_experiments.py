@@ -25,9 +25,17 @@ EXPERIMENTS = [
   "upcycling",
   "finetune",
 ]
+# Smoke runs in the default suite: one of each kind (an LM comparison with a baseline, the ViT,
+# runs that start from another variant's checkpoint, eval curves with freezing and LoRA). The
+# others are marked slow: their framework path is one of these, each of their variants is a preset
+# that tests/test_router_training.py trains, and test_paper_scale_configs_are_valid checks their
+# configs; CI runs them too (-m slow).
+SMOKE_BY_DEFAULT = ("capacity_factor", "vision", "upcycling", "finetune")
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize(
+  "name", [n if n in SMOKE_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS]
+)
 def test_experiment_runs_at_smoke_scale(tmp_path, name, monkeypatch, capsys):
   monkeypatch.setenv("MOEJAX_DATA_DIR", str(tmp_path.parent / "tfds"))  # Shared by the experiments.
   experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
