@@ -93,7 +93,11 @@ class CausalSelfAttention(nnx.Module):
     self.bo = nnx.Param(zeros(rngs.params(), (d_model,))) if bias == "qkvo" else None
     self.sinks = nnx.Param(zeros(rngs.params(), (num_heads,))) if sinks else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _qkv(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, N, H], k, v [B, L, N_kv, H] of x [B, L, d]: projected, clipped, normalised, rotated.
+
+    positions <int32>[L]: the tokens' positions for RoPE (default 0..L-1; decoding passes its offsets).
+    """
     b, l, d = x.shape
     # The projections are 2-D matmuls on the flattened tokens: XLA:CPU forms the weight gradients of
     # [B, L, d] einsums with extra transposes and copies (issue #11, point 9). The attention's own
@@ -117,7 +121,12 @@ class CausalSelfAttention(nnx.Module):
         q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape)
         k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape)
     if self.rope is not None:
-      q, k = apply_rope(q, self.rope), apply_rope(k, self.rope)
+      q, k = apply_rope(q, self.rope, positions), apply_rope(k, self.rope, positions)
+    return q, k, v
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, l, _ = x.shape
+    q, k, v = self._qkv(x)
     # Grouped-query attention: query head n reads key/value head n // (N / N_kv).
     if self.sinks is not None or self.softcap:
       sinks = None if self.sinks is None else self.sinks[...]
@@ -128,6 +137,42 @@ class CausalSelfAttention(nnx.Module):
       window = (self.window - 1, 0) if self.window else None
       out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, local_window_size=window)  # [B, L, N, H]
     return _project(out.reshape(b * l, -1), self.wo[...], self.bo).reshape(b, l, -1)
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """An empty decoding cache: keys and values {'k', 'v'} <dtype>[B, max_len, N_kv, H] (after norms and RoPE)."""
+    shape = (batch, max_len, *self._kv_shape())
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def _kv_shape(self) -> tuple[int, int]:
+    w = self.wqkv[...] if self.wqkv is not None else self.wkv[...]
+    return w.shape[2], w.shape[3]
+
+  def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+    """x [B, L, d], the tokens at positions start .. start + L - 1, attending to the cache and to themselves.
+
+    cache: `init_cache`'s, holding positions 0 .. start - 1; returned with the L new keys and values
+    written in. The same function as `__call__` on the whole sequence (prefill: start 0, L the
+    prompt; decoding: L = 1).
+    """
+    b, l, _ = x.shape
+    positions = start + jnp.arange(l)
+    q, k, v = self._qkv(x, positions)
+    cache = {
+      "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1),
+      "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1),
+    }
+    sinks = None if self.sinks is None else self.sinks[...]
+    out = dot_attention(
+      q,
+      cache["k"].astype(q.dtype),
+      cache["v"].astype(q.dtype),
+      scale=q.shape[-1] ** -0.5,
+      window=self.window,
+      sinks=sinks,
+      q_positions=positions,
+      softcap=self.softcap,
+    )  # Keys past start + L - 1 are empty and, later than every query, masked.
+    return _project(out.reshape(b * l, -1), self.wo[...], self.bo).reshape(b, l, -1), cache
 
 
 def dot_attention(

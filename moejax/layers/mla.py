@@ -116,6 +116,25 @@ class MultiHeadLatentAttention(nnx.Module):
     out = dot_attention(q, k, v, scale=self.scale)  # [B, L, N, H_v]
     return out.reshape(b, l, -1) @ self.wo[...].astype(x.dtype)
 
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """An empty decoding cache: {'latent' [B, max_len, r], 'k_rope' [B, max_len, H_r]} (MLA's compressed cache)."""
+    return {
+      "latent": jnp.zeros((batch, max_len, self.kv_rank), dtype),
+      "k_rope": jnp.zeros((batch, max_len, self.rope_dim), dtype),
+    }
+
+  def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+    """x [B, L, d] at positions start .. start + L - 1: writes their latents into the cache and attends
+    with the absorbed projections (`attend_latent`); the same function as `__call__` on the whole sequence."""
+    positions = start + jnp.arange(x.shape[1])
+    latent, k_rope = self.latent_cache(x, positions)
+    cache = {
+      "latent": jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype), start, 1),
+      "k_rope": jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), start, 1),
+    }
+    dtype = x.dtype
+    return self.attend_latent(x, cache["latent"].astype(dtype), cache["k_rope"].astype(dtype), positions), cache
+
   def attend_latent(
     self, x: jax.Array, latent: jax.Array, k_rope: jax.Array, q_positions: jax.Array | None = None
   ) -> jax.Array:

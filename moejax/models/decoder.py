@@ -204,8 +204,18 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None, token_ids: jax.Array | None = None):
     """rng: training noise of the router; token_ids: for the hash router."""
+    return self._after_attention(x, self.attention(self.attention_norm(x)), train, rng, token_ids)
+
+  def decode(self, x: jax.Array, cache: dict, start: jax.Array, token_ids: jax.Array | None = None):
+    """x [B, L, d], the tokens at positions start .. start + L - 1, with the attention's cache (`decode`
+    of `CausalSelfAttention` and `MultiHeadLatentAttention`): (out, aux, the updated cache). Eval mode."""
+    attended, cache = self.attention.decode(self.attention_norm(x), cache, start)
+    out, aux = self._after_attention(x, attended, False, None, token_ids)
+    return out, aux, cache
+
+  def _after_attention(self, x, attended, train, rng, token_ids):
+    """The block from its attention's output on: the residuals, norms and FFN (dense, MoE, Arctic's both)."""
     block_input = x
-    attended = self.attention(self.attention_norm(x))
     x = x + (attended if self.attention_post_norm is None else self.attention_post_norm(attended))
     # Arctic: the MoE reads the block's input, beside a dense FFN on the residual stream.
     h = self.ffn_norm(block_input if self.dense_ffn is not None else x)
@@ -342,6 +352,32 @@ class DecoderLM(nnx.Module):
         moe_aux.append(aux)
       mtp_logits.append(self._logits(normed))
     return logits, moe_aux, mtp_logits
+
+  def init_cache(self, batch: int, max_len: int) -> list[dict]:
+    """Empty decoding caches, one per block (`decode`), for sequences of up to max_len tokens, in cfg.dtype."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    return [block.attention.init_cache(batch, max_len, dtype) for block in self.blocks]
+
+  def decode(self, tokens: jax.Array, cache: list[dict], start: jax.Array):
+    """tokens <int32>[B, L] at positions start .. start + L - 1 -> (logits <float32>[B, L, V], the updated cache).
+
+    Prefill is start = 0 with the prompt, decoding L = 1 at start = the tokens so far. The logits
+    equal `__call__`'s on the whole sequence at those positions (eval mode; the main model, no MTP),
+    for a router whose choice for a token does not depend on later tokens; a capacity dispatcher
+    decoding one token per routing group cannot drop it (tests/test_decode.py).
+    """
+    dtype = jnp.dtype(self.cfg.dtype)
+    x = self.embed(tokens)
+    if self.cfg.embed_multiplier != 1.0:
+      x = x * self.cfg.embed_multiplier
+    if self.position_embed is not None:
+      x = x + self.position_embed(start + jnp.arange(tokens.shape[1]))[None]
+    x = x.astype(dtype)
+    new_cache = []
+    for block, block_cache in zip(self.blocks, cache):
+      x, _, block_cache = block.decode(x, block_cache, start, token_ids=tokens)
+      new_cache.append(block_cache)
+    return self._logits(self.final_norm(x)), new_cache
 
   def _logits(self, x: jax.Array) -> jax.Array:
     """Normalised hidden states [B, L, d] -> <float32>[B, L, V] through the output head."""
