@@ -1,0 +1,80 @@
+"""moejax.generate: the sampling rules by hand and by frequency, and generation against the full forward pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import generate
+from moejax.config import base_config, override
+from moejax.errors import ConfigError
+from test_decode import SMALL, VOCAB, _model
+
+LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))  # Probabilities by hand, rank: 1, 3, 4, 2, 0.
+
+
+def _draws(n=4000, **rule):
+  keys = jax.random.split(jax.random.key(0), n)
+  tokens = jax.vmap(lambda k: generate.sample(LOGITS, k, **rule))(keys)[:, 0]
+  return np.bincount(np.asarray(tokens), minlength=5) / n
+
+
+def test_greedy_is_the_argmax():
+  assert int(generate.sample(LOGITS, jax.random.key(0))[0]) == 1
+  assert int(generate.sample(LOGITS, jax.random.key(0), temperature=1.0, top_k=1)[0]) == 1
+  assert int(generate.sample(LOGITS, jax.random.key(0), temperature=1.0, top_p=0.01)[0]) == 1
+
+
+def test_temperature_one_draws_the_softmax():
+  np.testing.assert_allclose(_draws(temperature=1.0), [0.05, 0.4, 0.1, 0.3, 0.15], atol=0.025)
+
+
+def test_top_k_keeps_the_k_most_likely_renormalised():
+  np.testing.assert_allclose(_draws(temperature=1.0, top_k=2), [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], atol=0.025)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  # 0.4 + 0.3 = 0.7 < 0.8, so the third most likely (0.15) joins: {1, 3, 4} of mass 0.85.
+  np.testing.assert_allclose(
+    _draws(temperature=1.0, top_p=0.8), [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85], atol=0.025
+  )
+  # Exactly reached at 0.7: {1, 3}.
+  np.testing.assert_allclose(_draws(temperature=1.0, top_p=0.7), [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], atol=0.025)
+
+
+def test_temperature_sharpens():
+  squared = np.array([0.05, 0.4, 0.1, 0.3, 0.15]) ** 2  # softmax(log p / 0.5) = p² normalised.
+  np.testing.assert_allclose(_draws(temperature=0.5), squared / squared.sum(), atol=0.02)
+
+
+def test_greedy_generation_is_the_argmax_of_the_full_forward_each_step():
+  """An independent reference: the whole sequence so far through __call__, its last argmax appended."""
+  model = _model({"model.num_kv_heads": 2, "model.qk_norm": True})
+  prompts = jax.random.randint(jax.random.key(4), (2, 4), 0, VOCAB)
+  got = jnp.stack(list(generate.generate(model, prompts, 8)), axis=1)
+  call = nnx.jit(lambda m, t: m(t)[0])
+  tokens = prompts
+  for _ in range(8):
+    tokens = jnp.concatenate([tokens, jnp.argmax(call(model, tokens)[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+  np.testing.assert_array_equal(got, tokens[:, 4:])
+
+
+def test_sampling_follows_the_seed():
+  model = _model({})
+  prompts = jnp.zeros((3, 2), jnp.int32)
+  run = lambda seed: np.stack(list(generate.generate(model, prompts, 6, temperature=1.0, seed=seed)), 1)
+  np.testing.assert_array_equal(run(7), run(7))
+  assert not np.array_equal(run(7), run(8))
+
+
+@pytest.mark.parametrize(
+  "fields, field", [({"moe.router": "expert_choice"}, "moe.router"), ({"moe.priority": "bpr"}, "moe.priority")]
+)
+def test_non_causal_routers_cannot_generate(fields, field):
+  cfg = override(base_config("lm"), {**SMALL, "moe.allow_noncausal": True, **fields})
+  with pytest.raises(ConfigError, match=f"{field}: routes each token by the other tokens of its group"):
+    generate.check_decodable(cfg)
+  generate.check_decodable(override(base_config("lm"), SMALL))  # Top-k token choice: causal.
