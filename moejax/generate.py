@@ -89,3 +89,205 @@ def generate(
     yield token
     if i + 1 < max_new_tokens:
       logits, cache = _step(model, token[:, None], cache, jnp.int32(length + i))
+
+
+def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint"):
+  """(the moejax config, a DecoderLM holding the weights) of a run's workdir (its newest checkpoint, or
+  `step`), one step of a run, or a converted model; on the default device, the main model only.
+
+  A LoRA run's weights come merged (`moejax.weights.restore`). ConfigError names what is wrong.
+  """
+  import os
+
+  from moejax import weights
+  from moejax.config import saved_config
+  from moejax.models.build import decoder_config
+  from moejax.models.decoder import DecoderLM
+
+  item_dir, _ = weights.item_directory(source, step, fields=(field, "--step"))
+  root = source
+  if os.path.basename(os.path.normpath(source)).isdigit():  # <workdir>/checkpoints/<step>
+    root = os.path.dirname(os.path.dirname(os.path.normpath(source)))
+  config_path = os.path.join(root, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConfigError(field, f"{root!r} holds no config.json (a run's workdir and a converted model do)")
+  cfg = saved_config(config_path)
+  if cfg.task != "lm":
+    raise ConfigError(field, f"{root!r} holds a {cfg.task} model; only decoder LMs generate")
+  check_decodable(cfg)
+  saved = weights.metadata(item_dir, field=field)
+  embedding = saved["params"].get(("embed", "embedding"))
+  if embedding is None:
+    raise ConfigError(field, f"{item_dir!r} holds no embed.embedding: not a decoder's weights")
+  cfg.model.mtp_depth = 0  # Generation runs the main model.
+  model = nnx.eval_shape(lambda: DecoderLM(decoder_config(cfg, embedding[0][0]), rngs=nnx.Rngs(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {}
+  for section, selector in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Param))):
+    flat = dict(nnx.to_flat_state(nnx.state(model, selector)))
+    for path, variable in flat.items():
+      got = saved[section].get(weights.key(path))
+      if got is None or got[0] != tuple(variable.get_value().shape):
+        what = "is missing" if got is None else f"has shape {got[0]}, the config makes it {variable.get_value().shape}"
+        raise ConfigError(f"parameter {weights.dotted(path)}", f"{what} in {item_dir}")
+    targets[section] = {
+      p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=device) for p, v in flat.items()
+    }
+  restored = weights.restore(item_dir, targets, field=field, saved=saved)
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  for arrays in restored.values():
+    for path, array in arrays.items():
+      flat[path] = flat[path].replace(array)
+  return cfg, nnx.merge(nnx.graphdef(model), nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------- command line
+
+EXIT_BAD_INPUT = 2
+
+
+class _Codec:
+  """Prompts to token ids and back: a Hugging Face tokenizer.json, UTF-8 bytes, or ids written as integers."""
+
+  def __init__(self, cfg, root: str, tokenizer: str | None, vocab_size: int):
+    import os
+
+    self.vocab_size = vocab_size
+    path = tokenizer or os.path.join(root, "tokenizer.json")
+    if tokenizer or os.path.isfile(path):
+      try:
+        from tokenizers import Tokenizer
+      except ImportError:
+        raise ConfigError("--tokenizer", "needs the tokenizers package (pip install -e '.[hf]')") from None
+      try:
+        self.tokenizer, self.kind = Tokenizer.from_file(path), "tokenizer"
+      except Exception as e:  # noqa: BLE001 - tokenizers raises its own types for a bad file.
+        raise ConfigError("--tokenizer", f"{path!r} is not a readable tokenizer.json ({e})") from None
+    elif cfg.data.source in ("text", "tfds") and vocab_size == 256:
+      self.kind = "bytes"  # moejax's byte-level text data.
+    else:
+      self.kind = "ids"  # E.g. the Markov mixture: prompts and outputs are token ids.
+
+  def encode(self, text: str) -> list[int]:
+    if self.kind == "tokenizer":
+      ids = self.tokenizer.encode(text).ids
+    elif self.kind == "bytes":
+      ids = list(text.encode("utf-8"))
+    else:
+      try:
+        ids = [int(t) for t in text.split()]
+      except ValueError:
+        raise ConfigError("--prompt", f"{text!r}: this model's prompts are token ids, written as integers") from None
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if not ids or bad:
+      why = "is empty" if not ids else f"holds token {bad[0]}, outside the vocabulary of {self.vocab_size}"
+      raise ConfigError("--prompt", f"{text!r} {why}")
+    return ids
+
+  def decode(self, ids: list[int]) -> str:
+    if self.kind == "tokenizer":
+      return self.tokenizer.decode(ids)
+    if self.kind == "bytes":
+      return bytes(ids).decode("utf-8", errors="replace")
+    return " ".join(map(str, ids))
+
+
+def _parser():
+  import argparse
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # One line, exit 2.
+      import sys
+
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_BAD_INPUT)
+
+  parser = Parser(prog="python -m moejax.generate", description="Generate text with a moejax decoder.")
+  parser.add_argument("--checkpoint", required=True, help="a run's workdir, one step of a run, or a converted model")
+  parser.add_argument("--step", type=int, help="which checkpoint of a run's workdir (default: the newest)")
+  parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable: a batch)")
+  parser.add_argument("--prompt_file", help="a file of prompts, one a line")
+  parser.add_argument("--max_new_tokens", type=int, default=32)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+  parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json if any)")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Prompts of one length run as one batch, each length as its own; a single prompt streams its tokens."""
+  import os
+  import sys
+
+  from moejax.errors import silence_stderr
+
+  args = _parser().parse_args(argv)
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # orbax's INFO/WARNING lines (a run's checkpoint read outside its manager).
+  try:
+    for value, field, ok in (
+      (args.max_new_tokens, "--max_new_tokens", args.max_new_tokens >= 1),
+      (args.temperature, "--temperature", args.temperature >= 0),
+      (args.top_k, "--top_k", args.top_k >= 0),
+      (args.top_p, "--top_p", 0 < args.top_p <= 1),
+    ):
+      if not ok:
+        raise ConfigError(
+          field, f"{value} is out of range (max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1)"
+        )
+    prompts = list(args.prompt)
+    if args.prompt_file:
+      try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+          prompts += [line.rstrip("\n") for line in f if line.strip()]
+      except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("--prompt_file", f"{args.prompt_file!r} does not read ({e})") from None
+    if not prompts:
+      raise ConfigError("--prompt", "give at least one (--prompt or --prompt_file)")
+    cfg, model = load_decoder(args.checkpoint, args.step)
+    root = (
+      args.checkpoint
+      if not os.path.basename(os.path.normpath(args.checkpoint)).isdigit()
+      else os.path.dirname(os.path.dirname(os.path.normpath(args.checkpoint)))
+    )
+    codec = _Codec(cfg, root, args.tokenizer, model.cfg.vocab_size)
+    encoded = [codec.encode(p) for p in prompts]
+    longest = max(map(len, encoded)) + args.max_new_tokens
+    if cfg.model.positions == "learned" and longest > model.cfg.max_len:
+      raise ConfigError(
+        "--max_new_tokens", f"prompt + new tokens = {longest} > the {model.cfg.max_len} learned positions"
+      )
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    silence_stderr()
+    return EXIT_BAD_INPUT
+  outputs: list[list[int]] = [[] for _ in prompts]
+  rule = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+  for length in sorted({len(ids) for ids in encoded}):
+    rows = [i for i, ids in enumerate(encoded) if len(ids) == length]
+    batch = jnp.asarray([encoded[i] for i in rows], jnp.int32)
+    stream = len(prompts) == 1
+    if stream:
+      print(prompts[0], end="", flush=True)
+    shown = ""
+    for column in generate(model, batch, args.max_new_tokens, **rule):
+      for row, token in zip(rows, jax.device_get(column).tolist()):
+        outputs[row].append(token)
+      if stream:  # Print what the tokens so far add (a multi-byte character or token appears whole).
+        text = codec.decode(outputs[0])
+        sep = " " if codec.kind == "ids" and not shown else ""
+        print(sep + text[len(shown) :], end="", flush=True)
+        shown = text
+    if stream:
+      print()
+  if len(prompts) > 1:
+    for prompt, out in zip(prompts, outputs):
+      print(f"{prompt}{' ' if codec.kind == 'ids' else ''}{codec.decode(out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

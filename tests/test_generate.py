@@ -78,3 +78,63 @@ def test_non_causal_routers_cannot_generate(fields, field):
   with pytest.raises(ConfigError, match=f"{field}: routes each token by the other tokens of its group"):
     generate.check_decodable(cfg)
   generate.check_decodable(override(base_config("lm"), SMALL))  # Top-k token choice: causal.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+  from cli_util import run_cli
+
+  workdir = tmp_path_factory.mktemp("gen") / "run"
+  result = run_cli(workdir, "--config.train.num_steps=3", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def _generate_cli(*args):
+  import subprocess
+  import sys
+
+  from cli_util import REPO
+
+  return subprocess.run(
+    [sys.executable, "-m", "moejax.generate", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+
+
+def test_the_command_line_generates_what_the_run_computes(tiny_run):
+  """Greedy tokens from `python -m moejax.generate` on a run's workdir = the argmax loop of the run's
+  model as moejax.analysis.load_run restores it (another loader); a batch of prompts of two lengths."""
+  from moejax import analysis
+
+  result = _generate_cli("--checkpoint", tiny_run, "--prompt", "1 2 3", "--prompt", "4 5", "--max_new_tokens", "6")
+  assert result.returncode == 0, result.stderr[-2000:]
+  model = analysis.load_run(str(tiny_run)).model
+  call = nnx.jit(lambda m, t: m(t)[0])
+  for prompt, line in zip(([1, 2, 3], [4, 5]), result.stdout.strip().splitlines()):
+    tokens = jnp.asarray([prompt], jnp.int32)
+    for _ in range(6):
+      tokens = jnp.concatenate([tokens, jnp.argmax(call(model, tokens)[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+    assert line == " ".join(map(str, np.asarray(tokens[0]).tolist()))
+
+
+@pytest.mark.parametrize(
+  "args, line",
+  [
+    (("--prompt", "1 99"), "error: --prompt: '1 99' holds token 99, outside the vocabulary of 16"),
+    (("--prompt", "one"), "error: --prompt: 'one': this model's prompts are token ids"),
+    (("--prompt", "1", "--top_p", "0"), "error: --top_p: 0.0 is out of range"),
+    ((), "error: --prompt: give at least one"),
+  ],
+)
+def test_bad_input_is_one_line(tiny_run, args, line):
+  result = _generate_cli("--checkpoint", tiny_run, *args)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path):
+  result = _generate_cli("--checkpoint", tmp_path / "nothing", "--prompt", "1")
+  assert (
+    result.returncode == 2
+    and result.stderr.strip() == f"error: --checkpoint: '{tmp_path / 'nothing'}' is not a directory"
+  )
