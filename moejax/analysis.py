@@ -22,6 +22,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -134,6 +135,46 @@ def routing_decisions(model: nnx.Module, inputs) -> list:
     for layer in layers:
       layer.capture_routing = False
   return [jax.device_get(captured[(*path_of[id(layer)], "routing")].get_value()[0]) for layer in layers]
+
+
+@nnx.jit
+def _captured_decode(model, tokens, cache, start):
+  (_, cache), captured = nnx.capture(lambda m, t, c, s: m.decode(t, c, s), nnx.Intermediate)(
+    model, tokens, cache, start
+  )
+  return cache, captured
+
+
+def decode_routing(model, tokens, prompt_length: int) -> list[dict[str, np.ndarray]]:
+  """Which experts each token used when decoded: the prompt as one prefill, then each later token alone.
+
+  tokens <int32>[B, L] (e.g. prompts and what `moejax.generate.generate` drew after them); the
+  decisions are those of `DecoderLM.decode`, the pass that generated them (routing is causal: the
+  same as `routing_decisions` on the whole sequence for a dropless model). Returns one dict per
+  MoE block, in block order: 'expert_index' <int32>[B, L, K] (best first), 'combine_weight'
+  <float32>[B, L, K] and 'kept' <bool>[B, L, K].
+  """
+  tokens = np.asarray(tokens)
+  batch, length = tokens.shape
+  layers = [block.ffn for block in model.blocks if block.ffn in model.moe_layers()]
+  path_of = {id(node): path for path, node in nnx.iter_graph(model)}
+  cache = model.init_cache(batch, length)
+  steps = [(0, prompt_length)] + [(i, i + 1) for i in range(prompt_length, length)]
+  per_layer = [{"expert_index": [], "combine_weight": [], "kept": []} for _ in layers]
+  for layer in layers:
+    layer.capture_routing = True
+  try:
+    for begin, end in steps:
+      cache, captured = _captured_decode(model, jnp.asarray(tokens[:, begin:end]), cache, jnp.int32(begin))
+      captured = dict(nnx.to_flat_state(captured))
+      for out, layer in zip(per_layer, layers):
+        decision = jax.device_get(captured[(*path_of[id(layer)], "routing")].get_value()[0])
+        for name in out:
+          out[name].append(np.asarray(getattr(decision, name)).reshape(batch, end - begin, -1))
+  finally:
+    for layer in layers:
+      layer.capture_routing = False
+  return [{name: np.concatenate(parts, axis=1) for name, parts in out.items()} for out in per_layer]
 
 
 def expert_mass(decision, choices: str = "first") -> np.ndarray:

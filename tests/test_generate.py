@@ -166,3 +166,22 @@ def test_live_greedy_generation_equals_transformers_generate(case, tmp_path):
       torch.as_tensor(prompts), max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
     )[:, 5:].numpy()
   np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_routing_of_decoding_is_captured():
+  """analysis.decode_routing: each token's experts as the decoding pass chose them = the full forward's
+  decisions (a dropless model: routing is causal), token for token."""
+  from moejax import analysis
+
+  model = _model({"moe.router": "deepseek", "moe.num_experts": 8, "moe.top_k": 2, "moe.num_shared_experts": 1})
+  prompts = jax.random.randint(jax.random.key(5), (2, 4), 0, VOCAB)
+  new = jnp.stack(list(generate.generate(model, prompts, 5)), axis=1)
+  tokens = jnp.concatenate([prompts, new], axis=1)
+  decoded = analysis.decode_routing(model, tokens, prompt_length=4)
+  full = analysis.routing_decisions(model, tokens)
+  assert len(decoded) == len(full) == 1  # Block 1 is the MoE block.
+  np.testing.assert_array_equal(decoded[0]["expert_index"], np.asarray(full[0].expert_index).reshape(2, 9, 2))
+  np.testing.assert_allclose(
+    decoded[0]["combine_weight"], np.asarray(full[0].combine_weight).reshape(2, 9, 2), atol=1e-6
+  )
+  assert decoded[0]["kept"].all()
