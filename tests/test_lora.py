@@ -131,6 +131,14 @@ def base_run(tmp_path_factory, data_dir):
   return workdir
 
 
+def _final_eval(workdir, data_dir, *flags) -> float:
+  """A CLI run's final eval cross-entropy."""
+  result = run_cli(workdir, *flags, data_dir=data_dir)
+  assert result.returncode == 0, result.stderr
+  with open(workdir / "summary.json") as f:
+    return json.load(f)["eval_cross_entropy"]
+
+
 def test_merged_equals_unmerged(base_run, data_dir, tmp_path):
   """A LoRA run's eval (adapters beside the base, merged in the step) equals a plain model holding W + s·A·B.
 
@@ -139,17 +147,14 @@ def test_merged_equals_unmerged(base_run, data_dir, tmp_path):
   """
   lora_run = tmp_path / "lora"
   flags = ("--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.targets=('attention','experts')")
-  result = run_cli(
+  lora_eval = _final_eval(
     lora_run,
+    data_dir,
     "--config.train.num_steps=6",
     "--config.optim.learning_rate=0.03",
     f"--config.init.checkpoint={base_run}",
     *flags,
-    data_dir=data_dir,
   )
-  assert result.returncode == 0, result.stderr
-  with open(lora_run / "summary.json") as f:
-    lora_eval = json.load(f)["eval_cross_entropy"]
   with open(lora_run / "init.json") as f:
     assert json.load(f)["step"] == 3
   # The merged weights by hand: W + (8/4)·A·B from the checkpoint's arrays.
@@ -174,17 +179,13 @@ def test_merged_equals_unmerged(base_run, data_dir, tmp_path):
   for k, value in by_hand.items():
     np.testing.assert_allclose(read[k], value, rtol=1e-6, atol=1e-7, err_msg=weights.dotted(k))
   # A plain run from the LoRA run's checkpoint computes the same function: eval after one step at learning rate 0.
-  plain = tmp_path / "plain"
-  result = run_cli(
-    plain,
+  plain_eval = _final_eval(
+    tmp_path / "plain",
+    data_dir,
     "--config.train.num_steps=1",
     "--config.optim.warmup_steps=5",
     f"--config.init.checkpoint={lora_run}",
-    data_dir=data_dir,
   )
-  assert result.returncode == 0, result.stderr
-  with open(plain / "summary.json") as f:
-    plain_eval = json.load(f)["eval_cross_entropy"]
   np.testing.assert_allclose(plain_eval, lora_eval, rtol=1e-5)
 
 
