@@ -57,26 +57,10 @@ def _quiet(*args):
 
 
 def _load_converted(out_dir):
-  """A DecoderLM with the converted checkpoint's weights (float32), and its config."""
-  cfg = saved_config(os.path.join(out_dir, "config.json"))
-  cfg.train.seq_len = hf_reference.SEQ_LEN
-  cfg.model.mtp_depth = 0  # The logits are the main model's.
-  model = DecoderLM(decoder_config(cfg, 0), rngs=nnx.Rngs(0))
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  targets = {}
-  for section, selector in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Param))):
-    flat = dict(nnx.to_flat_state(nnx.state(model, selector)))
-    targets[section] = {
-      p: jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32, sharding=cpu) for p, v in flat.items()
-    }
-  item_dir, _ = weights.item_directory(str(out_dir))
-  restored = weights.restore(item_dir, targets)
-  flat = dict(nnx.to_flat_state(nnx.state(model)))
-  for section in restored.values():
-    for path, array in section.items():
-      flat[path].set_value(array)
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
+  """A DecoderLM with the converted checkpoint's weights (the main model), as moejax.generate loads one."""
+  from moejax import generate
+
+  return generate.load_decoder(str(out_dir))[1]
 
 
 @pytest.mark.parametrize("case", CASES)
