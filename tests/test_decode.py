@@ -132,3 +132,20 @@ def test_a_capacity_router_decoding_one_token_a_group_drops_nothing():
   tokens = jax.random.randint(jax.random.key(3), (2, LENGTH), 0, VOCAB)
   full, _ = _call(dropless, tokens)
   np.testing.assert_allclose(_decoded(capacity, tokens, 0), full, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dispatcher", ["dropless", "einsum"])
+def test_expert_parallel_decoding_equals_one_device(dispatcher):
+  """On a data 2 × expert 4 mesh of the 8 fake devices (each device's tokens to its experts' devices
+  and back: all_to_all), prefill and decode give the one-device model's full-forward logits; the
+  capacity dispatcher decodes token by token (a group of one token cannot drop it)."""
+  from moejax.parallel import make_mesh
+
+  overrides = {"moe.dispatcher": dispatcher, "moe.expert_exchange": "padded"}
+  cfg = override(base_config("lm"), {**SMALL, **overrides})
+  sharded = DecoderLM(decoder_config(cfg, VOCAB), mesh=make_mesh(2, 4), rngs=nnx.Rngs(0))
+  one = _model({})  # Dropless, one device: the reference, with the same weights (same seed).
+  tokens = jax.random.randint(jax.random.key(4), (8, LENGTH), 0, VOCAB)  # 8 sequences: a group a device.
+  full, _ = _call(one, tokens)
+  prompt = PROMPT if dispatcher == "dropless" else 0
+  np.testing.assert_allclose(_decoded(sharded, tokens, prompt), full, rtol=2e-5, atol=2e-5)
