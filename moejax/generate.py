@@ -48,12 +48,16 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k
 
 def check_decodable(cfg) -> None:
   """ConfigError unless the model's routers decide each token from it and the tokens before it."""
-  if cfg.model.moe_every == 0 and not cfg.model.mtp_depth:
+  from moejax import routers
+  from moejax.config import schema
+
+  if not schema.has_moe_layers(cfg):
     return
-  if cfg.moe.router in ("expert_choice", "soft_moe") or cfg.moe.priority == "bpr":
+  family = routers.get(cfg.moe.router)
+  if not family.is_causal(cfg.moe):  # The family says (moejax/routers/): expert choice, soft MoE, BPR priority.
+    field = "moe.priority" if "priority" in {o.name for o in family.options} else "moe.router"
     raise ConfigError(
-      "moe.router" if cfg.moe.priority != "bpr" else "moe.priority",
-      "routes each token by the other tokens of its group, which a decoder has not seen yet; it cannot generate",
+      field, "routes each token by the other tokens of its group, which a decoder has not seen yet; it cannot generate"
     )
 
 

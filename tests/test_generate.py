@@ -71,7 +71,11 @@ def test_sampling_follows_the_seed():
 
 
 @pytest.mark.parametrize(
-  "fields, field", [({"moe.router": "expert_choice"}, "moe.router"), ({"moe.priority": "bpr"}, "moe.priority")]
+  "fields, field",
+  [
+    ({"moe.router": "expert_choice"}, "moe.router"),
+    ({"moe.priority": "bpr", "moe.dispatcher": "einsum"}, "moe.priority"),  # Dropless BPR is causal.
+  ],
 )
 def test_non_causal_routers_cannot_generate(fields, field):
   cfg = override(base_config("lm"), {**SMALL, "moe.allow_noncausal": True, **fields})
