@@ -8,8 +8,9 @@ yielding each new column of tokens as it is drawn (streaming); the draw of step 
 fold_in(key(seed), i), so a seed gives the same text on every run.
 
 Decoding runs the main model (no multi-token-prediction modules) in eval mode. Routers must be
-causal: expert choice, soft MoE and batch-prioritised routing see other tokens of their group,
-which a decoder does not have yet (`check_decodable`).
+causal as their family declares (`is_causal` in moejax/routers/; `check_decodable`): expert
+choice, soft MoE and capacity slots ordered by later tokens (BPR, choice-major top-k with K > 1)
+see other tokens of their group, which a decoder does not have yet.
 """
 
 from __future__ import annotations
