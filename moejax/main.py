@@ -164,7 +164,7 @@ def _abstract_model(cfg, task):
   return params, model_state
 
 
-def _frozen_from_weights(cfg, params, init_plan) -> None:
+def _frozen_from_weights(cfg, param_labels, init_plan) -> None:
   """ConfigError if a new run would freeze parameters that no checkpoint gives: they would stay random.
 
   LoRA freezes the base model, so it needs init.checkpoint; with either LoRA or optim.freeze, a
@@ -181,7 +181,7 @@ def _frozen_from_weights(cfg, params, init_plan) -> None:
     )
   if init_plan is None:
     return
-  stuck = sorted(finetune.frozen_names(finetune.labels(cfg, params)) & set(init_plan.fresh))
+  stuck = sorted(finetune.frozen_names(param_labels) & set(init_plan.fresh))
   if stuck:
     raise ConfigError(
       field,
@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
 
       from moejax import finetune, lora
 
-      finetune.labels(cfg, params)  # A freeze or lora.train that matches nothing is refused here,
+      param_labels = finetune.labels(cfg, params)  # A freeze or lora.train that matches nothing is refused here,
       if cfg.lora.rank > 0:  # as are LoRA targets that match nothing.
         lora.shapes(cfg.lora, {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(params)})
     if cfg.init.checkpoint and not _has_checkpoint(workdir):  # A new run: its parameters come from there.
@@ -246,7 +246,7 @@ def main(argv: list[str]) -> int:
 
       init_plan = init.plan(cfg.init, init.shapes({"params": params, "model_state": model_state}), seed=cfg.seed)
     if tuning and not _has_checkpoint(workdir):
-      _frozen_from_weights(cfg, params, init_plan)
+      _frozen_from_weights(cfg, param_labels, init_plan)
   except config_lib.ConfigError as e:
     _fail(f"config {e}" if e.field.startswith(("optim.", "lora.")) else str(e))
   from moejax import train
