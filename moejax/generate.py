@@ -4,8 +4,9 @@
 restricted to the top_k most likely tokens and to the smallest set whose probability reaches
 top_p (nucleus sampling, Holtzman et al. 2020), both applied when both are set. `generate`
 prefills the prompts into a fixed-size cache (`DecoderLM.decode`) and decodes one token at a time,
-yielding each new column of tokens as it is drawn (streaming); the draw of step i uses
-fold_in(key(seed), i), so a seed gives the same text on every run.
+yielding each new column of tokens as it is drawn (streaming); row b's draw of step i uses
+fold_in(fold_in(key(seed), i), b), so a seed gives the same text on every run. Prompts of
+different lengths share one batch and one cache (`pad_prompts`).
 
 Decoding runs the main model (no multi-token-prediction modules) in eval mode. Routers must be
 causal as their family declares (`is_causal` in moejax/routers/; `check_decodable`): expert
@@ -15,6 +16,7 @@ see other tokens of their group, which a decoder does not have yet.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -65,9 +67,33 @@ def check_decodable(cfg) -> None:
 _step = nnx.jit(lambda model, tokens, cache, start: model.decode(tokens, cache, start))
 
 
+def pad_prompts(prompts) -> tuple[jax.Array, jax.Array]:
+  """(tokens <int32>[B, P], lengths <int32>[B]) of prompts: an int array [B, P] (every row P long) or a
+  list of token-id lists of any lengths, right-padded with 0 to the longest (P)."""
+  if hasattr(prompts, "shape"):
+    tokens = jnp.asarray(prompts, jnp.int32)
+    if tokens.ndim != 2:
+      raise ValueError(f"prompts must be [B, P] token ids, got shape {tokens.shape}")
+    return tokens, jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+  rows = [list(p) for p in prompts]
+  if not rows:
+    raise ValueError("no prompts")
+  longest = max(map(len, rows))
+  tokens = jnp.asarray([r + [0] * (longest - len(r)) for r in rows], jnp.int32)
+  return tokens, jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _draw_rows(logits: jax.Array, key: jax.Array, **rule) -> jax.Array:
+  """`sample` of each row of logits [B, V] with its own key fold_in(key, b): a row's draw does not
+  depend on the other rows of its batch."""
+  keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits.shape[0]))
+  return jax.vmap(lambda row, k: sample(row[None], k, **rule)[0])(logits, keys)
+
+
 def generate(
   model,
-  prompts: jax.Array,
+  prompts,
   max_new_tokens: int,
   *,
   temperature: float = 0.0,
@@ -75,37 +101,49 @@ def generate(
   top_p: float = 1.0,
   seed: int = 0,
 ) -> Iterator[jax.Array]:
-  """Yields the new tokens <int32>[B], one column per step, for prompts <int32>[B, P] (all of length P).
+  """Yields the new tokens <int32>[B], one column per step, for prompts (`pad_prompts`: [B, P] or ragged).
 
-  The cache holds P + max_new_tokens positions; the model's positions (learned position tables,
-  RoPE's trained range) are the caller's to respect.
+  Prompts of different lengths run as one batch in one cache of P + max_new_tokens positions
+  (P the longest): each row is prefilled right-padded and then decoded at its own positions, so
+  row b's tokens are those it would get alone (the padding sits after the row's last token, where
+  causal attention never looks and a causal router's choices for earlier tokens cannot depend on
+  it). The model's positions (learned position tables, RoPE's trained range) are the caller's to
+  respect.
   """
-  batch, length = prompts.shape
+  tokens, lengths = pad_prompts(prompts)
+  batch, longest = tokens.shape
   if not 0 < top_p <= 1 or temperature < 0 or top_k < 0:
     raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
-  if length < 1 or max_new_tokens < 1:
-    raise ValueError(f"need a prompt of at least one token and max_new_tokens >= 1, got {length} and {max_new_tokens}")
+  if int(jnp.min(lengths)) < 1 or max_new_tokens < 1:
+    raise ValueError(f"need prompts of at least one token and max_new_tokens >= 1, got {max_new_tokens}")
   key = jax.random.key(seed)
-  cache = model.init_cache(batch, length + max_new_tokens)
-  logits, cache = _step(model, prompts, cache, jnp.int32(0))
-  draw = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
+  cache = model.init_cache(batch, longest + max_new_tokens)
+  logits, cache = _step(model, tokens, cache, jnp.zeros((batch,), jnp.int32))
+  last = logits[jnp.arange(batch), lengths - 1]  # [B, V]: each row's next-token logits.
   for i in range(max_new_tokens):
-    token = draw(logits[:, -1], jax.random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
+    token = _draw_rows(last, jax.random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
     yield token
     if i + 1 < max_new_tokens:
-      logits, cache = _step(model, token[:, None], cache, jnp.int32(length + i))
+      logits, cache = _step(model, token[:, None], cache, lengths + i)
+      last = logits[:, -1]
 
 
-def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint"):
+def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint", mesh=None):
   """(the moejax config, a DecoderLM holding the weights) of a run's workdir (its newest checkpoint, or
-  `step`), one step of a run, or a converted model; on the default device, the main model only.
+  `step`), one step of a run, or a converted model; the main model only.
 
-  A LoRA run's weights come merged (`moejax.weights.restore`). ConfigError names what is wrong.
+  mesh: a ('data', 'expert') mesh (`moejax.parallel.make_mesh`) to hold and run the model on:
+  expert weights split over 'expert', the rest replicated, each device reading only its share;
+  None: the default device.
+
+  A capacity router is given moe.eval_capacity_factor = E (a capacity of every token of a group),
+  so that no token is dropped, the prompt's included; the config returned says so. A LoRA run's
+  weights come merged (`moejax.weights.restore`). ConfigError names what is wrong.
   """
   import os
 
-  from moejax import weights
-  from moejax.config import saved_config
+  from moejax import parallel, weights
+  from moejax.config import saved_config, schema
   from moejax.models.build import decoder_config
   from moejax.models.decoder import DecoderLM
 
@@ -125,8 +163,20 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   if embedding is None:
     raise ConfigError(field, f"{item_dir!r} holds no embed.embedding: not a decoder's weights")
   cfg.model.mtp_depth = 0  # Generation runs the main model.
-  model = nnx.eval_shape(lambda: DecoderLM(decoder_config(cfg, embedding[0][0]), rngs=nnx.Rngs(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if schema.has_moe_layers(cfg) and cfg.moe.dispatcher != "dropless":
+    # A capacity of every token of the group (C = S: ceil(S·K·E/E) clipped to S), so that the
+    # prefill drops no prompt token; a decoded token, alone in its group, cannot be dropped anyway.
+    cfg.moe.eval_capacity_factor = float(cfg.moe.num_experts)
+  model_cfg = decoder_config(cfg, embedding[0][0])
+  if mesh is not None and model_cfg.moe_every and model_cfg.moe.num_experts % mesh.shape["expert"]:
+    raise ConfigError("--mesh_expert", f"{mesh.shape['expert']} must divide the {model_cfg.moe.num_experts} experts")
+  model = nnx.eval_shape(lambda: DecoderLM(model_cfg, mesh=mesh, rngs=nnx.Rngs(0)))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placement = jax.tree.map(lambda _: device, nnx.state(model))
+  else:
+    placement = parallel.state_sharding(mesh, nnx.state(model))
+  placement = dict(nnx.to_flat_state(placement))
   targets = {}
   for section, selector in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Param))):
     flat = dict(nnx.to_flat_state(nnx.state(model, selector)))
@@ -136,7 +186,8 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
         what = "is missing" if got is None else f"has shape {got[0]}, the config makes it {variable.get_value().shape}"
         raise ConfigError(f"parameter {weights.dotted(path)}", f"{what} in {item_dir}")
     targets[section] = {
-      p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=device) for p, v in flat.items()
+      p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=_unwrap(placement[p]))
+      for p, v in flat.items()
     }
   restored = weights.restore(item_dir, targets, field=field, saved=saved)
   flat = dict(nnx.to_flat_state(nnx.state(model)))
@@ -144,6 +195,24 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
     for path, array in arrays.items():
       flat[path] = flat[path].replace(array)
   return cfg, nnx.merge(nnx.graphdef(model), nnx.from_flat_state(flat))
+
+
+def _unwrap(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def _mesh(num_data: int, num_expert: int):
+  """The ('data', 'expert') mesh of the command line, or None for one device; ConfigError if it does not fit."""
+  from moejax import parallel
+
+  for value, field in ((num_data, "--mesh_data"), (num_expert, "--mesh_expert")):
+    if value < 1:
+      raise ConfigError(field, f"{value}: must be >= 1")
+  if num_data * num_expert == 1:
+    return None
+  if num_data * num_expert > jax.device_count():
+    raise ConfigError("--mesh_expert", f"{num_data} x {num_expert} devices asked for, {jax.device_count()} present")
+  return parallel.make_mesh(num_data, num_expert)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -218,11 +287,18 @@ def _parser():
   parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass p")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json if any)")
+  parser.add_argument("--mesh_data", type=int, default=1, help="devices splitting the batch")
+  parser.add_argument("--mesh_expert", type=int, default=1, help="devices splitting the experts (and the batch)")
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Prompts of one length run as one batch, each length as its own; a single prompt streams its tokens."""
+  """All prompts run as one batch (`generate`); a single prompt streams its tokens as they come.
+
+  On a mesh of --mesh_data × --mesh_expert devices the batch is split over all of them (it is
+  filled up to a multiple of their number with copies of the first prompt, whose output is
+  dropped) and the experts over --mesh_expert.
+  """
   import os
   import sys
 
@@ -252,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--prompt_file", f"{args.prompt_file!r} does not read ({e})") from None
     if not prompts:
       raise ConfigError("--prompt", "give at least one (--prompt or --prompt_file)")
-    cfg, model = load_decoder(args.checkpoint, args.step)
+    mesh = _mesh(args.mesh_data, args.mesh_expert)
+    cfg, model = load_decoder(args.checkpoint, args.step, mesh=mesh)
     root = (
       args.checkpoint
       if not os.path.basename(os.path.normpath(args.checkpoint)).isdigit()
@@ -271,23 +348,22 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
   outputs: list[list[int]] = [[] for _ in prompts]
   rule = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-  for length in sorted({len(ids) for ids in encoded}):
-    rows = [i for i, ids in enumerate(encoded) if len(ids) == length]
-    batch = jnp.asarray([encoded[i] for i in rows], jnp.int32)
-    stream = len(prompts) == 1
-    if stream:
-      print(prompts[0], end="", flush=True)
-    shown = ""
-    for column in generate(model, batch, args.max_new_tokens, **rule):
-      for row, token in zip(rows, jax.device_get(column).tolist()):
-        outputs[row].append(token)
-      if stream:  # Print what the tokens so far add (a multi-byte character or token appears whole).
-        text = codec.decode(outputs[0])
-        sep = " " if codec.kind == "ids" and not shown else ""
-        print(sep + text[len(shown) :], end="", flush=True)
-        shown = text
-    if stream:
-      print()
+  devices = 1 if mesh is None else mesh.size
+  batch = encoded + [encoded[0]] * (-len(encoded) % devices)  # Rows for every device; the copies are dropped.
+  stream = len(prompts) == 1
+  if stream:
+    print(prompts[0], end="", flush=True)
+  shown = ""
+  for column in generate(model, batch, args.max_new_tokens, **rule):
+    for out, token in zip(outputs, jax.device_get(column).tolist()):
+      out.append(token)
+    if stream:  # Print what the tokens so far add (a multi-byte character or token appears whole).
+      text = codec.decode(outputs[0])
+      sep = " " if codec.kind == "ids" and not shown else ""
+      print(sep + text[len(shown) :], end="", flush=True)
+      shown = text
+  if stream:
+    print()
   if len(prompts) > 1:
     for prompt, out in zip(prompts, outputs):
       print(f"{prompt}{' ' if codec.kind == 'ids' else ''}{codec.decode(out)}")

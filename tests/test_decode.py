@@ -149,3 +149,26 @@ def test_expert_parallel_decoding_equals_one_device(dispatcher):
   full, _ = _call(one, tokens)
   prompt = PROMPT if dispatcher == "dropless" else 0
   np.testing.assert_allclose(_decoded(sharded, tokens, prompt), full, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["mha_top2", "sliding_window_sinks", "mla_deepseek_v3", "learned_positions_tied_hash"])
+def test_rows_of_different_lengths_share_a_cache(case):
+  """Rows prefilled right-padded (with junk tokens) to the longest prompt, then each decoded at its own
+  positions (start [B]): every row's logits are its own full forward's, at every position it reached."""
+  model = _model(CASES[case])
+  tokens = jax.random.randint(jax.random.key(6), (3, LENGTH), 0, VOCAB)
+  full = np.asarray(_call(model, tokens)[0])
+  lengths = np.array([5, 2, 8])
+  junk = jax.random.randint(jax.random.key(7), (3, LENGTH), 0, VOCAB)
+  padded = jnp.where(jnp.arange(8) < lengths[:, None], tokens[:, :8], junk[:, :8])
+  cache = model.init_cache(3, 2 * LENGTH)
+  logits, cache = _decode(model, padded, cache, jnp.zeros(3, jnp.int32))
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(logits[b, :n], full[b, :n], rtol=2e-5, atol=2e-5, err_msg=f"prefill of row {b}")
+  for j in range(LENGTH - lengths.min()):
+    positions = lengths + j
+    step = jnp.asarray([[tokens[b, p] if p < LENGTH else 0] for b, p in enumerate(positions)], jnp.int32)
+    logits, cache = _decode(model, step, cache, jnp.asarray(positions, jnp.int32))
+    for b, p in enumerate(positions):
+      if p < LENGTH:
+        np.testing.assert_allclose(logits[b, 0], full[b, p], rtol=2e-5, atol=2e-5, err_msg=f"row {b} at {p}")

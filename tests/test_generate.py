@@ -11,7 +11,7 @@ from flax import nnx
 from moejax import generate
 from moejax.config import base_config, override
 from moejax.errors import ConfigError
-from test_decode import SMALL, VOCAB, _model
+from test_decode import CASES, SMALL, VOCAB, _model
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))  # Probabilities by hand, rank: 1, 3, 4, 2, 0.
 
@@ -71,6 +71,32 @@ def test_sampling_follows_the_seed():
 
 
 @pytest.mark.parametrize(
+  "overrides",
+  [
+    {},  # Dropless top-2.
+    # A capacity router that drops (cf 0.5): a row's prompt keeps the slots it has alone, as the
+    # padding comes after it and slots go in sequence order.
+    {"moe.dispatcher": "sort", "moe.eval_capacity_factor": 0.5},
+    {**CASES["mla_deepseek_v3"], "model.mtp_depth": 0},
+    CASES["sliding_window_sinks"],
+  ],
+  ids=["dropless", "capacity_dropping", "mla_deepseek", "window_sinks"],
+)
+def test_prompts_of_different_lengths_in_one_batch_generate_as_alone(overrides):
+  """generate() on ragged prompts (one batch, one cache): each row's tokens are those it gets alone,
+  greedy and sampled (a row's draws do not depend on its batch)."""
+  model = _model(overrides)
+  prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9], [7, 9]]
+  for rule in ({}, {"temperature": 1.0, "top_k": 5, "seed": 3}):
+    together = np.stack([np.asarray(t) for t in generate.generate(model, prompts, 5, **rule)], 1)
+    for b, prompt in enumerate(prompts):
+      alone = np.stack([np.asarray(t) for t in generate.generate(model, [prompt], 5, **rule)], 1)
+      if rule:  # Row b of a batch draws with fold_in(key, b); alone it is row 0.
+        alone = np.stack([np.asarray(t) for t in generate.generate(model, [[0]] * b + [prompt], 5, **rule)], 1)[b:]
+      np.testing.assert_array_equal(together[b : b + 1], alone, err_msg=f"prompt {b}, {rule}")
+
+
+@pytest.mark.parametrize(
   "fields, field",
   [
     ({"moe.router": "expert_choice"}, "moe.router"),
@@ -94,14 +120,21 @@ def tiny_run(tmp_path_factory, data_dir):
   return workdir
 
 
-def _generate_cli(*args):
+def _generate_cli(*args, devices: int = 1):
+  import os
   import subprocess
   import sys
 
   from cli_util import REPO
 
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.run(
-    [sys.executable, "-m", "moejax.generate", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    [sys.executable, "-m", "moejax.generate", *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
   )
 
 
@@ -119,6 +152,32 @@ def test_the_command_line_generates_what_the_run_computes(tiny_run):
     for _ in range(6):
       tokens = jnp.concatenate([tokens, jnp.argmax(call(model, tokens)[:, -1], -1)[:, None].astype(jnp.int32)], 1)
     assert line == " ".join(map(str, np.asarray(tokens[0]).tolist()))
+
+
+def test_the_command_line_on_a_mesh_generates_what_one_device_does(tiny_run, capsys):
+  """--mesh_data 2 --mesh_expert 4 (8 fake devices; experts split over 4, three prompts filled up to 8
+  rows) prints the one-device greedy tokens, and reads each expert weight split over 'expert'."""
+  prompts = ("--prompt", "1 2 3", "--prompt", "4 5", "--prompt", "6 7 8 9 10", "--max_new_tokens", "5")
+  assert generate.main(["--checkpoint", str(tiny_run), *prompts]) == 0
+  one = capsys.readouterr().out
+  assert generate.main(["--checkpoint", str(tiny_run), *prompts, "--mesh_data", "2", "--mesh_expert", "4"]) == 0
+  assert capsys.readouterr().out == one and len(one.splitlines()) == 3
+  cfg, model = generate.load_decoder(str(tiny_run), mesh=generate._mesh(2, 4))
+  assert cfg.moe.dispatcher == "sort" and cfg.moe.eval_capacity_factor == 4  # C = S: the prefill drops nothing.
+  wi = model.blocks[1].ffn.wi[...]
+  assert wi.sharding.spec[0] == "expert" and wi.addressable_shards[0].data.shape[0] == 1
+
+
+@pytest.mark.parametrize(
+  "devices, line",
+  [
+    (8, "error: --mesh_expert: 3 must divide the 4 experts"),
+    (2, "error: --mesh_expert: 1 x 3 devices asked for, 2 present"),
+  ],
+)
+def test_a_mesh_that_does_not_fit_is_one_line(tiny_run, devices, line):
+  result = _generate_cli("--checkpoint", tiny_run, "--prompt", "1", "--mesh_expert", "3", devices=devices)
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

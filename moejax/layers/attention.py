@@ -148,19 +148,18 @@ class CausalSelfAttention(nnx.Module):
     return w.shape[2], w.shape[3]
 
   def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
-    """x [B, L, d], the tokens at positions start .. start + L - 1, attending to the cache and to themselves.
+    """x [B, L, d], row b's tokens at positions start[b] .. start[b] + L - 1, attending to the cache and to themselves.
 
-    cache: `init_cache`'s, holding positions 0 .. start - 1; returned with the L new keys and values
-    written in. The same function as `__call__` on the whole sequence (prefill: start 0, L the
-    prompt; decoding: L = 1).
+    start: <int32>[B] (or one offset for every row). cache: `init_cache`'s, holding row b's
+    positions 0 .. start[b] - 1; returned with the L new keys and values written in (a slot at or
+    past start[b] is overwritten, and until then later than every query of the row, so masked).
+    The same function as `__call__` on the whole sequence (prefill: start 0, L the prompt;
+    decoding: L = 1).
     """
     b, l, _ = x.shape
-    positions = start + jnp.arange(l)
+    positions = decode_positions(start, b, l)  # [B, L]
     q, k, v = self._qkv(x, positions)
-    cache = {
-      "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1),
-      "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1),
-    }
+    cache = {"k": write_cache(cache["k"], k, positions), "v": write_cache(cache["v"], v, positions)}
     sinks = None if self.sinks is None else self.sinks[...]
     out = dot_attention(
       q,
@@ -171,8 +170,20 @@ class CausalSelfAttention(nnx.Module):
       sinks=sinks,
       q_positions=positions,
       softcap=self.softcap,
-    )  # Keys past start + L - 1 are empty and, later than every query, masked.
+    )
     return _project(out.reshape(b * l, -1), self.wo[...], self.bo).reshape(b, l, -1), cache
+
+
+def decode_positions(start: jax.Array, batch: int, length: int) -> jax.Array:
+  """<int32>[B, L]: row b's positions start[b] .. start[b] + L - 1 (start: [B] or one offset for all rows)."""
+  start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+  return start[:, None] + jnp.arange(length, dtype=jnp.int32)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """cache [B, T, ...] with new [B, L, ...] written at each row's positions [B, L] (its dtype kept)."""
+  rows = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[rows, positions].set(new.astype(cache.dtype))
 
 
 def dot_attention(
@@ -190,7 +201,7 @@ def dot_attention(
   """Softmax attention written out: q [B, L, N, H], k [B, T, N_kv, H], v [B, T, N_kv, H_v] -> [B, L, N, H_v].
 
   Query head n reads key/value head n // (N / N_kv). Key j is visible to query i (at position
-  q_positions[i], default T - L + i: the queries are the last L of the T keys) when j <= i with
+  q_positions[i], or q_positions[b, i] for row b, default T - L + i: the queries are the last L of the T keys) when j <= i with
   causal, and when i - j < window with window > 0 (sliding-window attention). sinks <float32>[N]:
   a learned logit per head that joins each query's softmax and takes its share of the weight but
   adds no value (gpt-oss's attention sinks). H_v may differ from H (multi-head latent attention).
@@ -206,12 +217,15 @@ def dot_attention(
     scores = softcap * jnp.tanh(scores / softcap)
   if q_positions is None:
     q_positions = jnp.arange(t - l, t)
+  q_positions = q_positions[..., :, None]  # [L, 1] or [B, L, 1]
   kv_positions = jnp.arange(t)
   visible = jnp.ones((l, t), bool)
   if causal:
-    visible = kv_positions[None, :] <= q_positions[:, None]
+    visible = kv_positions <= q_positions
   if window:
-    visible = visible & (q_positions[:, None] - kv_positions[None, :] < window)
+    visible = visible & (q_positions - kv_positions < window)
+  if visible.ndim == 3:  # Per-row query positions: [B, 1, 1, L, T] against the scores' heads.
+    visible = visible[:, None, None]
   scores = jnp.where(visible, scores, -jnp.inf)
   if sinks is not None:
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kv_heads, group, 1, 1), (b, kv_heads, group, l, 1))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.layers.attention import dot_attention
+from moejax.layers.attention import decode_positions, dot_attention, write_cache
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.rope import Rope, apply_rope
 
@@ -124,13 +124,14 @@ class MultiHeadLatentAttention(nnx.Module):
     }
 
   def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
-    """x [B, L, d] at positions start .. start + L - 1: writes their latents into the cache and attends
-    with the absorbed projections (`attend_latent`); the same function as `__call__` on the whole sequence."""
-    positions = start + jnp.arange(x.shape[1])
+    """x [B, L, d], row b's tokens at positions start[b] .. start[b] + L - 1 (start: [B] or one offset):
+    writes their latents into the cache and attends with the absorbed projections (`attend_latent`);
+    the same function as `__call__` on the whole sequence (`CausalSelfAttention.decode`'s cache rules)."""
+    positions = decode_positions(start, x.shape[0], x.shape[1])  # [B, L]
     latent, k_rope = self.latent_cache(x, positions)
     cache = {
-      "latent": jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype), start, 1),
-      "k_rope": jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), start, 1),
+      "latent": write_cache(cache["latent"], latent, positions),
+      "k_rope": write_cache(cache["k_rope"], k_rope, positions),
     }
     dtype = x.dtype
     return self.attend_latent(x, cache["latent"].astype(dtype), cache["k_rope"].astype(dtype), positions), cache
@@ -140,7 +141,7 @@ class MultiHeadLatentAttention(nnx.Module):
   ) -> jax.Array:
     """x [B, L, d] attending to a cache (latent [B, T, r], k_rope [B, T, H_r]) with absorbed projections.
 
-    q_positions <int32>[L]: the queries' positions (default T - L .. T - 1); key j is visible to a
+    q_positions <int32>[L] or [B, L]: the queries' positions (default T - L .. T - 1); key j is visible to a
     query at position p when j <= p. Equals `__call__` when the cache is `latent_cache(x)`.
     """
     l = x.shape[1]

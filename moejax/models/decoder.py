@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config.schema import DTYPES, POSITIONS, defaults, moe_layer_indices
-from moejax.layers.attention import CausalSelfAttention
+from moejax.layers.attention import CausalSelfAttention, decode_positions
 from moejax.layers.ffn import FeedForward, fan_in_init
 from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.moe import MoEConfig, MoELayer
@@ -359,9 +359,11 @@ class DecoderLM(nnx.Module):
     return [block.attention.init_cache(batch, max_len, dtype) for block in self.blocks]
 
   def decode(self, tokens: jax.Array, cache: list[dict], start: jax.Array):
-    """tokens <int32>[B, L] at positions start .. start + L - 1 -> (logits <float32>[B, L, V], the updated cache).
+    """tokens <int32>[B, L], row b's at positions start[b] .. start[b] + L - 1 -> (logits <float32>[B, L, V], the cache).
 
-    Prefill is start = 0 with the prompt, decoding L = 1 at start = the tokens so far. The logits
+    start: <int32>[B], or one offset for every row. Prefill is start = 0 with the prompts, decoding
+    L = 1 at start = each row's tokens so far: rows of different lengths share a cache (a row's
+    slots at and past its start are overwritten before any query of it can see them). The logits
     equal `__call__`'s on the whole sequence at those positions (eval mode; the main model, no MTP),
     for a router whose choice for a token does not depend on later tokens; a capacity dispatcher
     decoding one token per routing group cannot drop it (tests/test_decode.py).
@@ -371,7 +373,7 @@ class DecoderLM(nnx.Module):
     if self.cfg.embed_multiplier != 1.0:
       x = x * self.cfg.embed_multiplier
     if self.position_embed is not None:
-      x = x + self.position_embed(start + jnp.arange(tokens.shape[1]))[None]
+      x = x + self.position_embed(decode_positions(start, *tokens.shape))
     x = x.astype(dtype)
     new_cache = []
     for block, block_cache in zip(self.blocks, cache):
