@@ -6,6 +6,7 @@ its weights drawn at random, run on fixed tokens in float32 and bfloat16 by tran
 
   pip install -e '.[hf]'           # torch==2.13.0 (CPU build on these machines), transformers
   python tests/hf_reference.py     # rewrites tests/fixtures/hf/<case>.safetensors and .json
+  python tests/hf_reference.py --generation  # rewrites tests/fixtures/hf/generation.json from them
 
 tests/test_hf_parity.py compares moejax with the committed files (no torch needed) and, when
 torch and transformers are installed, with models this module builds afresh.
@@ -501,6 +502,73 @@ def write(case: str, directory: str = FIXTURES) -> str:
   return path
 
 
+# Greedy generation by transformers' generate, from the committed fixtures' weights (tests/test_generate.py).
+GENERATION_CASES = ("mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "gpt_oss_20b", "dbrx")
+GENERATION_LENGTHS, NEW_TOKENS = (5, 3), 10  # Prompt lengths (of the fixture's token rows) and tokens drawn.
+
+
+def generation_prompts(arrays: dict) -> list[list[int]]:
+  """Row i of the fixture's tokens, cut to GENERATION_LENGTHS[i]: prompts of different lengths."""
+  return [np.asarray(arrays["tokens"])[i, :n].tolist() for i, n in enumerate(GENERATION_LENGTHS)]
+
+
+def generated_by_transformers(case: str, hf_dir: str) -> list[list[int]]:
+  """transformers' greedy generate, each prompt alone (no padding), of the model saved in hf_dir."""
+  import torch
+  import transformers
+
+  _, _, arrays = load_fixture(case)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    hf_dir, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
+  out = []
+  with torch.no_grad():
+    for prompt in generation_prompts(arrays):
+      ids = model.generate(
+        torch.as_tensor([prompt]),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
+      out.append(ids[0, len(prompt) :].tolist())
+  return out
+
+
+def write_hf_dir(path: str, config: dict, state: dict) -> None:
+  """A Hugging Face model directory: config.json and model.safetensors."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+
+
+def write_generation(directory: str = FIXTURES) -> str:
+  """Writes generation.json: for each GENERATION_CASES case, its prompts and transformers' greedy tokens."""
+  import tempfile
+
+  import torch
+  import transformers
+
+  result = {"versions": {"transformers": transformers.__version__, "torch": torch.__version__}, "cases": {}}
+  for case in GENERATION_CASES:
+    meta, state, arrays = load_fixture(case)
+    with tempfile.TemporaryDirectory() as tmp:
+      write_hf_dir(tmp, meta["config"], state)
+      result["cases"][case] = {"prompts": generation_prompts(arrays), "generated": generated_by_transformers(case, tmp)}
+  path = os.path.join(directory, "generation.json")
+  with open(path, "w") as f:  # A case a line.
+    cases = ",\n".join(f"  {json.dumps(c)}: {json.dumps(v, sort_keys=True)}" for c, v in result["cases"].items())
+    f.write(f'{{"versions": {json.dumps(result["versions"])},\n "cases": {{\n{cases}\n }}\n}}\n')
+  return path
+
+
 if __name__ == "__main__":
+  if sys.argv[1:] == ["--generation"]:
+    print(write_generation())
+    sys.exit()
   for name in sys.argv[1:] or CASES:
     print(write(name))

@@ -11,6 +11,7 @@ from flax import nnx
 from moejax import generate
 from moejax.config import base_config, override
 from moejax.errors import ConfigError
+import hf_reference
 from test_decode import CASES, SMALL, VOCAB, _model
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))  # Probabilities by hand, rank: 1, 3, 4, 2, 0.
@@ -203,12 +204,9 @@ def test_a_missing_checkpoint_is_one_line(tmp_path):
   )
 
 
-@pytest.mark.parametrize("case", ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "gpt_oss_20b", "dbrx"])
-def test_live_greedy_generation_equals_transformers_generate(case, tmp_path):
-  """A converted tiny Hugging Face model generates, greedily, exactly the tokens transformers' generate does."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  import hf_reference
+def _converted_generation(case, tmp_path):
+  """(prompts, our greedy tokens for them in one batch, the hf dir) of a converted tiny HF fixture model."""
+
   from test_convert import _quiet, _write_hf_dir
 
   from moejax.convert import checkpoints
@@ -218,17 +216,37 @@ def test_live_greedy_generation_equals_transformers_generate(case, tmp_path):
   _write_hf_dir(tmp_path / "hf", config, state)
   without_mtp = bool(config.get("num_nextn_predict_layers"))
   checkpoints.from_hf(str(tmp_path / "hf"), str(tmp_path / "moejax"), without_mtp=without_mtp, say=_quiet)
-  prompts = np.asarray(arrays["tokens"])[:, :5]
+  prompts = hf_reference.generation_prompts(arrays)
   _, model = generate.load_decoder(str(tmp_path / "moejax"))
-  ours = np.stack([np.asarray(t) for t in generate.generate(model, jnp.asarray(prompts, jnp.int32), 10)], 1)
-  reference = transformers.AutoModelForCausalLM.from_pretrained(
-    str(tmp_path / "hf"), dtype=torch.float32, attn_implementation="eager"
-  ).eval()
-  with torch.no_grad():
-    theirs = reference.generate(
-      torch.as_tensor(prompts), max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
-    )[:, 5:].numpy()
-  np.testing.assert_array_equal(ours, theirs)
+  ours = np.stack([np.asarray(t) for t in generate.generate(model, prompts, hf_reference.NEW_TOKENS)], 1)
+  return prompts, ours.tolist(), str(tmp_path / "hf")
+
+
+GENERATION_CASES = list(hf_reference.GENERATION_CASES)
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES)
+def test_greedy_generation_equals_the_recorded_transformers_tokens(case, tmp_path):
+  """A converted tiny Hugging Face model generates, greedily, with prompts of two lengths in one batch,
+  the tokens transformers' generate gave for each prompt alone (tests/fixtures/hf/generation.json,
+  written by `python tests/hf_reference.py --generation`; no torch needed)."""
+  import json
+
+  with open(f"{hf_reference.FIXTURES}/generation.json") as f:
+    recorded = json.load(f)["cases"][case]
+  prompts, ours, _ = _converted_generation(case, tmp_path)
+  assert prompts == recorded["prompts"]
+  assert ours == recorded["generated"]
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES)
+def test_live_greedy_generation_equals_transformers_generate(case, tmp_path):
+  """The same against transformers' generate run now (each prompt alone, no padding)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+
+  _, ours, hf_dir = _converted_generation(case, tmp_path)
+  assert ours == hf_reference.generated_by_transformers(case, hf_dir)
 
 
 def test_the_routing_of_decoding_is_captured():
