@@ -64,7 +64,8 @@ def check_decodable(cfg) -> None:
     )
 
 
-_step = nnx.jit(lambda model, tokens, cache, start: model.decode(tokens, cache, start))
+# The cache is donated: each step writes its keys and values in place rather than into a copy.
+_step = nnx.jit(lambda model, tokens, cache, start: model.decode(tokens, cache, start), donate_argnums=2)
 
 
 def pad_prompts(prompts) -> tuple[jax.Array, jax.Array]:
@@ -136,8 +137,9 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   expert weights split over 'expert', the rest replicated, each device reading only its share;
   None: the default device.
 
-  A capacity router is given moe.eval_capacity_factor = E (a capacity of every token of a group),
-  so that no token is dropped, the prompt's included; the config returned says so. A LoRA run's
+  A capacity dispatcher ('sort', 'einsum') is replaced by 'dropless', the same function as a
+  capacity of every token, so that no token is dropped, the prompt's included; the config
+  returned says so. A LoRA run's
   weights come merged (`moejax.weights.restore`). ConfigError names what is wrong.
   """
   import os
@@ -157,16 +159,18 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   cfg = saved_config(config_path)
   if cfg.task != "lm":
     raise ConfigError(field, f"{root!r} holds a {cfg.task} model; only decoder LMs generate")
+  if schema.has_moe_layers(cfg) and cfg.moe.dispatcher != "dropless":
+    # No prompt token dropped at prefill (a decoded token, alone in its group, cannot be): the
+    # dropless dispatcher computes what a capacity of every token of the group (C = S) would,
+    # without the E·S padded slots (experiments/inference.py measures what the capacity path
+    # costs). Before the causality check: with no capacity, no slot order by later tokens remains.
+    cfg.moe.dispatcher = "dropless"
   check_decodable(cfg)
   saved = weights.metadata(item_dir, field=field)
   embedding = saved["params"].get(("embed", "embedding"))
   if embedding is None:
     raise ConfigError(field, f"{item_dir!r} holds no embed.embedding: not a decoder's weights")
   cfg.model.mtp_depth = 0  # Generation runs the main model.
-  if schema.has_moe_layers(cfg) and cfg.moe.dispatcher != "dropless":
-    # A capacity of every token of the group (C = S: ceil(S·K·E/E) clipped to S), so that the
-    # prefill drops no prompt token; a decoded token, alone in its group, cannot be dropped anyway.
-    cfg.moe.eval_capacity_factor = float(cfg.moe.num_experts)
   model_cfg = decoder_config(cfg, embedding[0][0])
   if mesh is not None and model_cfg.moe_every and model_cfg.moe.num_experts % mesh.shape["expert"]:
     raise ConfigError("--mesh_expert", f"{mesh.shape['expert']} must divide the {model_cfg.moe.num_experts} experts")
@@ -237,7 +241,7 @@ class _Codec:
         self.tokenizer, self.kind = Tokenizer.from_file(path), "tokenizer"
       except Exception as e:  # noqa: BLE001 - tokenizers raises its own types for a bad file.
         raise ConfigError("--tokenizer", f"{path!r} is not a readable tokenizer.json ({e})") from None
-    elif cfg.data.source in ("text", "tfds") and vocab_size == 256:
+    elif cfg.data.source in ("text_bytes", "tfds") and vocab_size == 256:
       self.kind = "bytes"  # moejax's byte-level text data.
     else:
       self.kind = "ids"  # E.g. the Markov mixture: prompts and outputs are token ids.

@@ -164,7 +164,7 @@ def test_the_command_line_on_a_mesh_generates_what_one_device_does(tiny_run, cap
   assert generate.main(["--checkpoint", str(tiny_run), *prompts, "--mesh_data", "2", "--mesh_expert", "4"]) == 0
   assert capsys.readouterr().out == one and len(one.splitlines()) == 3
   cfg, model = generate.load_decoder(str(tiny_run), mesh=generate._mesh(2, 4))
-  assert cfg.moe.dispatcher == "sort" and cfg.moe.eval_capacity_factor == 4  # C = S: the prefill drops nothing.
+  assert cfg.moe.dispatcher == "dropless"  # The run's 'sort' dispatcher: the prefill drops nothing.
   wi = model.blocks[1].ffn.wi[...]
   assert wi.sharding.spec[0] == "expert" and wi.addressable_shards[0].data.shape[0] == 1
 
@@ -194,6 +194,18 @@ def test_bad_input_is_one_line(tiny_run, args, line):
   result = _generate_cli("--checkpoint", tiny_run, *args)
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  "source, vocab, kind", [("text_bytes", 256, "bytes"), ("tfds", 256, "bytes"), ("markov_mixture", 256, "ids")]
+)
+def test_prompts_are_bytes_for_byte_level_text_data(source, vocab, kind, tmp_path):
+  """moejax's own text data (local files, TFDS text) is UTF-8 bytes: prompts and outputs are text."""
+  cfg = override(base_config("lm"), {"data.source": source})
+  codec = generate._Codec(cfg, str(tmp_path), None, vocab)
+  assert codec.kind == kind
+  if kind == "bytes":
+    assert codec.encode("é!") == [0xC3, 0xA9, 0x21] and codec.decode([0xC3, 0xA9, 0x21]) == "é!"
 
 
 def test_a_missing_checkpoint_is_one_line(tmp_path):

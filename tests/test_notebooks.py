@@ -76,11 +76,12 @@ def test_results_explorer(tmp_path):
   # The committed quick results of routing_families; part 4 trains its runs for 3 steps here.
   nb = _execute(
     "results_explorer.ipynb",
-    {"TRAIN_STEPS": 3, "NUM_SEQUENCES": 16, "SCRATCH": str(tmp_path / "scratch")},
+    {"TRAIN_STEPS": 3, "NUM_SEQUENCES": 16, "SCRATCH": str(tmp_path / "scratch"), "GENERATE_TOKENS": 8},
     env={"MOEJAX_DATA_DIR": str(tmp_path / "tfds")},
   )
   text = _text(nb)
   assert "| switch_top1 |" in text  # the experiment's own table
   assert "I(source; expert)" in text and "I(character class; expert)" in text
+  assert "same experts when decoded as in the full forward pass: True" in text  # part 5: generation
   assert (tmp_path / "scratch").is_dir()
-  assert _images(nb) >= 5
+  assert _images(nb) >= 6
