@@ -64,8 +64,14 @@ def check_decodable(cfg) -> None:
     )
 
 
-# The cache is donated: each step writes its keys and values in place rather than into a copy.
-_step = nnx.jit(lambda model, tokens, cache, start: model.decode(tokens, cache, start), donate_argnums=2)
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"), donate_argnames="cache")
+def _next_tokens(graphdef, state, tokens, cache, start, last, key, step, **rule):
+  """One pass of `DecoderLM.decode` and the draw from each row's logits at position `last` [B]:
+  (tokens <int32>[B], the cache). One jitted call a step: the model split once (no per-call graph
+  traversal), the cache donated (written in place rather than into a copy)."""
+  logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, start)
+  logits = logits[jnp.arange(tokens.shape[0]), last]  # [B, V]
+  return _draw_rows(logits, jax.random.fold_in(key, step), **rule), cache
 
 
 def pad_prompts(prompts) -> tuple[jax.Array, jax.Array]:
@@ -118,15 +124,15 @@ def generate(
   if int(jnp.min(lengths)) < 1 or max_new_tokens < 1:
     raise ValueError(f"need prompts of at least one token and max_new_tokens >= 1, got {max_new_tokens}")
   key = jax.random.key(seed)
+  rule = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  graphdef, state = nnx.split(model)
   cache = model.init_cache(batch, longest + max_new_tokens)
-  logits, cache = _step(model, tokens, cache, jnp.zeros((batch,), jnp.int32))
-  last = logits[jnp.arange(batch), lengths - 1]  # [B, V]: each row's next-token logits.
+  start, last = jnp.zeros((batch,), jnp.int32), lengths - 1
+  token, cache = _next_tokens(graphdef, state, tokens, cache, start, last, key, 0, **rule)  # The prefill.
   for i in range(max_new_tokens):
-    token = _draw_rows(last, jax.random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
     yield token
     if i + 1 < max_new_tokens:
-      logits, cache = _step(model, token[:, None], cache, lengths + i)
-      last = logits[:, -1]
+      token, cache = _next_tokens(graphdef, state, token[:, None], cache, lengths + i, start, key, i + 1, **rule)
 
 
 def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint", mesh=None):

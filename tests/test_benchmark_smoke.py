@@ -38,3 +38,31 @@ def test_quick_benchmark_writes_reports(tmp_path, capsys):
     assert (tmp_path / "ratios.png").stat().st_size > 0
   printed = capsys.readouterr().out
   assert "Issue-#4 CPU targets:" in printed and "dropless" in printed
+
+
+def test_quick_serving_study_writes_reports(tmp_path):
+  """`python -m experiments.inference --quick`: a row per (phase, length, batch, variant), ratios to the
+  dense baselines measured in the same run, and the decode roofline's byte counts by hand."""
+  from experiments import inference
+
+  inference.main(["--quick", "--out", str(tmp_path)])
+  rows = bench.read_csv(tmp_path / "results.csv")
+  args = inference.parse_args(["--quick"])
+  assert list(rows[0]) == list(inference.COLUMNS)
+  assert len(rows) == 2 * len(args.lengths) * len(args.batches) * len(inference.VARIANTS)
+  for row in rows:
+    assert float(row["ms"]) > 0 and float(row["tokens_per_s"]) > 0
+    if row["variant"] == "dense_total":
+      assert float(row["x_dense_total"]) == 1.0
+  # One routed expert of the quick MoE: GELU wi [d, f] and wo [f, d], no biases.
+  model = inference.build("moe_dropless", args, 8)
+  other, per_expert = inference._param_split(model)
+  assert per_expert == 2 * args.d * args.f
+  for batch, hit in ((1, inference.K), (4, inference.E * (1 - (1 - inference.K / inference.E) ** 4))):
+    line = inference.roofline("moe_dropless", model, batch, 8, 1.0, 1.0)
+    assert line["weights"] == 4 * (other + args.layers * hit * per_expert)
+    assert line["cache"] == 4 * 2 * args.layers * batch * 8 * args.d  # k and v of every block, float32
+  capacity = inference.roofline("moe_capacity", model, 1, 8, 1.0, 1.0)
+  assert capacity["weights"] == 4 * (other + args.layers * inference.E * per_expert)
+  report = (tmp_path / "results.md").read_text()
+  assert "## Decode" in report and "measured / predicted" in report

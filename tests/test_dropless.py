@@ -78,7 +78,7 @@ def test_hand_checkable_case():
   wo = jnp.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)
   # t0: .5·1 + .5·3 = 2; t1: 1·(3·2) + 0·(2·2) = 6; t2: relu(−1) = 0; t3: .25·(3·3) + .75·(1·3) = 4.5.
   expected = [[2.0], [6.0], [0.0], [4.5]]
-  for impl in ("blocks", "ragged_dot"):
+  for impl in ("blocks", "ragged_dot", "gather"):
     fn = jax.jit(lambda *a, impl=impl: dropless_expert_ffn(*a, None, "relu", impl=impl, block_size=2))
     np.testing.assert_allclose(fn(tokens, expert_index, combine_weight, wi, wo), expected, rtol=1e-6, err_msg=impl)
 
@@ -125,7 +125,7 @@ def test_matches_per_token_loop(scenario, activation, t, k, e, block_size):
   expert_index = _routing(t + e, scenario, t, k, e)
   tokens, combine_weight, wi, wo, wg = _params(t, t, k, e, d=8, f=16, activation=activation)
   expected = _reference(tokens, expert_index, combine_weight, wi, wo, wg, activation)
-  for impl in ("blocks", "ragged_dot"):
+  for impl in ("blocks", "ragged_dot", "gather"):
     fn = jax.jit(
       lambda *args, impl=impl: dropless_expert_ffn(*args, activation=activation, impl=impl, block_size=block_size)
     )
@@ -144,12 +144,14 @@ def test_blocks_equals_ragged_dot(block_size):
     jax.jit(lambda *a, impl=impl: dropless_expert_ffn(*a, "gelu", impl=impl, block_size=block_size))(
       tokens, expert_index, combine_weight, wi, wo, wg
     )
-    for impl in ("blocks", "ragged_dot")
+    for impl in ("blocks", "ragged_dot", "gather")
   ]
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("activation,impl", [("gelu", "blocks"), ("swiglu", "blocks"), ("relu", "ragged_dot")])
+@pytest.mark.parametrize(
+  "activation,impl", [("gelu", "blocks"), ("swiglu", "blocks"), ("relu", "ragged_dot"), ("swiglu", "gather")]
+)
 def test_gradients_match_dense_reference(activation, impl):
   t, k, e = 40, 2, 8
   expert_index = _routing(3, "empty_experts", t, k, e)  # Experts 0, 2, 3, 6 and 7 are empty.
@@ -246,16 +248,19 @@ def test_blocks_do_not_compute_every_expert():
   assert ideal == dense_forward * k // e and worst < 0.25 * dense_forward
 
 
-def test_auto_uses_blocks_on_cpu():
-  tokens, combine_weight, wi, wo, wg = _params(0, 8, 2, 4, d=4, f=8, activation="relu")
-  expert_index = _routing(0, "uniform", 8, 2, 4)
+@pytest.mark.parametrize("tokens_count, expected", [(8, "gather"), (9, "blocks")])
+def test_auto_on_cpu_gathers_a_few_rows_and_uses_blocks_above(tokens_count, expected):
+  """E = 4, K = 2: N = 16 = GATHER_ROWS_PER_EXPERT·E assignments gather, 18 go through the block loop."""
+  tokens, combine_weight, wi, wo, wg = _params(0, tokens_count, 2, 4, d=4, f=8, activation="relu")
+  expert_index = _routing(0, "uniform", tokens_count, 2, 4)
   text = lambda impl: (
     jax.jit(lambda *a: dropless_expert_ffn(*a, "relu", impl=impl))
     .lower(tokens, expert_index, combine_weight, wi, wo, wg)
     .as_text()
   )
-  assert jax.default_backend() == "cpu"
-  assert text("auto") == text("blocks") != text("ragged_dot")
+  assert jax.default_backend() == "cpu" and dropless.GATHER_ROWS_PER_EXPERT == 4
+  assert text("auto") == text(expected) != text("ragged_dot")
+  assert text("blocks") != text("gather")
 
 
 def test_rejects_bad_options():

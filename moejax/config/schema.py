@@ -68,7 +68,7 @@ DISPATCHER_OPTIONS = {
   "dropless": ("permute_backend", "dropless_impl", "dropless_block_size", "expert_exchange"),
 }
 PERMUTE_BACKENDS = ("auto", "pallas", "xla")
-DROPLESS_IMPLS = ("auto", "blocks", "ragged_dot")
+DROPLESS_IMPLS = ("auto", "blocks", "ragged_dot", "gather")
 EXCHANGES = ("auto", "padded", "ragged")
 # data.source -> the data subsection it reads (the other subsections are inactive).
 DATA_SUBSECTIONS = {"markov_mixture": "markov", "text_bytes": "text", "tfds": "tfds", "digits": "digits"}
@@ -203,7 +203,7 @@ def _moe() -> ml_collections.ConfigDict:
   # 'auto' (XLA until the Pallas kernels are measured on hardware) | 'xla' | 'pallas' (Triton on
   # GPU, Mosaic on TPU, interpreted on CPU: slow).
   e.permute_backend = "auto"
-  e.dropless_impl = "auto"  # 'auto' | 'blocks' (B-row block loop) | 'ragged_dot' (grouped matmul)
+  e.dropless_impl = "auto"  # 'auto' | 'blocks' (B-row block loop) | 'ragged_dot' (grouped matmul) | 'gather' (few rows)
   e.dropless_block_size = 64  # Rows per block of dropless_impl='blocks'.
   # Dropless with mesh.expert > 1: 'auto' (ragged on GPU/TPU, padded on CPU) | 'padded' (all_to_all
   # of N rows per device pair, runs anywhere) | 'ragged' (jax.lax.ragged_all_to_all; GPU/TPU only).
