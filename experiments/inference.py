@@ -4,12 +4,16 @@ decoders of equal active and of equal total parameters, with the decode roofline
   python -m experiments.inference [--out DIR] [--batches 1,4,16,64,256] [--lengths 32,256]
       [--new_tokens 8] [--repeats 3] [--quick]
 
-Four decoders of the same attention and width (4 blocks, d = 128, 4 heads, vocabulary 256, GELU
+Five decoders of the same attention and width (4 blocks, d = 128, 4 heads, vocabulary 256, GELU
 FFNs, float32, random weights):
   moe_dropless   every FFN an MoE of E = 8 experts of hidden f = 512, top-2, moe.dispatcher
                  'dropless' (what `moejax.generate.load_decoder` runs: only the rows each expert
-                 received are computed; on CPU in blocks of 64 rows, so an expert that got no
-                 token is not read);
+                 received are computed), its CPU path chosen by dropless_impl 'auto': each
+                 choice's expert weights gathered for N = B·L·K <= 4·E choices a layer
+                 (`moejax.dropless.GATHER_ROWS_PER_EXPERT`), blocks of 64 rows above (the
+                 'expert_path' column says which ran);
+  moe_blocks     the same, always in blocks of 64 rows (dropless_impl 'blocks'): the measurement
+                 behind that threshold;
   moe_capacity   the same MoE with the capacity path ('sort', eval capacity factor 2): every
                  expert's C slots of every routing group are computed, filled or not; decoding
                  one token a sequence, C = 1, so each token pays for all E experts;
@@ -23,8 +27,9 @@ warms every model, then --repeats rounds time them in a fresh random order, each
 
 The roofline: a decode step must read the weights it multiplies and the whole cache, and do
 2·(active matmul params)·B + 4·B·T·d·layers FLOPs (T the cache length). Weights read: the
-non-expert matrices, plus per MoE layer the experts the B·K choices hit, E·(1 - (1 - K/E)^B) of
-them in expectation under uniform routing (the dropless path; the capacity path reads all E).
+non-expert matrices, plus per MoE layer the experts the N = B·K choices hit, E·(1 - (1 - K/E)^B)
+of them in expectation under uniform routing (the block path; the capacity path reads all E, and
+the gather path also writes and reads back a copy of an expert for each choice: hit + 2N).
 Predicted step time = max(bytes / bandwidth, FLOPs / peak), with the bandwidth (a reduction over
 1 GiB) and the peak (a 2048³ float32 matmul) measured in the same run. Memory: the weights, the
 cache, and the temporary buffers XLA's compiled prefill and decode step allocate
@@ -52,19 +57,20 @@ import numpy as np
 from flax import nnx
 
 from experiments import framework
-from moejax import accounting, generate
+from moejax import accounting, dropless, generate
 from moejax.config import base_config, override
 from moejax.models.build import decoder_config
 from moejax.models.decoder import DecoderLM
 
 DEFAULT_OUT = os.path.join(framework.REPO, "experiments", "results", "inference")
 VOCAB, E, K = 256, 8, 2
-VARIANTS = ("moe_dropless", "moe_capacity", "dense_active", "dense_total")
+VARIANTS = ("moe_dropless", "moe_blocks", "moe_capacity", "dense_active", "dense_total")
 COLUMNS = (
   "phase",
   "length",
   "batch",
   "variant",
+  "expert_path",
   "ms",
   "tokens_per_s",
   "x_dense_active",
@@ -78,8 +84,14 @@ COLUMNS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # One line on stderr, exit 2.
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = _Parser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--batches", default="1,4,16,64,256", help="comma-separated batch sizes")
   parser.add_argument("--lengths", default="32,256", help="comma-separated prompt lengths")
@@ -99,8 +111,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lengths = [int(n) for n in args.lengths.split(",")]
   except ValueError:
     parser.error("--batches and --lengths take comma-separated integers")
-  if min(args.batches + args.lengths) < 1 or args.new_tokens < 2 or args.repeats < 1:
-    parser.error("batches and lengths must be >= 1, --new_tokens >= 2 and --repeats >= 1")
+  for flag, ok, rule in (
+    ("--batches", min(args.batches) >= 1, ">= 1"),
+    ("--lengths", min(args.lengths) >= 1, ">= 1"),
+    ("--new_tokens", args.new_tokens >= 2, ">= 2"),
+    ("--repeats", args.repeats >= 1, ">= 1"),
+    ("--d", args.d >= 4 and args.d % 8 == 0, "a multiple of 8 (4 heads of an even dim)"),
+    ("--f", args.f >= 1, ">= 1"),
+    ("--layers", args.layers >= 1, ">= 1"),
+  ):
+    if not ok:
+      parser.error(f"{flag}: must be {rule}")
+  if args.report and not os.path.isfile(os.path.join(args.out, "results.csv")):
+    parser.error(f"--report: {args.out} holds no results.csv (run the study first)")
   return args
 
 
@@ -115,7 +138,10 @@ def model_config(variant: str, args, max_len: int):
   }
   if variant.startswith("moe"):
     fields |= {"model.moe_every": 1, "model.d_ff": args.f, "moe.num_experts": E, "moe.top_k": K}
-    fields |= {"moe.dispatcher": "dropless"} if variant == "moe_dropless" else {"moe.dispatcher": "sort"}
+    if variant == "moe_capacity":
+      fields |= {"moe.dispatcher": "sort"}
+    else:
+      fields |= {"moe.dispatcher": "dropless", "moe.dropless_impl": "auto" if variant == "moe_dropless" else "blocks"}
   else:
     fields |= {"model.moe_every": 0, "model.d_ff": (K if variant == "dense_active" else E) * args.f}
   return override(base_config("lm"), fields)
@@ -136,16 +162,17 @@ def time_generation(model, prompts, new_tokens: int) -> tuple[float, float]:
   return first - start, (time.perf_counter() - first) / (new_tokens - 1)
 
 
-def machine_balance() -> tuple[float, float]:
-  """(bytes/s read by a reduction over 1 GiB, float32 FLOP/s of a 2048³ matmul): best of 5 each."""
-  big = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+def machine_balance(quick: bool = False) -> tuple[float, float]:
+  """(bytes/s read by a reduction over 1 GiB, float32 FLOP/s of a 2048³ matmul): best of 5 each (quick: 1/64 the sizes)."""
+  big = jnp.ones((256 * 1024 * 1024 // (64 if quick else 1),), jnp.float32)
   total = jax.jit(jnp.sum)
-  a = jnp.ones((2048, 2048), jnp.float32)
+  n = 512 if quick else 2048
+  a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   total(big).block_until_ready(), matmul(a).block_until_ready()
   read = min(_seconds(lambda: total(big).block_until_ready()) for _ in range(5))
   mm = min(_seconds(lambda: matmul(a).block_until_ready()) for _ in range(5))
-  return big.nbytes / read, 2 * 2048**3 / mm
+  return big.nbytes / read, 2 * n**3 / mm
 
 
 def _seconds(fn) -> float:
@@ -165,14 +192,25 @@ def _param_split(model) -> tuple[int, int]:
   return other, expert // (E * len(layers)) if layers else 0
 
 
+def expert_path(variant: str, tokens: int) -> str:
+  """How a variant's experts ran for `tokens` tokens a layer: 'gather' | 'blocks' | 'capacity' | '' (dense)."""
+  if variant == "moe_dropless":
+    return "gather" if tokens * K <= dropless.GATHER_ROWS_PER_EXPERT * E else "blocks"
+  return {"moe_blocks": "blocks", "moe_capacity": "capacity"}.get(variant, "")
+
+
 def roofline(variant: str, model, batch: int, cache_len: int, bandwidth: float, peak: float) -> dict:
   """The analytic decode step: weight and cache bytes read, FLOPs, and the time they predict (float32)."""
   cfg = model.cfg
   other, per_expert = _param_split(model)
   moe_layers = len(model.moe_layers())
-  # Experts whose weights the step reads: those the B·K choices hit (uniform routing), or all of them.
-  hit = E if variant == "moe_capacity" else E * (1 - (1 - K / E) ** batch)
-  computed = E if variant == "moe_capacity" else K  # Experts each token's FLOPs pass through.
+  path = expert_path(variant, batch)
+  # Expert weights a layer reads: those the B·K choices hit (uniform routing), all E for the
+  # capacity path, and with the gather path a written and re-read copy for each choice too.
+  hit = E if path == "capacity" else E * (1 - (1 - K / E) ** batch)
+  if path == "gather":
+    hit += 2 * batch * K
+  computed = E if path == "capacity" else K  # Experts each token's FLOPs pass through.
   weights = 4 * (other + moe_layers * hit * per_expert)
   shapes = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
   cache = sum(x.size * x.dtype.itemsize for layer in shapes for x in layer.values())
@@ -185,20 +223,20 @@ def roofline(variant: str, model, batch: int, cache_len: int, bandwidth: float, 
 def temp_bytes(model, batch: int, length: int, cache_len: int) -> tuple[int, int]:
   """XLA's temporary bytes of the compiled prefill (length tokens) and decode step (one token)."""
   graphdef, state = nnx.split(model)
-  step = jax.jit(lambda state, tokens, cache, start: nnx.merge(graphdef, state).decode(tokens, cache, start))
+  step = jax.jit(lambda state, *args: nnx.merge(graphdef, state).decode(*args), donate_argnums=2)
   cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
-  start = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  rows = jax.ShapeDtypeStruct((batch,), jnp.int32)  # start, and the position whose logits are kept
   out = []
   for n in (length, 1):
     tokens = jax.ShapeDtypeStruct((batch, n), jnp.int32)
-    analysis = step.lower(state, tokens, cache, start).compile().memory_analysis()
+    analysis = step.lower(state, tokens, cache, rows, rows).compile().memory_analysis()
     out.append(getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0)
   return out[0], out[1]
 
 
 def measure(args) -> tuple[list[dict], dict]:
   rng = np.random.default_rng(args.seed)
-  bandwidth, peak = machine_balance()
+  bandwidth, peak = machine_balance(args.quick)
   print(f"machine: {bandwidth / 1e9:.1f} GB/s read, {peak / 1e9:.1f} GFLOP/s float32 matmul", flush=True)
   rows, sizes = [], {}
   for length in args.lengths:
@@ -226,6 +264,7 @@ def measure(args) -> tuple[list[dict], dict]:
           ("decode", best[v][1], batch, temp_decode),
         ):
           row = {"phase": phase, "length": length, "batch": batch, "variant": v, "ms": 1e3 * seconds}
+          row["expert_path"] = expert_path(v, tokens)  # Tokens a layer: B·P at prefill, B at decode.
           row["tokens_per_s"] = tokens / seconds
           row["temp_mb"] = temp / 1e6
           if phase == "decode":
@@ -273,8 +312,10 @@ def markdown(rows: list[dict], header: list[str], findings: str) -> str:
     extra = (
       " | weights MB read | cache MB read | GFLOPs | predicted ms | measured / predicted" if phase == "decode" else ""
     )
-    out.append(f"| P | B | variant | ms | tokens/s | × dense_active | × dense_total | XLA temp MB{extra} |")
-    out.append("|---:|---:|:---|---:|---:|---:|---:|---:" + ("|---:" * 5 if extra else "") + "|")
+    out.append(
+      f"| P | B | variant | experts ran | ms | tokens/s | × dense_active | × dense_total | XLA temp MB{extra} |"
+    )
+    out.append("|---:|---:|:---|:---|---:|---:|---:|---:|---:" + ("|---:" * 5 if extra else "") + "|")
     for r in rows:
       if r["phase"] != phase:
         continue
@@ -282,6 +323,7 @@ def markdown(rows: list[dict], header: list[str], findings: str) -> str:
         str(r["length"]),
         str(r["batch"]),
         r["variant"],
+        r.get("expert_path", ""),
         _fmt(r["ms"], ".2f"),
         _fmt(r["tokens_per_s"], ",.0f"),
         _fmt(r["x_dense_active"], ".2f"),

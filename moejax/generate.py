@@ -10,8 +10,10 @@ different lengths share one batch and one cache (`pad_prompts`).
 
 Decoding runs the main model (no multi-token-prediction modules) in eval mode. Routers must be
 causal as their family declares (`is_causal` in moejax/routers/; `check_decodable`): expert
-choice, soft MoE and capacity slots ordered by later tokens (BPR, choice-major top-k with K > 1)
-see other tokens of their group, which a decoder does not have yet.
+choice and soft MoE see the other tokens of their group, which a decoder does not have yet.
+`load_decoder` runs token-choice routers dropless, where no slot order by later tokens remains
+(BPR and choice-major top-k included); a model built with capacity slots ordered by later
+tokens is refused by `check_decodable`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import parallel
 from moejax.errors import ConfigError
 
 
@@ -66,12 +69,13 @@ def check_decodable(cfg) -> None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"), donate_argnames="cache")
 def _next_tokens(graphdef, state, tokens, cache, start, last, key, step, **rule):
-  """One pass of `DecoderLM.decode` and the draw from each row's logits at position `last` [B]:
-  (tokens <int32>[B], the cache). One jitted call a step: the model split once (no per-call graph
-  traversal), the cache donated (written in place rather than into a copy)."""
-  logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, start)
-  logits = logits[jnp.arange(tokens.shape[0]), last]  # [B, V]
-  return _draw_rows(logits, jax.random.fold_in(key, step), **rule), cache
+  """(the drawn tokens <int32>[B], the cache): `DecoderLM.decode`, then `_draw_rows` of each row's logits at `last`.
+
+  One jitted call a step: the model split once (no per-call graph traversal), the cache donated
+  (written in place, not copied).
+  """
+  logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, start, last)
+  return _draw_rows(logits[:, 0], jax.random.fold_in(key, step), **rule), cache
 
 
 def pad_prompts(prompts) -> tuple[jax.Array, jax.Array]:
@@ -92,8 +96,7 @@ def pad_prompts(prompts) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
 def _draw_rows(logits: jax.Array, key: jax.Array, **rule) -> jax.Array:
-  """`sample` of each row of logits [B, V] with its own key fold_in(key, b): a row's draw does not
-  depend on the other rows of its batch."""
+  """`sample` of each row of logits [B, V] with its own key fold_in(key, b) (independent of the other rows)."""
   keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits.shape[0]))
   return jax.vmap(lambda row, k: sample(row[None], k, **rule)[0])(logits, keys)
 
@@ -107,35 +110,63 @@ def generate(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Iterator[jax.Array]:
   """Yields the new tokens <int32>[B], one column per step, for prompts (`pad_prompts`: [B, P] or ragged).
 
   Prompts of different lengths run as one batch in one cache of P + max_new_tokens positions
-  (P the longest): each row is prefilled right-padded and then decoded at its own positions, so
-  row b's tokens are those it would get alone (the padding sits after the row's last token, where
-  causal attention never looks and a causal router's choices for earlier tokens cannot depend on
-  it). The model's positions (learned position tables, RoPE's trained range) are the caller's to
-  respect.
+  (P the longest): each row is prefilled right-padded and then decoded at its own positions. The
+  padding sits after a row's last token, where causal attention never looks and a causal
+  router's choices for earlier tokens cannot depend on it, so with dropless MoE layers (or none)
+  a row gets the tokens it would get alone (sampled: with its batch's key for row b). A capacity
+  dispatcher's capacity grows with the padded length, so prompts of different lengths are refused
+  there (`load_decoder` runs capacity models dropless). mesh: the ('data', 'expert') mesh the
+  model was built on, to split the batch, the cache and every layer's work over its devices. The
+  model's positions (learned position tables, RoPE's trained range) are the caller's to respect.
   """
   tokens, lengths = pad_prompts(prompts)
   batch, longest = tokens.shape
-  if not 0 < top_p <= 1 or temperature < 0 or top_k < 0:
-    raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}")
+  vocab = model.cfg.vocab_size
+  if not 0 < top_p <= 1 or temperature < 0 or not 0 <= top_k <= vocab:
+    raise ValueError(
+      f"need temperature >= 0, 0 <= top_k <= {vocab} and 0 < top_p <= 1, got {temperature}, {top_k}, {top_p}"
+    )
   if int(jnp.min(lengths)) < 1 or max_new_tokens < 1:
-    raise ValueError(f"need prompts of at least one token and max_new_tokens >= 1, got {max_new_tokens}")
+    raise ValueError(
+      f"need prompts of at least one token and max_new_tokens >= 1, got lengths {lengths.tolist()} and {max_new_tokens}"
+    )
+  for layer in model.moe_layers():
+    cfg = layer.cfg
+    if not layer.router.family.is_causal(cfg):
+      raise ValueError(
+        f"router {cfg.router!r} with these options is not causal (its family's is_causal): no generation"
+      )
+    if cfg.group_size:
+      raise ValueError(
+        f"moe.group_size={cfg.group_size}: decoding routes one sequence's tokens, or one token, per group; "
+        "build the model with group_size 0 (load_decoder does)"
+      )
+    if layer.router.family.dispatcher(cfg) != "dropless" and int(jnp.min(lengths)) != longest:
+      raise ValueError(
+        "prompts of different lengths with a capacity dispatcher: the padding changes the capacity; "
+        "use moe.dispatcher='dropless' (as load_decoder does) or prompts of one length"
+      )
   key = jax.random.key(seed)
   rule = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   graphdef, state = nnx.split(model)
   cache = model.init_cache(batch, longest + max_new_tokens)
-  start, last = jnp.zeros((batch,), jnp.int32), lengths - 1
-  token, cache = _next_tokens(graphdef, state, tokens, cache, start, last, key, 0, **rule)  # The prefill.
+  if mesh is not None:  # Rows (and their cache) split over every device, as the MoE layers split them.
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.MESH_AXES))
+    tokens, lengths, cache = jax.device_put((tokens, lengths, cache), rows)
+  zeros = jnp.zeros_like(lengths)
+  token, cache = _next_tokens(graphdef, state, tokens, cache, zeros, lengths - 1, key, 0, **rule)  # Prefill.
   for i in range(max_new_tokens):
     yield token
-    if i + 1 < max_new_tokens:
-      token, cache = _next_tokens(graphdef, state, token[:, None], cache, lengths + i, start, key, i + 1, **rule)
+    if i + 1 < max_new_tokens:  # Each row's next position; its one new token is at index 0.
+      token, cache = _next_tokens(graphdef, state, token[:, None], cache, lengths + i, zeros, key, i + 1, **rule)
 
 
-def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint", mesh=None):
+def load_decoder(source: str, step: int | None = None, field: str = "--checkpoint", mesh=None, say=None):
   """(the moejax config, a DecoderLM holding the weights) of a run's workdir (its newest checkpoint, or
   `step`), one step of a run, or a converted model; the main model only.
 
@@ -144,8 +175,8 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   None: the default device.
 
   A capacity dispatcher ('sort', 'einsum') is replaced by 'dropless', the same function as a
-  capacity of every token, so that no token is dropped, the prompt's included; the config
-  returned says so. A LoRA run's
+  capacity of every token, so that no token is dropped, the prompt's included, and moe.group_size
+  by 0; the config returned holds them and `say` (if given) gets a note line. A LoRA run's
   weights come merged (`moejax.weights.restore`). ConfigError names what is wrong.
   """
   import os
@@ -165,12 +196,17 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   cfg = saved_config(config_path)
   if cfg.task != "lm":
     raise ConfigError(field, f"{root!r} holds a {cfg.task} model; only decoder LMs generate")
-  if schema.has_moe_layers(cfg) and cfg.moe.dispatcher != "dropless":
+  if schema.has_moe_layers(cfg):
     # No prompt token dropped at prefill (a decoded token, alone in its group, cannot be): the
     # dropless dispatcher computes what a capacity of every token of the group (C = S) would,
     # without the E·S padded slots (experiments/inference.py measures what the capacity path
     # costs). Before the causality check: with no capacity, no slot order by later tokens remains.
-    cfg.moe.dispatcher = "dropless"
+    # Without a capacity, routing groups change nothing: one sequence each (group_size 0).
+    wanted = {"dispatcher": "dropless", "group_size": 0}
+    changed = [f"moe.{k} {cfg.moe[k]!r} -> {v!r}" for k, v in wanted.items() if cfg.moe[k] != v]
+    if changed:
+      cfg.moe.update(wanted)
+      (say or (lambda _: None))(f"note: generating with {', '.join(changed)} (no token is dropped)")
   check_decodable(cfg)
   saved = weights.metadata(item_dir, field=field)
   embedding = saved["params"].get(("embed", "embedding"))
@@ -221,7 +257,12 @@ def _mesh(num_data: int, num_expert: int):
   if num_data * num_expert == 1:
     return None
   if num_data * num_expert > jax.device_count():
-    raise ConfigError("--mesh_expert", f"{num_data} x {num_expert} devices asked for, {jax.device_count()} present")
+    hint = (
+      " (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N makes N)" if jax.default_backend() == "cpu" else ""
+    )
+    raise ConfigError(
+      "--mesh_data x --mesh_expert", f"{num_data} x {num_expert} devices asked for, {jax.device_count()} present{hint}"
+    )
   return parallel.make_mesh(num_data, num_expert)
 
 
@@ -324,10 +365,13 @@ def main(argv: list[str] | None = None) -> int:
       (args.temperature, "--temperature", args.temperature >= 0),
       (args.top_k, "--top_k", args.top_k >= 0),
       (args.top_p, "--top_p", 0 < args.top_p <= 1),
+      (args.seed, "--seed", 0 <= args.seed < 2**32),
     ):
       if not ok:
         raise ConfigError(
-          field, f"{value} is out of range (max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1)"
+          field,
+          f"{value} is out of range (max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
+          "0 <= seed < 2**32)",
         )
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -339,12 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
       raise ConfigError("--prompt", "give at least one (--prompt or --prompt_file)")
     mesh = _mesh(args.mesh_data, args.mesh_expert)
-    cfg, model = load_decoder(args.checkpoint, args.step, mesh=mesh)
+    notes = []  # Said once the input is known to be good (a refusal stays one line).
+    cfg, model = load_decoder(args.checkpoint, args.step, mesh=mesh, say=notes.append)
     root = (
       args.checkpoint
       if not os.path.basename(os.path.normpath(args.checkpoint)).isdigit()
       else os.path.dirname(os.path.dirname(os.path.normpath(args.checkpoint)))
     )
+    if args.top_k > model.cfg.vocab_size:
+      raise ConfigError("--top_k", f"{args.top_k} is more than the vocabulary's {model.cfg.vocab_size} tokens")
     codec = _Codec(cfg, root, args.tokenizer, model.cfg.vocab_size)
     encoded = [codec.encode(p) for p in prompts]
     longest = max(map(len, encoded)) + args.max_new_tokens
@@ -356,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr, flush=True)
     silence_stderr()
     return EXIT_BAD_INPUT
+  for line in notes:
+    print(line, file=sys.stderr, flush=True)
   outputs: list[list[int]] = [[] for _ in prompts]
   rule = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   devices = 1 if mesh is None else mesh.size
@@ -364,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
   if stream:
     print(prompts[0], end="", flush=True)
   shown = ""
-  for column in generate(model, batch, args.max_new_tokens, **rule):
+  for column in generate(model, batch, args.max_new_tokens, mesh=mesh, **rule):
     for out, token in zip(outputs, jax.device_get(column).tolist()):
       out.append(token)
     if stream:  # Print what the tokens so far add (a multi-byte character or token appears whole).

@@ -197,16 +197,41 @@ class Trainer:
     state = self.state if state is None else state
     return nnx.merge(self.graphdef, self.model_params(self._trainable(state)), state["model_state"])
 
-  def _train_step_fn(self, state, batch):
-    def loss_fn(trainable):
-      model = nnx.merge(self.graphdef, self.model_params(trainable), state["model_state"])
-      loss, metrics, moe_aux = self.task.loss(
-        model, batch, train=True, rng=jax.random.fold_in(self._noise_key, state["step"])
-      )
-      return loss, (metrics, moe_aux)
+  def _loss(self, trainable, model_state, batch, rng):
+    model = nnx.merge(self.graphdef, self.model_params(trainable), model_state)
+    loss, metrics, moe_aux = self.task.loss(model, batch, train=True, rng=rng)
+    return loss, (metrics, moe_aux)
 
+  def _gradients(self, trainable, model_state, batch, rng):
+    """(gradients, metrics, MoE aux) of the batch: at once, or with train.microbatches = M > 1 as the
+    mean over M equal micro-batches run one after another (gradient accumulation).
+
+    Micro-batch m takes rows m, M + m, 2M + m, ... so that each device's rows of it are its own
+    rows of the batch (no data moves between devices); router noise m draws with fold_in(rng, m).
+    """
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    m = self.cfg.train.microbatches
+    if m == 1:
+      (_, (metrics, moe_aux)), grads = grad_fn(trainable, model_state, batch, rng)
+      return grads, metrics, moe_aux
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def one(i, micro_batch):
+      (_, (metrics, moe_aux)), grads = grad_fn(trainable, model_state, micro_batch, jax.random.fold_in(rng, i))
+      return grads, metrics, moe_aux
+
+    def accumulate(total, xs):
+      return jax.tree.map(jnp.add, total, one(*xs)), None
+
+    shapes = jax.eval_shape(one, 0, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+    return jax.tree.map(lambda x: x / m, total)
+
+  def _train_step_fn(self, state, batch):
     trainable = self._trainable(state)
-    (_, (metrics, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    rng = jax.random.fold_in(self._noise_key, state["step"])
+    grads, metrics, moe_aux = self._gradients(trainable, state["model_state"], batch, rng)
     # Rule-based state (DeepSeek's routing bias) moves after the step, from that step's loads.
     model = nnx.merge(self.graphdef, self.model_params(trainable), state["model_state"])
     if not self.router_frozen:  # A frozen router's balancing bias (DeepSeek-V3's) stays put too.
@@ -465,11 +490,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     say(f"eval at step {step}: " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scalars.items()))
     return scalars
 
+  profile = _Profile(t.profile_start, t.profile_steps, os.path.join(workdir, "profile"), start_step, say)
   with _StopSignal() as stop:
     batches = data.train_batches(t.data_offset + start_step)
     nonfinite = None  # On device: the first NaN/inf step (see _note_nonfinite).
     for step in range(start_step + 1, t.num_steps + 1):
+      profile.before(step)
       metrics = trainer.train_step(next(batches))
+      profile.after(step, metrics)
       # The step number from the state, a global array like the metrics (a host int is not one).
       nonfinite = _note_nonfinite(nonfinite, trainer.state["step"], metrics["loss"], metrics["grad_norm"])
       if step == start_step + 1:
@@ -531,7 +559,37 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
         + " | "
         + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
       )
+  profile.close()
   manager.wait_until_finished()
   manager.close()
   writer.close()
   return exit_code
+
+
+class _Profile:
+  """A jax.profiler trace of steps first .. first + count - 1 (train.profile_start, train.profile_steps) in `directory`.
+
+  Every process writes its own host's trace. A run that resumes past those steps says it does not
+  trace them; one that stops inside the range closes the trace at the stop.
+  """
+
+  def __init__(self, first: int, count: int, directory: str, start_step: int, say):
+    self.first, self.last, self.directory, self.active = first, first + count - 1, directory, False
+    if first and start_step >= first:
+      say(f"train.profile_start = {first}: not traced, this run resumes after step {start_step}")
+      self.first = 0
+
+  def before(self, step: int) -> None:
+    if self.first and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(metrics)  # The traced steps' device work, all of it.
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False

@@ -504,16 +504,19 @@ def write(case: str, directory: str = FIXTURES) -> str:
 
 # Greedy generation by transformers' generate, from the committed fixtures' weights (tests/test_generate.py).
 GENERATION_CASES = ("mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3", "gpt_oss_20b", "dbrx")
-GENERATION_LENGTHS, NEW_TOKENS = (5, 3), 10  # Prompt lengths (of the fixture's token rows) and tokens drawn.
+# The prompts: (row, first, end) slices of the fixture's tokens, of lengths 5, 3 and 7; tokens drawn.
+GENERATION_SLICES, NEW_TOKENS = ((0, 0, 5), (1, 0, 3), (1, 3, 10)), 10
 
 
 def generation_prompts(arrays: dict) -> list[list[int]]:
-  """Row i of the fixture's tokens, cut to GENERATION_LENGTHS[i]: prompts of different lengths."""
-  return [np.asarray(arrays["tokens"])[i, :n].tolist() for i, n in enumerate(GENERATION_LENGTHS)]
+  """Prompts of different lengths cut from the fixture's tokens (GENERATION_SLICES)."""
+  return [np.asarray(arrays["tokens"])[row, a:b].tolist() for row, a, b in GENERATION_SLICES]
 
 
-def generated_by_transformers(case: str, hf_dir: str) -> list[list[int]]:
-  """transformers' greedy generate, each prompt alone (no padding), of the model saved in hf_dir."""
+def generated_by_transformers(case: str, hf_dir: str) -> dict[str, list[list[int]]]:
+  """Greedy tokens of the model saved in hf_dir for each prompt alone (no padding), two ways:
+  'generated' by transformers' generate (its KV cache), 'forward' by the argmax of a full forward
+  pass over the sequence so far at each step (the model's function, no cache)."""
   import torch
   import transformers
 
@@ -521,7 +524,7 @@ def generated_by_transformers(case: str, hf_dir: str) -> list[list[int]]:
   model = transformers.AutoModelForCausalLM.from_pretrained(
     hf_dir, dtype=torch.float32, attn_implementation="eager"
   ).eval()
-  out = []
+  out = {"generated": [], "forward": []}
   with torch.no_grad():
     for prompt in generation_prompts(arrays):
       ids = model.generate(
@@ -532,7 +535,11 @@ def generated_by_transformers(case: str, hf_dir: str) -> list[list[int]]:
         eos_token_id=None,
         pad_token_id=0,
       )
-      out.append(ids[0, len(prompt) :].tolist())
+      out["generated"].append(ids[0, len(prompt) :].tolist())
+      sequence = list(prompt)
+      for _ in range(NEW_TOKENS):
+        sequence.append(int(model(torch.as_tensor([sequence])).logits[0, -1].argmax()))
+      out["forward"].append(sequence[len(prompt) :])
   return out
 
 
@@ -547,7 +554,7 @@ def write_hf_dir(path: str, config: dict, state: dict) -> None:
 
 
 def write_generation(directory: str = FIXTURES) -> str:
-  """Writes generation.json: for each GENERATION_CASES case, its prompts and transformers' greedy tokens."""
+  """Writes generation.json: for each GENERATION_CASES case, its prompts and transformers' greedy tokens (both ways)."""
   import tempfile
 
   import torch
@@ -558,7 +565,7 @@ def write_generation(directory: str = FIXTURES) -> str:
     meta, state, arrays = load_fixture(case)
     with tempfile.TemporaryDirectory() as tmp:
       write_hf_dir(tmp, meta["config"], state)
-      result["cases"][case] = {"prompts": generation_prompts(arrays), "generated": generated_by_transformers(case, tmp)}
+      result["cases"][case] = {"prompts": generation_prompts(arrays), **generated_by_transformers(case, tmp)}
   path = os.path.join(directory, "generation.json")
   with open(path, "w") as f:  # A case a line.
     cases = ",\n".join(f"  {json.dumps(c)}: {json.dumps(v, sort_keys=True)}" for c, v in result["cases"].items())

@@ -41,8 +41,8 @@ def test_quick_benchmark_writes_reports(tmp_path, capsys):
 
 
 def test_quick_serving_study_writes_reports(tmp_path):
-  """`python -m experiments.inference --quick`: a row per (phase, length, batch, variant), ratios to the
-  dense baselines measured in the same run, and the decode roofline's byte counts by hand."""
+  """`python -m experiments.inference --quick`: a row per (phase, length, batch, variant), and the
+  decode roofline's byte counts by hand."""
   from experiments import inference
 
   inference.main(["--quick", "--out", str(tmp_path)])
@@ -52,16 +52,21 @@ def test_quick_serving_study_writes_reports(tmp_path):
   assert len(rows) == 2 * len(args.lengths) * len(args.batches) * len(inference.VARIANTS)
   for row in rows:
     assert float(row["ms"]) > 0 and float(row["tokens_per_s"]) > 0
-    if row["variant"] == "dense_total":
-      assert float(row["x_dense_total"]) == 1.0
+  # Decode with B = 1 and 4 (K = 2: N = 2, 8 <= 4·E): the auto path gathers; prefill of 4·4 = 16 tokens (32) too.
+  paths = {(r["phase"], r["batch"], r["variant"]): r["expert_path"] for r in rows}
+  assert paths["decode", "4", "moe_dropless"] == "gather" and paths["decode", "4", "moe_blocks"] == "blocks"
+  assert paths["decode", "1", "moe_capacity"] == "capacity" and paths["decode", "1", "dense_total"] == ""
   # One routed expert of the quick MoE: GELU wi [d, f] and wo [f, d], no biases.
-  model = inference.build("moe_dropless", args, 8)
+  model = inference.build("moe_blocks", args, 8)
   other, per_expert = inference._param_split(model)
   assert per_expert == 2 * args.d * args.f
-  for batch, hit in ((1, inference.K), (4, inference.E * (1 - (1 - inference.K / inference.E) ** 4))):
-    line = inference.roofline("moe_dropless", model, batch, 8, 1.0, 1.0)
-    assert line["weights"] == 4 * (other + args.layers * hit * per_expert)
+  # Experts hit by B·K uniform choices, by hand: 2 at B = 1; 8·(1 - (3/4)^4) = 5.46875 at B = 4.
+  for batch, hit in ((1, 2.0), (4, 5.46875)):
+    line = inference.roofline("moe_blocks", model, batch, 8, 1.0, 1.0)
+    assert math.isclose(line["weights"], 4 * (other + args.layers * hit * per_expert))
     assert line["cache"] == 4 * 2 * args.layers * batch * 8 * args.d  # k and v of every block, float32
+    gathered = inference.roofline("moe_dropless", model, batch, 8, 1.0, 1.0)  # + a copy written and read a choice
+    assert math.isclose(gathered["weights"], 4 * (other + args.layers * (hit + 2 * 2 * batch) * per_expert))
   capacity = inference.roofline("moe_capacity", model, 1, 8, 1.0, 1.0)
   assert capacity["weights"] == 4 * (other + args.layers * inference.E * per_expert)
   report = (tmp_path / "results.md").read_text()

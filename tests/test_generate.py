@@ -75,17 +75,15 @@ def test_sampling_follows_the_seed():
   "overrides",
   [
     {},  # Dropless top-2.
-    # A capacity router that drops (cf 0.5): a row's prompt keeps the slots it has alone, as the
-    # padding comes after it and slots go in sequence order.
-    {"moe.dispatcher": "sort", "moe.eval_capacity_factor": 0.5},
     {**CASES["mla_deepseek_v3"], "model.mtp_depth": 0},
     CASES["sliding_window_sinks"],
+    CASES["learned_positions_tied_hash"],
   ],
-  ids=["dropless", "capacity_dropping", "mla_deepseek", "window_sinks"],
+  ids=["dropless", "mla_deepseek", "window_sinks", "learned_positions_hash"],
 )
 def test_prompts_of_different_lengths_in_one_batch_generate_as_alone(overrides):
   """generate() on ragged prompts (one batch, one cache): each row's tokens are those it gets alone,
-  greedy and sampled (a row's draws do not depend on its batch)."""
+  greedy, and sampled (row b draws with its own key, whatever the other rows hold)."""
   model = _model(overrides)
   prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3, 5, 8, 9], [7, 9]]
   for rule in ({}, {"temperature": 1.0, "top_k": 5, "seed": 3}):
@@ -95,6 +93,22 @@ def test_prompts_of_different_lengths_in_one_batch_generate_as_alone(overrides):
       if rule:  # Row b of a batch draws with fold_in(key, b); alone it is row 0.
         alone = np.stack([np.asarray(t) for t in generate.generate(model, [[0]] * b + [prompt], 5, **rule)], 1)[b:]
       np.testing.assert_array_equal(together[b : b + 1], alone, err_msg=f"prompt {b}, {rule}")
+
+
+def test_what_generate_refuses():
+  """A capacity dispatcher with prompts of different lengths (the padding would change the capacity;
+  one length is fine), routing groups across tokens, and a router that is not causal."""
+  capacity = _model({"moe.dispatcher": "sort", "moe.eval_capacity_factor": 0.5})
+  with pytest.raises(ValueError, match="prompts of different lengths with a capacity dispatcher"):
+    next(generate.generate(capacity, [[1, 2, 3], [4]], 2))
+  assert len(list(generate.generate(capacity, [[1, 2, 3], [4, 5, 6]], 2))) == 2
+  with pytest.raises(ValueError, match="moe.group_size=4"):
+    next(generate.generate(_model({"moe.group_size": 4}), [[1, 2, 3, 4]], 2))
+  bpr = _model({"moe.dispatcher": "sort", "moe.priority": "bpr", "moe.allow_noncausal": True})
+  with pytest.raises(ValueError, match="'top_k' with these options is not causal"):
+    next(generate.generate(bpr, [[1, 2, 3, 4]], 2))
+  with pytest.raises(ValueError, match=f"0 <= top_k <= {VOCAB}"):
+    next(generate.generate(_model({}), [[1]], 2, temperature=1.0, top_k=VOCAB + 1))
 
 
 @pytest.mark.parametrize(
@@ -162,7 +176,10 @@ def test_the_command_line_on_a_mesh_generates_what_one_device_does(tiny_run, cap
   assert generate.main(["--checkpoint", str(tiny_run), *prompts]) == 0
   one = capsys.readouterr().out
   assert generate.main(["--checkpoint", str(tiny_run), *prompts, "--mesh_data", "2", "--mesh_expert", "4"]) == 0
-  assert capsys.readouterr().out == one and len(one.splitlines()) == 3
+  out, err = capsys.readouterr()
+  assert out == one and len(one.splitlines()) == 3
+  # The run's dispatcher is 'sort': said, once a load; and the donated cache is reused on the mesh.
+  assert err.splitlines() == ["note: generating with moe.dispatcher 'sort' -> 'dropless' (no token is dropped)"]
   cfg, model = generate.load_decoder(str(tiny_run), mesh=generate._mesh(2, 4))
   assert cfg.moe.dispatcher == "dropless"  # The run's 'sort' dispatcher: the prefill drops nothing.
   wi = model.blocks[1].ffn.wi[...]
@@ -173,12 +190,13 @@ def test_the_command_line_on_a_mesh_generates_what_one_device_does(tiny_run, cap
   "devices, line",
   [
     (8, "error: --mesh_expert: 3 must divide the 4 experts"),
-    (2, "error: --mesh_expert: 1 x 3 devices asked for, 2 present"),
+    (2, "error: --mesh_data x --mesh_expert: 1 x 3 devices asked for, 2 present (CPU: XLA_FLAGS="),
   ],
 )
 def test_a_mesh_that_does_not_fit_is_one_line(tiny_run, devices, line):
   result = _generate_cli("--checkpoint", tiny_run, "--prompt", "1", "--mesh_expert", "3", devices=devices)
-  assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -188,6 +206,8 @@ def test_a_mesh_that_does_not_fit_is_one_line(tiny_run, devices, line):
     (("--prompt", "one"), "error: --prompt: 'one': this model's prompts are token ids"),
     (("--prompt", "1", "--top_p", "0"), "error: --top_p: 0.0 is out of range"),
     ((), "error: --prompt: give at least one"),
+    (("--prompt", "1", "--top_k", "17"), "error: --top_k: 17 is more than the vocabulary's 16 tokens"),
+    (("--prompt", "1", "--seed", "-1"), "error: --seed: -1 is out of range"),
   ],
 )
 def test_bad_input_is_one_line(tiny_run, args, line):
@@ -237,28 +257,42 @@ def _converted_generation(case, tmp_path):
 GENERATION_CASES = list(hf_reference.GENERATION_CASES)
 
 
+# Where transformers' generate leaves its own model's function: gpt-oss (a sliding window of 4 in
+# its even blocks) with the 7-token prompt, longer than the window, where generate's greedy tokens
+# differ from the argmax of transformers' own full forward pass from the first token on (found by
+# the test below; transformers 5.25, eager attention). Our decoding follows the forward pass.
+GENERATE_LEAVES_FORWARD = {("gpt_oss_20b", 2)}
+
+
 @pytest.mark.parametrize("case", GENERATION_CASES)
 def test_greedy_generation_equals_the_recorded_transformers_tokens(case, tmp_path):
-  """A converted tiny Hugging Face model generates, greedily, with prompts of two lengths in one batch,
-  the tokens transformers' generate gave for each prompt alone (tests/fixtures/hf/generation.json,
-  written by `python tests/hf_reference.py --generation`; no torch needed)."""
+  """A converted tiny Hugging Face model generates greedily, with prompts of three lengths in one
+  batch, the tokens of transformers' full forward pass argmax for each prompt alone, and those of
+  its generate wherever generate agrees with that (tests/fixtures/hf/generation.json, written by
+  `python tests/hf_reference.py --generation`; no torch needed)."""
   import json
 
   with open(f"{hf_reference.FIXTURES}/generation.json") as f:
     recorded = json.load(f)["cases"][case]
   prompts, ours, _ = _converted_generation(case, tmp_path)
   assert prompts == recorded["prompts"]
-  assert ours == recorded["generated"]
+  assert ours == recorded["forward"]
+  differ = {(case, row) for row, (a, b) in enumerate(zip(recorded["generated"], recorded["forward"])) if a != b}
+  assert differ == {key for key in GENERATE_LEAVES_FORWARD if key[0] == case}
 
 
 @pytest.mark.parametrize("case", GENERATION_CASES)
 def test_live_greedy_generation_equals_transformers_generate(case, tmp_path):
-  """The same against transformers' generate run now (each prompt alone, no padding)."""
+  """The same against transformers run now: its forward-pass argmax, and its generate but where it
+  leaves its forward pass (GENERATE_LEAVES_FORWARD)."""
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
 
   _, ours, hf_dir = _converted_generation(case, tmp_path)
-  assert ours == hf_reference.generated_by_transformers(case, hf_dir)
+  theirs = hf_reference.generated_by_transformers(case, hf_dir)
+  assert ours == theirs["forward"]
+  for row, (a, b) in enumerate(zip(ours, theirs["generated"])):
+    assert (a == b) == ((case, row) not in GENERATE_LEAVES_FORWARD), (row, a, b)
 
 
 def test_the_routing_of_decoding_is_captured():

@@ -18,6 +18,8 @@ RESUMABLE_CHANGES = (
   "train.eval_every",
   "train.checkpoint_every",
   "train.keep_checkpoints",
+  "train.profile_start",
+  "train.profile_steps",
   "data.data_dir",
   "mesh.data",
   "mesh.expert",

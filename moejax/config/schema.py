@@ -251,6 +251,18 @@ def _train(task: str) -> ml_collections.ConfigDict:
   # Step s trains on batch data_offset + s of the seed's stream: a run that continues another's
   # weights on the same data (init.checkpoint) sets it to the steps that run took, to go on to new batches.
   t.data_offset = 0
+  # Gradient accumulation: each step's batch runs as this many equal micro-batches, one after the
+  # other (a lax.scan), their gradients, metrics and MoE statistics averaged before the one update
+  # (a share, such as an expert's share of the kept choices, is the mean of the micro-batches' shares).
+  # Routing groups form within a micro-batch; with one sequence per group and
+  # moe.load_balance_scope 'group' (the defaults) the step equals the whole batch's.
+  t.microbatches = 1
+  # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 in
+  # <workdir>/profile (TensorBoard's profile plugin or XProf; the MoE layer's parts appear as the
+  # named scopes router, dispatch, experts, combine and all_to_all). 0: no trace. Pick steps after
+  # the first, which compiles.
+  t.profile_start = 0
+  t.profile_steps = 3
   return t
 
 

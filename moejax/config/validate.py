@@ -199,7 +199,19 @@ def _train(cfg) -> None:
   _positive(
     cfg, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"
   )
-  _positive(cfg, "train.eval_every", "train.data_offset", allow_zero=True)
+  _positive(cfg, "train.eval_every", "train.data_offset", "train.profile_start", allow_zero=True)
+  _positive(cfg, "train.profile_steps", "train.microbatches")
+  _check(
+    t.batch_size % t.microbatches == 0,
+    "train.microbatches",
+    f"{t.microbatches} must divide train.batch_size = {t.batch_size}",
+  )
+  last = t.profile_start + t.profile_steps - 1
+  _check(
+    not t.profile_start or last <= t.num_steps,
+    "train.profile_start",
+    f"profiles steps {t.profile_start}..{last}, past train.num_steps = {t.num_steps}",
+  )
   if cfg.task == "lm":  # Tokens per image are known once the data is: checked in models.build.vit_config.
     _check(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
     group = e.group_size or t.seq_len
@@ -339,20 +351,22 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
     "mesh.expert",
     f"{expert_devices} expert devices must divide moe.num_experts={e.num_experts}",
   )
+  micro = t.batch_size // t.microbatches  # Each micro-batch runs as a batch of its own.
   _check(
-    t.batch_size % mesh_devices == 0,
+    micro % mesh_devices == 0,
     "train.batch_size",
-    f"{t.batch_size} must be divisible by the mesh's {mesh_devices} devices "
-    f"(data={data_devices} × expert={expert_devices})",
+    f"{t.batch_size}"
+    + (f" / train.microbatches = {micro}" if t.microbatches > 1 else "")
+    + f" must be divisible by the mesh's {mesh_devices} devices (data={data_devices} × expert={expert_devices})",
   )
   if cfg.task == "lm":
     group = e.group_size or t.seq_len
-    num_groups = t.batch_size * t.seq_len // group
+    num_groups = micro * t.seq_len // group
     _check(
-      num_groups % mesh_devices == 0 and (t.batch_size * t.seq_len) % group == 0,
+      num_groups % mesh_devices == 0 and (micro * t.seq_len) % group == 0,
       "moe.group_size",
-      f"the batch's {t.batch_size * t.seq_len} tokens must split into groups of {group} "
-      f"whose count is divisible by the mesh's {mesh_devices} devices",
+      f"the {'micro-' if t.microbatches > 1 else ''}batch's {micro * t.seq_len} tokens must split into groups "
+      f"of {group} whose count is divisible by the mesh's {mesh_devices} devices",
     )
 
 

@@ -139,11 +139,17 @@ class MoELayer(nnx.Module):
       router = nnx.merge(router_def, router_state)
       # What router and experts both read: the tokens, or (transformers' Mixtral jitter) a perturbation of them.
       tokens = router.family.layer_inputs(cfg, tokens, train=train, rng=jax.random.fold_in(rng, 1))
-      decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
-      expert_in = dispatcher.dispatch(decision, tokens)
+      # Named scopes: what a profile (train.profile_steps) shows of the layer, by part.
+      with jax.named_scope("router"):
+        decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
+      with jax.named_scope("dispatch"):
+        expert_in = dispatcher.dispatch(decision, tokens)
       expert_out = _experts(expert_in, weights, cfg, num_shards)
-      output = dispatcher.combine(decision, expert_out)  # [G, S, d]
-      return output.astype(tokens.dtype), router.family.aux(cfg, decision, stats, parallel.BATCH)
+      with jax.named_scope("combine"):
+        output = dispatcher.combine(decision, expert_out)  # [G, S, d]
+      with jax.named_scope("router"):
+        aux = router.family.aux(cfg, decision, stats, parallel.BATCH)
+      return output.astype(tokens.dtype), aux
 
     value = lambda p: None if p is None else p[...]
     weights = tuple(value(p) for p in (self.wi, self.wo, self.wg, self.bi, self.bg, self.bo))
@@ -178,22 +184,32 @@ def _experts(expert_in, weights, cfg, num_shards: int):
   options = dict(
     impl=cfg.dropless_impl, block_size=cfg.dropless_block_size, permute_backend=cfg.permute_backend, biases=biases
   )
+  experts, exchange = jax.named_scope("experts"), jax.named_scope("all_to_all")  # Profile scopes.
   if isinstance(expert_in, dispatch.Rows):
     if num_shards == 1:
-      return dropless.dropless_expert_ffn(
-        expert_in.tokens, expert_in.expert_index, expert_in.combine_weight, wi, wo, wg, cfg.activation, **options
-      )
-    exchange = parallel.RowExchange(
+      with experts:
+        return dropless.dropless_expert_ffn(
+          expert_in.tokens, expert_in.expert_index, expert_in.combine_weight, wi, wo, wg, cfg.activation, **options
+        )
+    rows_exchange = parallel.RowExchange(
       expert_in.expert_index, cfg.num_experts, num_shards, cfg.expert_exchange, cfg.permute_backend
     )
-    rows, local_id = exchange.there(expert_in.tokens)  # [n·N, d] on the receiver
-    ones = jnp.ones((rows.shape[0], 1), jnp.float32)
-    out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **options)
-    return exchange.back(out, expert_in.combine_weight)
+    with exchange:
+      rows, local_id = rows_exchange.there(expert_in.tokens)  # [n·N, d] on the receiver
+    with experts:
+      ones = jnp.ones((rows.shape[0], 1), jnp.float32)
+      out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **options)
+    with exchange:
+      return rows_exchange.back(out, expert_in.combine_weight)
   if num_shards > 1:
-    expert_in = parallel.to_expert_devices(expert_in)  # [E/n, n·G, C, d]
-  expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases)
-  return parallel.from_expert_devices(expert_out) if num_shards > 1 else expert_out
+    with exchange:
+      expert_in = parallel.to_expert_devices(expert_in)  # [E/n, n·G, C, d]
+  with experts:
+    expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases)
+  if num_shards == 1:
+    return expert_out
+  with exchange:
+    return parallel.from_expert_devices(expert_out)
 
 
 def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str, biases: tuple | None = None) -> jax.Array:

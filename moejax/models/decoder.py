@@ -358,12 +358,15 @@ class DecoderLM(nnx.Module):
     dtype = jnp.dtype(self.cfg.dtype)
     return [block.attention.init_cache(batch, max_len, dtype) for block in self.blocks]
 
-  def decode(self, tokens: jax.Array, cache: list[dict], start: jax.Array):
+  def decode(self, tokens: jax.Array, cache: list[dict], start: jax.Array, last: jax.Array | None = None):
     """tokens <int32>[B, L], row b's at positions start[b] .. start[b] + L - 1 -> (logits <float32>[B, L, V], the cache).
 
     start: <int32>[B], or one offset for every row. Prefill is start = 0 with the prompts, decoding
     L = 1 at start = each row's tokens so far: rows of different lengths share a cache (a row's
-    slots at and past its start are overwritten before any query of it can see them). The logits
+    slots at and past its start are overwritten before any query of it can see them). Positions
+    must stay below the cache's length: a write past it is dropped (JAX's out-of-bounds scatter).
+    last <int32>[B]: return only the logits of row b's token at index last[b] ([B, 1, V]), e.g.
+    each prompt's last token at prefill, without the [B, L, V] of every position. The logits
     equal `__call__`'s on the whole sequence at those positions (eval mode; the main model, no MTP),
     for a router whose choice for a token does not depend on later tokens; a capacity dispatcher
     decoding one token per routing group cannot drop it (tests/test_decode.py).
@@ -379,6 +382,8 @@ class DecoderLM(nnx.Module):
     for block, block_cache in zip(self.blocks, cache):
       x, _, block_cache = block.decode(x, block_cache, start, token_ids=tokens)
       new_cache.append(block_cache)
+    if last is not None:  # Only row b's position last[b] through the output head: [B, 1, d].
+      x = x[jnp.arange(x.shape[0]), last][:, None]
     return self._logits(self.final_norm(x)), new_cache
 
   def _logits(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,96 @@
+"""Gradient accumulation (train.microbatches): the mean over micro-batches is the whole batch's step."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import config as config_lib
+from moejax import tasks
+from moejax.config import common
+from moejax.errors import ConfigError
+from moejax.train import Trainer
+
+TINY = {
+  "model.num_layers": 2,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.d_ff": 32,
+  "moe.num_experts": 4,
+  "train.seq_len": 16,
+  "train.batch_size": 16,
+  "mesh.data": 2,
+  "mesh.expert": 2,
+  "data.markov.vocab_size": 16,
+  "data.markov.num_train": 256,
+  "data.markov.num_validation": 16,
+}
+
+
+def _trainer(data_dir, fields):
+  cfg = common.small_lm()
+  config_lib.override(cfg, {**TINY, "data.data_dir": data_dir, **fields})
+  config_lib.validate(cfg, jax.device_count())
+  data = tasks.make_data(cfg)
+  return Trainer(cfg, tasks.make_task(cfg, data)), data
+
+
+def _gradients(trainer, batch):
+  state = trainer.state
+  rng = jax.random.key(0)
+  grads, metrics, moe_aux = jax.jit(trainer._gradients)(
+    trainer._trainable(state), state["model_state"], trainer.shard_batch(batch), rng
+  )
+  flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+  return flat, jax.device_get(metrics), jax.device_get(moe_aux)
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    # Capacity routing (sort, cf 1.25): groups are sequences, so each keeps its slots in a micro-batch.
+    {"moe.router": "top_k", "moe.top_k": 2, "moe.dispatcher": "sort", "moe.capacity_factor": 1.25},
+    # Dropless DeepSeek routing with a shared expert: its balancing bias moves with the mean loads.
+    {"moe.router": "deepseek", "moe.top_k": 2, "moe.num_shared_experts": 1, "moe.dispatcher": "dropless"},
+  ],
+  ids=["top2_capacity", "deepseek_dropless"],
+)
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_micro_batches_give_the_whole_batch_gradients(data_dir, fields, microbatches):
+  """On a data 2 × expert 2 mesh: gradients, loss, aux losses and expert loads of M micro-batches
+  (averaged) equal the whole batch's; and one training step moves the DeepSeek bias the same way."""
+  whole, data = _trainer(data_dir, fields)
+  split, _ = _trainer(data_dir, {**fields, "train.microbatches": microbatches})
+  batch = next(data.train_batches(0))
+  g1, m1, a1 = _gradients(whole, batch)
+  g2, m2, a2 = _gradients(split, batch)
+  assert g1.keys() == g2.keys()
+  for name in g1:
+    np.testing.assert_allclose(g2[name], g1[name], rtol=2e-4, atol=2e-7, err_msg=name)
+  for name in ("loss", "cross_entropy"):
+    np.testing.assert_allclose(m2[name], m1[name], rtol=1e-5, err_msg=name)
+  for layer1, layer2 in zip(a1, a2):  # Each expert's share of the kept choices: a mean of micro-batch
+    # shares, which differs from the whole batch's share where the micro-batches keep different numbers.
+    np.testing.assert_allclose(layer2["expert_load"], layer1["expert_load"], rtol=1e-2)
+  whole.train_step(batch), split.train_step(batch)
+  for (path, v1), (_, v2) in zip(
+    nnx.to_flat_state(whole.state["model_state"]), nnx.to_flat_state(split.state["model_state"])
+  ):
+    np.testing.assert_allclose(np.asarray(v2.get_value()), np.asarray(v1.get_value()), atol=1e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"train.microbatches": 3}, "train.microbatches: 3 must divide train.batch_size = 16"),
+    ({"train.microbatches": 8}, "train.batch_size: 16 / train.microbatches = 2 must be divisible by the mesh's 4"),
+    ({"train.microbatches": 0}, "train.microbatches: must be > 0"),
+  ],
+)
+def test_micro_batches_that_do_not_fit_are_refused(fields, message):
+  cfg = common.small_lm()
+  config_lib.override(cfg, {**TINY, **fields})
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    config_lib.validate(cfg, jax.device_count())
