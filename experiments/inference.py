@@ -377,46 +377,50 @@ def plot(out: str, rows: list[dict], lengths: list[int]) -> list[str]:
 
 FINDINGS = """
 Recorded run: 2026-12-04, the 2-core CPU dev VM, jax 0.10.2 (the header above). Parameters: the
-MoE holds 4.53M (as dense_total, 4.52M) and uses 1.38M per token (as dense_active).
+MoE holds 4.53M (as dense_total, 4.52M) and uses 1.38M per token (as dense_active). Decode
+figures are P = 32 / P = 256.
 
 **"At batch 1, decode reads every routed expert, so the MoE is no faster than its total size
-suggests."** The outcome holds here, the reason only for the capacity path. At B = 1 the MoE's
-decode step takes 1.26× (P = 32) and 0.81× (P = 256) the step of dense_total and 1.7-2.6× that of
-dense_active. The capacity path does compute every expert for every decoded token (C = 1 slot
-for each of the E experts) and runs at 0.98-1.36× dense_total. The dropless path reads only the
-two chosen experts (5.4 MB of weights a step against dense_total's 18.0 MB): by bytes it should
-run as fast as dense_active, but every decode step on this CPU takes 3-11× its roofline, and the
-MoE's routing work (router, top-k, the gather of two experts' weights, the combine) is a fixed
-cost per layer that a dense FFN does not pay. Before the 'gather' dropless path (2026-12-04,
-`moejax.dropless.GATHER_ROWS_PER_EXPERT`) the block loop made the B = 1 step 1.7-2.1× dense_total.
+suggests."** Nearly so here, for reasons of this machine's kernels. At B = 1 the dropless MoE's
+step takes 0.89× / 0.85× dense_total's and 1.38× / 1.43× dense_active's. The capacity path does
+compute all E experts for every decoded token (C = 1 slot each) and takes 1.02× / 1.40× dense_total.
+The dropless path needs only the 2 chosen experts, but no CPU kernel here reads just those: the
+'gather' path copies each choice's expert (13.8 MB of weight traffic a step against
+dense_active's 5.4 MB and dense_total's 18.0 MB, and it runs at 2.2-2.8× that roofline), and the
+block loop ('moe_blocks'), which reads only the hit experts, has a fixed cost per block: 2.57× /
+2.08× dense_total at B = 1.
 
-**"As the batch grows, experts get shared and the MoE's FLOP advantage shows."** Yes for prefill,
-weakly for decode. By B = 16 the B·K = 32 choices hit 7.9 of the 8 experts in expectation, so
-every step reads all expert weights, as dense_total does. In prefill, once a batch holds
-4096 tokens or more, the MoE takes 0.33-0.66× dense_total's time and 1.15-1.47× dense_active's
-(both dispatchers). In decode at B = 256 the MoE takes 0.85× (P = 32) and 0.74× (P = 256) of dense_total;
-at P = 256 every model reads a 277 MB KV cache each step against 18 MB of weights, so the four
-models converge (dense_active and dense_total are 0.68 : 1).
+**"As the batch grows, experts get shared and the MoE's FLOP advantage shows."** In prefill, yes,
+within limits; in decode, barely. By B = 16 the B·K = 32 choices hit 7.9 of the 8 experts in
+expectation, so a decode step reads every expert, as dense_total does. With 4096 tokens or more
+in a prefill the MoE takes 0.65-0.81× dense_total's time and 1.34-1.90× dense_active's (both
+dispatchers); the dense models' own ratio is 1.87-2.63×, well below the FFNs' 4× in width,
+since attention, norms and the head cost both the same. In decode at B = 256 the MoE takes 0.89×
+/ 1.01× dense_total's step. At P = 256 every model reads a 277 MB KV cache a step against 18 MB of
+weights, and the five converge: dense_active takes 0.92× dense_total's time.
 
-**"Memory grows with total parameters, compute with active ones."** Yes. The MoE's weights are
-dense_total's (18.1 MB) and 3.3× dense_active's; the KV cache is the same for all four (same
-attention). Compute follows the active parameters at large token counts (above). XLA's
-temporary buffers in prefill follow neither: the dropless MoE computes its experts in 64-row
-blocks and needs 0.90 GB at B = 256, P = 256, against dense_active's 1.66 GB and dense_total's
-5.40 GB (their [tokens, hidden] FFN activations).
+**"Memory grows with total parameters, compute with active ones."** The weights do: the MoE's are
+dense_total's (18.1 MB), 3.3× dense_active's, and the KV cache is the same for all five. XLA's
+temporary buffers in prefill follow the FFN width where attention is small: at P = 32, B = 256
+they are 42 MB for dense_active, 66 (dropless) and 89 (capacity) for the MoE, 143 for dense_total.
+At P = 256 the attention scores dominate them, and all five need 0.93-1.18 GB at B = 256.
 
-**The roofline** (bytes / 31.4 GB/s against FLOPs / 209.5 GFLOP/s, both measured in the run).
-At B <= 4 every model is on the bandwidth side, and the prediction is the weights: 0.18 ms for
-the dropless MoE and dense_active against 0.58 ms for dense_total and the capacity MoE. That
-3.2× is the small-batch advantage the dropless MoE should have. At P = 32, dense_total and the
-capacity MoE cross to the FLOP side at B = 16, dense_active at B = 64 and the dropless MoE at
-B = 256; at P = 256 the cache keeps the dropless MoE and dense_active on the bandwidth side at
-every batch. The measured steps are 2-13×
-above their predictions (closest for the FLOP-bound ones), so on this CPU a decode step is
-bound by per-operation overheads and by the attention's pass over the whole cache (read at its
-full length, with the unused slots masked), not by the weight reads the claims are about. The
-comparison the claims need is on an accelerator, where a small-batch decode step comes close to
-its weight-read time: the same command measures it there.
+**The dropless CPU path** (`moejax.dropless.GATHER_ROWS_PER_EXPERT`). 'auto' gathers for N <= 4·E
+choices a layer, blocks above. In decode the gather path took 0.35-0.41× (B = 1), 0.27-0.37× (B = 4)
+and 0.52-0.61× (B = 16, N = 32 = 4·E) of the block loop's time; from B = 64 both run blocks.
+Above the threshold the copies grow as N / E times the expert weights, which this study does not
+time.
+
+**The roofline** (bytes / 33.8 GB/s against FLOPs / 219.3 GFLOP/s, both measured in the run). At
+B <= 4 every model is on the bandwidth side. At P = 32 the FLOP side starts at B = 16 for
+dense_total and the capacity MoE, B = 64 for dense_active and B = 256 for the dropless MoE; at
+P = 256 only dense_total and the capacity MoE reach it (B >= 64). Measured steps are 1.0-16×
+their prediction. Closest are the gather path (0.98-2.8× at B <= 16, where the copies dominate
+its traffic) and the FLOP-bound capacity and dense_total steps at P = 32, B = 256 (2.1×). The
+block loop is furthest (6.3-16×). So on this CPU a small-batch decode step is bound by
+per-operation and per-block overheads and by the attention's pass over the whole cache (read at
+its full length, unused slots masked), more than by weight bandwidth. The claims are about weight
+bandwidth, which an accelerator shows; the same command measures it there.
 """
 
 

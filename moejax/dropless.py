@@ -44,8 +44,9 @@ from moejax.layers.ffn import ACTIVATIONS, GATED, activate
 
 IMPLS = ("auto", "blocks", "ragged_dot", "gather")
 # 'auto' on CPU takes 'gather' for at most this many assignments per expert (N ≤ GATHER_ROWS_PER_EXPERT·E):
-# decoding a few tokens (experiments/inference.py). Measured on the 2-core dev VM, E = 8, d = 128,
-# f = 512, GELU, forward: gather / blocks = 0.42 (N = 2), 0.18 (8), 0.34 (32), 8.8 (128), 30 (512).
+# decoding a few tokens. `python -m experiments.inference` (2026-12-04, the 2-core dev VM; E = 8,
+# K = 2, d = 128, f = 512) times decode steps with both: gather took 0.27-0.61× the block loop's
+# time at N = 2 to 32 (= 4·E). Above it the copies grow as N/E times the expert weights.
 GATHER_ROWS_PER_EXPERT = 4
 
 
