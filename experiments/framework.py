@@ -536,6 +536,18 @@ def latex(experiment: Experiment, rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+def where_and_when() -> list[str]:
+  """The header lines of a benchmark's results: the device, the date, jax's and Python's versions."""
+  import jax
+
+  device = jax.devices()[0]
+  return [
+    f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
+    f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+    f"jax {jax.__version__}, python {platform.python_version()}",
+  ]
+
+
 def write_csv(path: str, rows: list[dict], header: list[str], columns=COLUMNS, float_format: str = "") -> None:
   """A CSV of `columns` (missing ones empty) after '# ' header lines; floats in float_format if given."""
   with open(path, "w", newline="") as f:

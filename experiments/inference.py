@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import math
 import os
-import platform
 import sys
 import time
 
@@ -285,12 +283,9 @@ def measure(args) -> tuple[list[dict], dict]:
 
 
 def header_lines(args, machine: dict, wall: float) -> list[str]:
-  device = jax.devices()[0]
   sizes = machine["sizes"]
   return [
-    f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
-    f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-    f"jax {jax.__version__}, python {platform.python_version()}",
+    *framework.where_and_when(),
     f"models: {args.layers} blocks, d={args.d}, 4 heads, vocab {VOCAB}, float32; MoE E={E} K={K} f={args.f}",
     "parameters (total / active per token): "
     + ", ".join(f"{v} {sizes[v]['total_params'] / 1e6:.2f}M / {sizes[v]['active_params'] / 1e6:.2f}M" for v in sizes),

@@ -57,9 +57,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import os
-import platform
 import sys
 import time
 from unittest import mock
@@ -283,11 +281,8 @@ def table_rows(t: int, best: dict[tuple, float], args) -> list[dict]:
 
 def header_lines(args, wall_s: float | None = None, spread: float | None = None) -> list[str]:
   """Where, when and with what the numbers were measured."""
-  device = jax.devices()[0]
   lines = [
-    f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, {platform.node()}",
-    f"date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-    f"jax {jax.__version__}, python {platform.python_version()}",
+    *framework.where_and_when(),
     f"d={args.d} f={args.f} group_size={args.group_size} capacity_factor={args.capacity_factor} "
     f"dtype={args.dtype} activation={ACTIVATION} dropless block_size={args.block_size} "
     f"repeats={args.repeats} (best of)",

@@ -210,6 +210,14 @@ class Trainer:
     rows of the batch (no data moves between devices); router noise m draws with fold_in(rng, m).
     """
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if self.cfg.train.param_dtype != "float32":  # Differentiate w.r.t. the low-precision copy: its gradients
+      low = jnp.dtype(self.cfg.train.param_dtype)  # are low-precision too, cast up for the float32 update.
+      plain = grad_fn
+
+      def grad_fn(trainable, *args):
+        (loss, aux), grads = plain(_low_precision(trainable, low), *args)
+        return (loss, aux), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+
     m = self.cfg.train.microbatches
     if m == 1:
       (_, (metrics, moe_aux)), grads = grad_fn(trainable, model_state, batch, rng)
@@ -281,6 +289,18 @@ class Trainer:
 
 def _value(x):
   return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def _low_precision(tree, dtype):
+  """A copy of tree with every floating array in dtype, but the routers' (routing stays float32)."""
+
+  def cast(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "router" in names or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    return leaf.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, tree)
 
 
 def _with(state: nnx.State, arrays: dict) -> nnx.State:

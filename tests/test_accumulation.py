@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -94,3 +95,33 @@ def test_micro_batches_that_do_not_fit_are_refused(fields, message):
   config_lib.override(cfg, {**TINY, **fields})
   with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
     config_lib.validate(cfg, jax.device_count())
+
+
+def test_bfloat16_parameters_with_float32_master_weights(data_dir):
+  """train.param_dtype 'bfloat16': the step differentiates a bfloat16 copy of the parameters (the
+  router's stays float32), so its gradients are the float32 ones to bfloat16 precision but not
+  equal; the parameters and the optimizer's moments stay float32."""
+  fields = {"moe.router": "top_k", "moe.top_k": 2, "moe.dispatcher": "dropless"}
+  full, data = _trainer(data_dir, fields)
+  half, _ = _trainer(data_dir, {**fields, "train.param_dtype": "bfloat16"})
+  batch = next(data.train_batches(0))
+  g32, _, _ = _gradients(full, batch)
+  g16, _, _ = _gradients(half, batch)
+  for name in g32:
+    assert g16[name].dtype == np.float32
+    scale = np.abs(g32[name]).max()
+    np.testing.assert_allclose(g16[name], g32[name], atol=0.05 * scale + 1e-8, err_msg=name)
+  assert any(not np.array_equal(g16[name], g32[name]) for name in g32)
+  state = half._trainable(half.state)
+  jaxpr = str(
+    jax.make_jaxpr(half._gradients)(state, half.state["model_state"], half.shard_batch(batch), jax.random.key(0))
+  )
+  assert "bf16[" in jaxpr
+  from moejax.train import _low_precision
+
+  copy = {".".join(map(str, p)): v.get_value().dtype for p, v in nnx.to_flat_state(_low_precision(state, jnp.bfloat16))}
+  assert {n: d for n, d in copy.items() if "router" in n} == {"blocks.1.ffn.router.kernel": np.float32}
+  assert all(d == jnp.bfloat16 for n, d in copy.items() if "router" not in n)
+  half.train_step(batch)
+  leaves = jax.tree.leaves(half.state["params"]) + jax.tree.leaves(half.state["opt_state"])
+  assert all(x.dtype != jax.numpy.bfloat16 for x in leaves)

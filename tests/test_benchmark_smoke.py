@@ -71,3 +71,16 @@ def test_quick_serving_study_writes_reports(tmp_path):
   assert capacity["weights"] == 4 * (other + args.layers * inference.E * per_expert)
   report = (tmp_path / "results.md").read_text()
   assert "## Decode" in report and "measured / predicted" in report
+
+
+def test_quick_remat_memory_writes_reports(tmp_path):
+  """`python -m experiments.remat_memory --quick`: a row per policy, ratios to 'none' from the same run."""
+  from experiments import remat_memory
+  from moejax.models.remat import POLICIES
+
+  rows = remat_memory.main(["--quick", "--out", str(tmp_path)])
+  assert [r["policy"] for r in rows] == list(POLICIES) and rows[0]["x_temp"] == 1.0
+  assert all(r["temp_mb"] > 0 and r["compile_s"] > 0 and r["step_ms"] > 0 for r in rows)
+  kept = {r["policy"]: r["kept_mb"] for r in rows}
+  assert kept["full"] < kept["dots"] < kept["none"] and kept["full"] < kept["moe"] < kept["none"]
+  assert "| policy | kept for backward MB |" in (tmp_path / "results.md").read_text()

@@ -24,6 +24,7 @@ from moejax.errors import ConfigError
 
 TASKS = ("lm", "vit")
 POSITIONS = ("rope", "learned")
+REMAT_POLICIES = ("none", "full", "dots", "moe")  # moejax.models.remat.POLICIES
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu", "geglu")
 POOLINGS = ("gap", "cls")
@@ -182,6 +183,9 @@ def _model(task: str) -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6  # Epsilon of every RMSNorm (transformers' rms_norm_eps): Mixtral, OLMoE 1e-5.
   m.init_scale = 1.0  # Variance scale of fan-in init (Switch: 0.1).
   m.dtype = "float32"  # Activation dtype: 'float32' | 'bfloat16'. Router stays float32.
+  # Rematerialisation of each block in training (moejax/models/remat.py): 'none' | 'full' (keep only
+  # block inputs) | 'dots' (keep matmul outputs) | 'moe' (keep the expert outputs and all_to_all results).
+  m.remat = "none"
   return m
 
 
@@ -257,6 +261,11 @@ def _train(task: str) -> ml_collections.ConfigDict:
   # Routing groups form within a micro-batch; with one sequence per group and
   # moe.load_balance_scope 'group' (the defaults) the step equals the whole batch's.
   t.microbatches = 1
+  # The dtype the forward and backward pass read the parameters in: 'float32' | 'bfloat16' (a
+  # bfloat16 copy of every floating parameter but the routers', made each step; gradients come
+  # in bfloat16 and are cast up). The parameters themselves (the master weights) and the
+  # optimizer state stay float32. With model.dtype 'bfloat16' too: bfloat16 compute throughout.
+  t.param_dtype = "float32"
   # A jax.profiler trace of steps profile_start .. profile_start + profile_steps - 1 in
   # <workdir>/profile (TensorBoard's profile plugin or XProf; the MoE layer's parts appear as the
   # named scopes router, dispatch, experts, combine and all_to_all). 0: no trace. Pick steps after

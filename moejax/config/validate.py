@@ -112,6 +112,12 @@ def _model(cfg) -> None:
     _one_of(cfg, "model.positions", schema.POSITIONS)
   _one_of(cfg, "model.activation", schema.ACTIVATIONS)
   _one_of(cfg, "model.dtype", schema.DTYPES)
+  _one_of(cfg, "model.remat", schema.REMAT_POLICIES)
+  _check(
+    m.remat != "moe" or schema.has_moe_layers(cfg),
+    "model.remat",
+    "'moe' rematerialises inside the MoE layers, and this model has none ('full' or 'dots' do the blocks)",
+  )
   _check(
     isinstance(m.norm_eps, (int, float)) and 0 < m.norm_eps < 1,
     "model.norm_eps",
@@ -201,6 +207,7 @@ def _train(cfg) -> None:
   )
   _positive(cfg, "train.eval_every", "train.data_offset", "train.profile_start", allow_zero=True)
   _positive(cfg, "train.profile_steps", "train.microbatches")
+  _one_of(cfg, "train.param_dtype", schema.DTYPES)
   _check(
     t.batch_size % t.microbatches == 0,
     "train.microbatches",

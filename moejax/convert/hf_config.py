@@ -252,6 +252,7 @@ def differences(hf_config: dict, cfg) -> list[str]:
 NOT_THE_FUNCTION = (
   "model.dtype",  # The activations' precision (the weights' dtype is the checkpoint's or --dtype's).
   "model.init_scale",
+  "model.remat",  # What the backward pass keeps.
   "moe.dead_expert_steps",
   "moe.dropless_block_size",
   "moe.dropless_impl",

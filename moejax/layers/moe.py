@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
@@ -33,8 +34,12 @@ def _layer_fields() -> dict:
     "d_expert": model["d_ff"],
     "activation": model["activation"],
     "init_scale": model["init_scale"],
+    "remat": model["remat"],
   }
 
+
+# Names of the values `moejax.models.remat`'s 'moe' policy keeps (jax.ad_checkpoint.checkpoint_name).
+EXPERT_OUTPUT, EXCHANGED = "moe_expert_output", "moe_all_to_all"
 
 MoEConfig = dataclasses.make_dataclass(
   "MoEConfig",
@@ -46,7 +51,7 @@ MoEConfig = dataclasses.make_dataclass(
 
     Its fields are the config's `moe.*` fields (defaults and meanings: moejax/config/schema.py and
     each router family's options in moejax/routers/), with d_expert resolved (the config's 0 means
-    model.d_ff) and the layer's `activation` and `init_scale` from `model.*`. Built from a config by
+    model.d_ff) and the layer's `activation`, `init_scale` and `remat` from `model.*`. Built from a config by
     `moejax.models.build.moe_config`; a router family registered after this module was imported
     has no fields here (import it first).
     """,
@@ -144,13 +149,17 @@ class MoELayer(nnx.Module):
         decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
       with jax.named_scope("dispatch"):
         expert_in = dispatcher.dispatch(decision, tokens)
-      expert_out = _experts(expert_in, weights, cfg, num_shards)
+      expert_out = checkpoint_name(_experts(expert_in, weights, cfg, num_shards), EXPERT_OUTPUT)
       with jax.named_scope("combine"):
         output = dispatcher.combine(decision, expert_out)  # [G, S, d]
       with jax.named_scope("router"):
         aux = router.family.aux(cfg, decision, stats, parallel.BATCH)
       return output.astype(tokens.dtype), aux
 
+    if cfg.remat == "moe" and train:  # Inside shard_map, where the names are seen (moejax.models.remat).
+      route_and_compute = jax.checkpoint(
+        route_and_compute, policy=jax.checkpoint_policies.save_only_these_names(EXPERT_OUTPUT, EXCHANGED)
+      )
     value = lambda p: None if p is None else p[...]
     weights = tuple(value(p) for p in (self.wi, self.wo, self.wg, self.bi, self.bg, self.bo))
     y, aux = parallel.per_device(
@@ -196,20 +205,21 @@ def _experts(expert_in, weights, cfg, num_shards: int):
     )
     with exchange:
       rows, local_id = rows_exchange.there(expert_in.tokens)  # [n·N, d] on the receiver
+      rows = checkpoint_name(rows, EXCHANGED)
     with experts:
       ones = jnp.ones((rows.shape[0], 1), jnp.float32)
       out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **options)
     with exchange:
-      return rows_exchange.back(out, expert_in.combine_weight)
+      return checkpoint_name(rows_exchange.back(out, expert_in.combine_weight), EXCHANGED)
   if num_shards > 1:
     with exchange:
-      expert_in = parallel.to_expert_devices(expert_in)  # [E/n, n·G, C, d]
+      expert_in = checkpoint_name(parallel.to_expert_devices(expert_in), EXCHANGED)  # [E/n, n·G, C, d]
   with experts:
     expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases)
   if num_shards == 1:
     return expert_out
   with exchange:
-    return parallel.from_expert_devices(expert_out)
+    return checkpoint_name(parallel.from_expert_devices(expert_out), EXCHANGED)
 
 
 def capacity_expert_ffn(expert_in, wi, wo, wg, activation: str, biases: tuple | None = None) -> jax.Array:

@@ -23,7 +23,10 @@ def moe_config(cfg: ml_collections.ConfigDict) -> MoEConfig:
       "imported; import the family's module before moejax's models",
     )
   derived = dict(
-    d_expert=cfg.moe.d_expert or cfg.model.d_ff, activation=cfg.model.activation, init_scale=cfg.model.init_scale
+    d_expert=cfg.moe.d_expert or cfg.model.d_ff,
+    activation=cfg.model.activation,
+    init_scale=cfg.model.init_scale,
+    remat=cfg.model.remat,
   )
   return MoEConfig(**{**cfg.moe.to_dict(), **derived})
 

@@ -26,6 +26,7 @@ from moejax.layers.ffn import FeedForward, fan_in_init
 from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.moe import MoEConfig, MoELayer
 from moejax.layers.rope import Rope
+from moejax.models import remat
 
 _MODEL = defaults("lm", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
 
@@ -85,6 +86,7 @@ class DecoderConfig:
   mtp_loss_weight: float = _MODEL["mtp_loss_weight"]
   init_scale: float = _MODEL["init_scale"]
   dtype: str = _MODEL["dtype"]
+  remat: str = _MODEL["remat"]
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -338,8 +340,9 @@ class DecoderLM(nnx.Module):
       x = x + self.position_embed(jnp.arange(tokens.shape[1]))[None]
     x = x.astype(dtype)
     moe_aux = []
+    call = remat.block_call(self.cfg.remat, train)
     for i, block in enumerate(self.blocks):
-      x, aux = block(x, train=train, rng=None if rng is None else jax.random.fold_in(rng, i), token_ids=tokens)
+      x, aux = call(block, x, None if rng is None else jax.random.fold_in(rng, i), tokens)
       if aux is not None:
         moe_aux.append(aux)
     logits = self._logits(self.final_norm(x))

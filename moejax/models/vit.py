@@ -27,6 +27,7 @@ from moejax.config.schema import DTYPES, POOLINGS, defaults
 from moejax.layers.attention import CausalSelfAttention
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.moe import MoEConfig, MoELayer
+from moejax.models import remat
 from moejax.models.decoder import TransformerBlock
 
 _MODEL = defaults("vit", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
@@ -64,6 +65,7 @@ class ViTConfig:
   init_scale: float = _MODEL["init_scale"]
   norm_eps: float = _MODEL["norm_eps"]
   dtype: str = _MODEL["dtype"]
+  remat: str = _MODEL["remat"]
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -157,8 +159,9 @@ class ViT(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)  # [B, T = N + 1, d]
     x = x.astype(dtype)
     moe_aux = []
+    call = remat.block_call(self.cfg.remat, train)
     for i, block in enumerate(self.blocks):
-      x, aux = block(x, train=train, rng=None if rng is None else jax.random.fold_in(rng, i))
+      x, aux = call(block, x, None if rng is None else jax.random.fold_in(rng, i), None)
       if aux is not None:
         moe_aux.append(aux)
     x = self.final_norm(x).astype(jnp.float32)
