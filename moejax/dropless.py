@@ -37,12 +37,16 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import kernels
 from moejax.kernels.varying import _sum_to_variance_of, _zeros_varying_like
 from moejax.layers.ffn import ACTIVATIONS, GATED, activate
 
 IMPLS = ("auto", "blocks", "ragged_dot", "gather")
+# The name (jax.ad_checkpoint.checkpoint_name) of the experts' per-row outputs, before the weighted
+# combine: what model.remat 'moe' keeps (moejax.models.remat).
+EXPERT_OUTPUT = "moe_expert_output"
 # 'auto' on CPU takes 'gather' for at most this many assignments per expert (N ≤ GATHER_ROWS_PER_EXPERT·E):
 # decoding a few tokens. `python -m experiments.inference` (2026-12-04, the 2-core dev VM; E = 8,
 # K = 2, d = 128, f = 512) times decode steps with both: gather took 0.27-0.61× the block loop's
@@ -215,7 +219,7 @@ def _blocks(tokens, expert_index, combine_weight, weights, activation, block_siz
   # Padding rows are zero; with biases their FFN output is not, but the unpermute never reads
   # them (nor sends them a gradient, so the bias gradients see real rows only).
   x = kernels.permute(tokens, row_map, backend=permute_backend).reshape(-1, block_size, d)  # [NB, B, d]
-  y = _block_ffn(x, block_expert, num_used, weights, activation)  # [NB, B, d]
+  y = checkpoint_name(_block_ffn(x, block_expert, num_used, weights, activation), EXPERT_OUTPUT)  # [NB, B, d]
   return kernels.unpermute(y.reshape(-1, d), row_map, combine_weight, backend=permute_backend)
 
 
@@ -317,6 +321,7 @@ def _gathered(tokens, expert_index, combine_weight, weights, activation):
   h = jnp.einsum("nd,ndf->nf", x, wi[index]) + bias(bi)
   gate = None if wg is None else jnp.einsum("nd,ndf->nf", x, wg[index]) + bias(bg)
   y = jnp.einsum("nf,nfd->nd", activate(h, gate, activation), wo[index]) + bias(bo)  # [N, d]
+  y = checkpoint_name(y, EXPERT_OUTPUT)
   weight = jnp.where(valid, combine_weight.reshape(-1), 0).astype(jnp.float32)
   out = (y.astype(jnp.float32) * weight[:, None]).reshape(t, k, -1).sum(axis=1)
   return out.astype(tokens.dtype)
@@ -330,7 +335,7 @@ def _ragged(tokens, expert_index, combine_weight, weights, activation, permute_b
   rank = jnp.where(expert_index.reshape(-1) < num_experts, rank, t * k)  # No expert: no row.
   row_map = kernels.RowMap.from_rows(rank.reshape(t, k), t * k)
   x = kernels.permute(tokens, row_map, backend=permute_backend)  # [N, d] in expert order
-  y = _ragged_ffn(x, group_sizes, weights, activation)  # [N, d]
+  y = checkpoint_name(_ragged_ffn(x, group_sizes, weights, activation), EXPERT_OUTPUT)  # [N, d]
   return kernels.unpermute(y, row_map, combine_weight, backend=permute_backend)
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,6 +33,9 @@ from moejax import kernels
 from moejax.kernels.varying import _zeros_varying_like
 from moejax.routers.base import BatchReduce
 
+# The name (jax.ad_checkpoint.checkpoint_name) of what an exchange over 'expert' delivers: what
+# model.remat 'moe' keeps, so that no all_to_all is redone in the backward pass.
+EXCHANGED = "moe_all_to_all"
 MESH_AXES = ("data", "expert")  # Tokens are split over both axes, experts over 'expert'.
 EXPERT_SHARDING = ("expert", None, None)  # The out_sharding (NNX sharding names) of an [E, ...] expert weight.
 EXCHANGES = ("auto", "padded", "ragged")
@@ -163,11 +167,13 @@ class RowExchange:
   def there(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(rows [R, d], local expert id <int32>[R]) on the receiving devices, from tokens [T, d]."""
     rows = kernels.permute(tokens, self.row_map, backend=self.permute_backend)
-    return self._there(rows, 0), self._there(self._local_id, self.local_experts)
+    exchanged = self._there(rows, 0), self._there(self._local_id, self.local_experts)
+    return tuple(checkpoint_name(x, EXCHANGED) for x in exchanged)
 
   def back(self, rows: jax.Array, combine_weight: jax.Array) -> jax.Array:
     """[T, d] Σ_k combine_weight[t, k] · the computed row of choice (t, k), from the receivers' rows."""
-    return kernels.unpermute(self._back(rows, 0), self.row_map, combine_weight, backend=self.permute_backend)
+    returned = checkpoint_name(self._back(rows, 0), EXCHANGED)
+    return kernels.unpermute(returned, self.row_map, combine_weight, backend=self.permute_backend)
 
 
 # The collective behind 'ragged'; tests swap in an emulation built from all_gather, because

@@ -203,30 +203,28 @@ class Trainer:
     return loss, (metrics, moe_aux)
 
   def _gradients(self, trainable, model_state, batch, rng):
-    """(gradients, metrics, MoE aux) of the batch: at once, or with train.microbatches = M > 1 as the
-    mean over M equal micro-batches run one after another (gradient accumulation).
+    """(gradients in the parameters' dtypes, metrics, MoE aux) of the batch: at once, or with
+    train.microbatches = M > 1 as the mean over M equal micro-batches run one after another
+    (gradient accumulation); with train.param_dtype 'bfloat16', of a bfloat16 copy of the
+    parameters (`_low_precision`), the gradients cast up.
 
     Micro-batch m takes rows m, M + m, 2M + m, ... so that each device's rows of it are its own
     rows of the batch (no data moves between devices); router noise m draws with fold_in(rng, m).
     """
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    if self.cfg.train.param_dtype != "float32":  # Differentiate w.r.t. the low-precision copy: its gradients
-      low = jnp.dtype(self.cfg.train.param_dtype)  # are low-precision too, cast up for the float32 update.
-      plain = grad_fn
-
-      def grad_fn(trainable, *args):
-        (loss, aux), grads = plain(_low_precision(trainable, low), *args)
-        return (loss, aux), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-
+    master = trainable
+    if self.cfg.train.param_dtype != "float32":  # Differentiated: the low-precision copy, made once a step.
+      trainable = _low_precision(trainable, jnp.dtype(self.cfg.train.param_dtype))
+    up = lambda grads: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, master)  # For the float32 update.
     m = self.cfg.train.microbatches
     if m == 1:
       (_, (metrics, moe_aux)), grads = grad_fn(trainable, model_state, batch, rng)
-      return grads, metrics, moe_aux
+      return up(grads), metrics, moe_aux
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def one(i, micro_batch):
       (_, (metrics, moe_aux)), grads = grad_fn(trainable, model_state, micro_batch, jax.random.fold_in(rng, i))
-      return grads, metrics, moe_aux
+      return up(grads), metrics, moe_aux  # Summed in the master weights' dtype.
 
     def accumulate(total, xs):
       return jax.tree.map(jnp.add, total, one(*xs)), None
@@ -292,11 +290,12 @@ def _value(x):
 
 
 def _low_precision(tree, dtype):
-  """A copy of tree with every floating array in dtype, but the routers' (routing stays float32)."""
+  """A copy of tree with every floating array in dtype, but the routers' (routing stays float32) and
+  the lookup tables' (an embedding's gradient sums over every occurrence of a token: float32)."""
 
   def cast(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if "router" in names or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if {"router", "embed", "position_embed"} & set(names) or not jnp.issubdtype(leaf.dtype, jnp.floating):
       return leaf
     return leaf.astype(dtype)
 
@@ -510,12 +509,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     say(f"eval at step {step}: " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scalars.items()))
     return scalars
 
-  profile = _Profile(t.profile_start, t.profile_steps, os.path.join(workdir, "profile"), start_step, say)
+  # One directory per process: processes on one host would otherwise write the same file.
+  where = "profile" if jax.process_count() == 1 else os.path.join("profile", f"process{jax.process_index()}")
+  profile = _Profile(t.profile_start, t.profile_steps, os.path.join(workdir, where), start_step, say)
   with _StopSignal() as stop:
     batches = data.train_batches(t.data_offset + start_step)
     nonfinite = None  # On device: the first NaN/inf step (see _note_nonfinite).
     for step in range(start_step + 1, t.num_steps + 1):
-      profile.before(step)
+      profile.before(step, trainer.state)
       metrics = trainer.train_step(next(batches))
       profile.after(step, metrics)
       # The step number from the state, a global array like the metrics (a host int is not one).
@@ -589,8 +590,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
 class _Profile:
   """A jax.profiler trace of steps first .. first + count - 1 (train.profile_start, train.profile_steps) in `directory`.
 
-  Every process writes its own host's trace. A run that resumes past those steps says it does not
-  trace them; one that stops inside the range closes the trace at the stop.
+  Every process writes its own trace (profile/process<i> with several processes). A run that
+  resumes past those steps says it does not trace them; one that stops inside the range closes
+  the trace at the stop. A resumed run compiles again at its first step.
   """
 
   def __init__(self, first: int, count: int, directory: str, start_step: int, say):
@@ -599,8 +601,9 @@ class _Profile:
       say(f"train.profile_start = {first}: not traced, this run resumes after step {start_step}")
       self.first = 0
 
-  def before(self, step: int) -> None:
+  def before(self, step: int, state) -> None:
     if self.first and step == self.first:
+      jax.block_until_ready(state)  # The earlier steps' device work stays out of the trace.
       jax.profiler.start_trace(self.directory)
       self.active = True
 

@@ -99,8 +99,8 @@ def test_micro_batches_that_do_not_fit_are_refused(fields, message):
 
 def test_bfloat16_parameters_with_float32_master_weights(data_dir):
   """train.param_dtype 'bfloat16': the step differentiates a bfloat16 copy of the parameters (the
-  router's stays float32), so its gradients are the float32 ones to bfloat16 precision but not
-  equal; the parameters and the optimizer's moments stay float32."""
+  router's and the embedding's stay float32), so its gradients are the float32 ones to bfloat16
+  precision but not equal; the parameters and the optimizer's moments stay float32."""
   fields = {"moe.router": "top_k", "moe.top_k": 2, "moe.dispatcher": "dropless"}
   full, data = _trainer(data_dir, fields)
   half, _ = _trainer(data_dir, {**fields, "train.param_dtype": "bfloat16"})
@@ -120,8 +120,14 @@ def test_bfloat16_parameters_with_float32_master_weights(data_dir):
   from moejax.train import _low_precision
 
   copy = {".".join(map(str, p)): v.get_value().dtype for p, v in nnx.to_flat_state(_low_precision(state, jnp.bfloat16))}
-  assert {n: d for n, d in copy.items() if "router" in n} == {"blocks.1.ffn.router.kernel": np.float32}
-  assert all(d == jnp.bfloat16 for n, d in copy.items() if "router" not in n)
+  kept = {"blocks.1.ffn.router.kernel": np.float32, "embed.embedding": np.float32}
+  assert {n: d for n, d in copy.items() if n in kept} == kept
+  assert all(d == jnp.bfloat16 for n, d in copy.items() if n not in kept)
+  # With micro-batches too: their bfloat16 gradients are summed in float32, near the whole batch's.
+  both, _ = _trainer(data_dir, {**fields, "train.param_dtype": "bfloat16", "train.microbatches": 2})
+  g16m, _, _ = _gradients(both, batch)
+  for name in g32:
+    np.testing.assert_allclose(g16m[name], g32[name], atol=0.05 * np.abs(g32[name]).max() + 1e-8, err_msg=name)
   half.train_step(batch)
   leaves = jax.tree.leaves(half.state["params"]) + jax.tree.leaves(half.state["opt_state"])
   assert all(x.dtype != jax.numpy.bfloat16 for x in leaves)

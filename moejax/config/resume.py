@@ -20,6 +20,7 @@ RESUMABLE_CHANGES = (
   "train.keep_checkpoints",
   "train.profile_start",
   "train.profile_steps",
+  "model.remat",  # What the backward pass keeps (the usual answer to running out of memory).
   "data.data_dir",
   "mesh.data",
   "mesh.expert",

@@ -38,8 +38,9 @@ def _layer_fields() -> dict:
   }
 
 
-# Names of the values `moejax.models.remat`'s 'moe' policy keeps (jax.ad_checkpoint.checkpoint_name).
-EXPERT_OUTPUT, EXCHANGED = "moe_expert_output", "moe_all_to_all"
+# Names of the values `moejax.models.remat`'s 'moe' policy keeps (jax.ad_checkpoint.checkpoint_name):
+# the experts' outputs before the weighted combine, and what each exchange over 'expert' delivers.
+EXPERT_OUTPUT, EXCHANGED = dropless.EXPERT_OUTPUT, parallel.EXCHANGED
 
 MoEConfig = dataclasses.make_dataclass(
   "MoEConfig",
@@ -149,7 +150,7 @@ class MoELayer(nnx.Module):
         decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
       with jax.named_scope("dispatch"):
         expert_in = dispatcher.dispatch(decision, tokens)
-      expert_out = checkpoint_name(_experts(expert_in, weights, cfg, num_shards), EXPERT_OUTPUT)
+      expert_out = _experts(expert_in, weights, cfg, num_shards)
       with jax.named_scope("combine"):
         output = dispatcher.combine(decision, expert_out)  # [G, S, d]
       with jax.named_scope("router"):
@@ -204,18 +205,17 @@ def _experts(expert_in, weights, cfg, num_shards: int):
       expert_in.expert_index, cfg.num_experts, num_shards, cfg.expert_exchange, cfg.permute_backend
     )
     with exchange:
-      rows, local_id = rows_exchange.there(expert_in.tokens)  # [n·N, d] on the receiver
-      rows = checkpoint_name(rows, EXCHANGED)
+      rows, local_id = rows_exchange.there(expert_in.tokens)  # [n·N, d] on the receiver (named EXCHANGED)
     with experts:
       ones = jnp.ones((rows.shape[0], 1), jnp.float32)
       out = dropless.dropless_expert_ffn(rows, local_id[:, None], ones, wi, wo, wg, cfg.activation, **options)
     with exchange:
-      return checkpoint_name(rows_exchange.back(out, expert_in.combine_weight), EXCHANGED)
+      return rows_exchange.back(out, expert_in.combine_weight)
   if num_shards > 1:
     with exchange:
       expert_in = checkpoint_name(parallel.to_expert_devices(expert_in), EXCHANGED)  # [E/n, n·G, C, d]
   with experts:
-    expert_out = capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases)
+    expert_out = checkpoint_name(capacity_expert_ffn(expert_in, wi, wo, wg, cfg.activation, biases), EXPERT_OUTPUT)
   if num_shards == 1:
     return expert_out
   with exchange:

@@ -62,11 +62,11 @@ def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, nu
     raise ConfigError(
       "moe.group_size", f"must divide the {vit.num_tokens} tokens per image or be a multiple of it, got {e.group_size}"
     )
-  tokens = cfg.train.batch_size * vit.num_tokens
+  tokens = cfg.train.batch_size // cfg.train.microbatches * vit.num_tokens  # A micro-batch runs as a batch.
   if not (tokens % group == 0 and (tokens // group) % num_mesh_devices == 0):
     raise ConfigError(
       "moe.group_size",
-      f"the batch's {tokens} tokens must split into groups of {group} whose count "
-      f"is divisible by the mesh's {num_mesh_devices} devices",
+      f"the {'micro-' if cfg.train.microbatches > 1 else ''}batch's {tokens} tokens must split into groups "
+      f"of {group} whose count is divisible by the mesh's {num_mesh_devices} devices",
     )
   return vit

@@ -7,11 +7,13 @@ saved is recomputed in the backward pass. The losses and gradients are those of 
   none   no remat: every activation the backward pass needs is kept (the default)
   full   nothing saved inside a block: only its input is kept, the block runs twice
   dots   matmul outputs saved (jax.checkpoint_policies.dots_saveable), the rest recomputed
-  moe    inside the MoE layer only: its expert outputs and all_to_all results are saved by name
-         (`moejax.layers.moe.EXPERT_OUTPUT`, `EXCHANGED`) and the rest of the layer (router,
-         dispatch, the experts' hidden activations, combine) is recomputed, so no exchange is
-         redone; attention and dense FFNs keep their activations. The checkpoint sits inside the
-         layer's shard_map (`MoELayer.__call__`): a policy outside it does not see names within.
+  moe    inside the MoE layer only: the experts' outputs before the weighted combine and what
+         every all_to_all delivered are saved by name (`moejax.layers.moe.EXPERT_OUTPUT`,
+         `EXCHANGED`), and the rest of the layer (router, dispatch, the experts' hidden
+         activations, combine) is recomputed, so no exchange is redone (tests/test_remat.py
+         counts them); attention and dense FFNs keep their activations. The checkpoint wraps
+         the layer's per-device function (`MoELayer.__call__`), so only the MoE layer is
+         rematerialised.
 """
 
 from __future__ import annotations
