@@ -25,6 +25,12 @@ BAD_VALUES = [
   ({"moe.dispatcher": "magic"}, "moe.dispatcher"),
   ({"moe.priority": "choice_major"}, "moe.priority"),  # Leaks in a decoder when K > 1.
   ({"data.source": "imagenet"}, "data.source"),
+  ({"model.remat": "selective"}, "model.remat"),
+  ({"train.param_dtype": "float16"}, "train.param_dtype"),
+  ({"train.profile_start": -1}, "train.profile_start"),
+  ({"train.profile_steps": 0}, "train.profile_steps"),
+  ({"train.microbatches": 0}, "train.microbatches"),
+  ({"train.microbatches": 5}, "train.microbatches"),  # Does not divide the batch of 32.
   ({"optim.learning_rate": -1e-3}, "optim.learning_rate"),
   ({"optim.b2": 1.0}, "optim.b2"),
   ({"train.batch_size": 30}, "train.batch_size"),  # 8 devices on the data axis.
