@@ -187,9 +187,7 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   from moejax.models.decoder import DecoderLM
 
   item_dir, _ = weights.item_directory(source, step, fields=(field, "--step"))
-  root = source
-  if os.path.basename(os.path.normpath(source)).isdigit():  # <workdir>/checkpoints/<step>
-    root = os.path.dirname(os.path.dirname(os.path.normpath(source)))
+  root = _root(source)
   config_path = os.path.join(root, "config.json")
   if not os.path.isfile(config_path):
     raise ConfigError(field, f"{root!r} holds no config.json (a run's workdir and a converted model do)")
@@ -241,6 +239,15 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
     for path, array in arrays.items():
       flat[path] = flat[path].replace(array)
   return cfg, nnx.merge(nnx.graphdef(model), nnx.from_flat_state(flat))
+
+
+def _root(source: str) -> str:
+  """The directory holding a source's config.json: the workdir of <workdir>/checkpoints/<step>, else source."""
+  import os
+
+  if os.path.basename(os.path.normpath(source)).isdigit():
+    return os.path.dirname(os.path.dirname(os.path.normpath(source)))
+  return source
 
 
 def _unwrap(x):
@@ -350,7 +357,6 @@ def main(argv: list[str] | None = None) -> int:
   filled up to a multiple of their number with copies of the first prompt, whose output is
   dropped) and the experts over --mesh_expert.
   """
-  import os
   import sys
 
   from moejax.errors import silence_stderr
@@ -385,11 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = _mesh(args.mesh_data, args.mesh_expert)
     notes = []  # Said once the input is known to be good (a refusal stays one line).
     cfg, model = load_decoder(args.checkpoint, args.step, mesh=mesh, say=notes.append)
-    root = (
-      args.checkpoint
-      if not os.path.basename(os.path.normpath(args.checkpoint)).isdigit()
-      else os.path.dirname(os.path.dirname(os.path.normpath(args.checkpoint)))
-    )
+    root = _root(args.checkpoint)
     if args.top_k > model.cfg.vocab_size:
       raise ConfigError("--top_k", f"{args.top_k} is more than the vocabulary's {model.cfg.vocab_size} tokens")
     codec = _Codec(cfg, root, args.tokenizer, model.cfg.vocab_size)
