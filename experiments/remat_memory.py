@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def loss_and_grad(policy: str, args):
-  """(jitted value_and_grad of the training loss, its parameters, the tokens)."""
+def loss_and_grad(policy: str, args, **fields):
+  """(jitted value_and_grad of the training loss, its parameters, the loss) of the study's MoE decoder
+  under model.remat `policy`; fields: further config overrides (experiments/scan_layers.py's)."""
   cfg = override(
     base_config("lm"),
     {
@@ -66,6 +67,7 @@ def loss_and_grad(policy: str, args):
       "moe.top_k": 2,
       "moe.dispatcher": args.dispatcher,
       "train.seq_len": args.seq,
+      **fields,
     },
   )
   graphdef, params, rest = nnx.split(DecoderLM(decoder_config(cfg, VOCAB), rngs=nnx.Rngs(0)), nnx.Param, ...)
@@ -85,21 +87,36 @@ def residual_bytes(loss, params) -> int:
   return sum(r.size * r.dtype.itemsize for r in residuals)
 
 
+def compile_and_time(fn, params, repeats: int) -> dict:
+  """{lower_s, compile_s, hlo_chars, temp (XLA's temporary bytes), step_s (best of repeats), output} of jitted fn(params)."""
+  start = time.perf_counter()
+  lowered = fn.lower(params)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  output = jax.block_until_ready(compiled(params))  # Warm-up, not timed.
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params))
+    best = min(best, time.perf_counter() - start)
+  return {
+    "lower_s": lower_s,
+    "compile_s": compile_s,
+    "hlo_chars": len(compiled.as_text()),
+    "temp": compiled.memory_analysis().temp_size_in_bytes,
+    "step_s": best,
+    "output": output,
+  }
+
+
 def measure(args) -> list[dict]:
   rows = []
   for policy in POLICIES:
     fn, params, loss = loss_and_grad(policy, args)
     kept = residual_bytes(loss, params)
-    start = time.perf_counter()
-    compiled = fn.lower(params).compile()
-    compile_s = time.perf_counter() - start
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(params))
-    best = float("inf")
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(params))
-      best = min(best, time.perf_counter() - start)
+    timed = compile_and_time(fn, params, args.repeats)
+    compile_s, temp, best = timed["compile_s"], timed["temp"], timed["step_s"]
     rows.append(
       {"policy": policy, "kept_mb": kept / 1e6, "temp_mb": temp / 1e6, "compile_s": compile_s, "step_ms": 1e3 * best}
     )

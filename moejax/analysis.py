@@ -95,7 +95,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         f"{workdir} holds no checkpoint" + (f" of step {step} (it has {sorted(steps)})" if steps else "")
       )
     step = max(steps) if step is None else step
-    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 1, False
+    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model, cfg.mesh.fsdp = 1, 1, 1, False
     data = tasks.make_data(cfg)
     trainer = train.Trainer(cfg, tasks.make_task(cfg, data), initialize=False)
     state = manager.restore(step, args=ocp.args.StandardRestore(trainer.abstract_state))

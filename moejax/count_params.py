@@ -44,7 +44,7 @@ def main(argv) -> int:
   cfg = _CONFIG.value
   try:
     # As many devices as the mesh asks for: the mesh does not change the counts.
-    config_lib.validate(cfg, num_devices=max(cfg.mesh.data, 1) * max(cfg.mesh.expert, 1))
+    config_lib.validate(cfg, num_devices=max(cfg.mesh.data, 1) * max(cfg.mesh.expert, 1) * max(cfg.mesh.model, 1))
     cost = cost_of(cfg)
   except config_lib.ConfigError as e:
     print(f"error: config {e}", file=sys.stderr)

@@ -298,7 +298,8 @@ def _block_ffn_bwd(activation, residuals, dy):
   dx, grads = jax.lax.fori_loop(0, num_used, body, init)
   # Replicated weights (inside shard_map) get the sum of every device's contribution.
   cast = lambda grad, w: None if w is None else _sum_to_variance_of(grad.astype(w.dtype), w)
-  return dx, None, None, tuple(cast(g, w) for g, w in zip(grads, weights))
+  # x is the same on every 'model' device while tensor parallelism splits f: its cotangent is the sum.
+  return _sum_to_variance_of(dx, x), None, None, tuple(cast(g, w) for g, w in zip(grads, weights))
 
 
 _block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)

@@ -120,7 +120,7 @@ def generate(
   router's choices for earlier tokens cannot depend on it, so with dropless MoE layers (or none)
   a row gets the tokens it would get alone (sampled: with its batch's key for row b). A capacity
   dispatcher's capacity grows with the padded length, so prompts of different lengths are refused
-  there (`load_decoder` runs capacity models dropless). mesh: the ('data', 'expert') mesh the
+  there (`load_decoder` runs capacity models dropless). mesh: the mesh the
   model was built on, to split the batch, the cache and every layer's work over its devices. The
   model's positions (learned position tables, RoPE's trained range) are the caller's to respect.
   """
@@ -156,7 +156,7 @@ def generate(
   graphdef, state = nnx.split(model)
   cache = model.init_cache(batch, longest + max_new_tokens)
   if mesh is not None:  # Rows (and their cache) split over every device, as the MoE layers split them.
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.MESH_AXES))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
     tokens, lengths, cache = jax.device_put((tokens, lengths, cache), rows)
   zeros = jnp.zeros_like(lengths)
   token, cache = _next_tokens(graphdef, state, tokens, cache, zeros, lengths - 1, key, 0, **rule)  # Prefill.
@@ -170,7 +170,7 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   """(the moejax config, a DecoderLM holding the weights) of a run's workdir (its newest checkpoint, or
   `step`), one step of a run, or a converted model; the main model only.
 
-  mesh: a ('data', 'expert') mesh (`moejax.parallel.make_mesh`) to hold and run the model on:
+  mesh: a ('data', 'expert', 'model') mesh (`moejax.parallel.make_mesh`) to hold and run the model on:
   expert weights split over 'expert', the rest replicated, each device reading only its share;
   None: the default device.
 
@@ -255,7 +255,7 @@ def _unwrap(x):
 
 
 def _mesh(num_data: int, num_expert: int):
-  """The ('data', 'expert') mesh of the command line, or None for one device; ConfigError if it does not fit."""
+  """The ('data', 'expert') mesh of the command line (no 'model' split), or None for one device; ConfigError if it does not fit."""
   from moejax import parallel
 
   for value, field in ((num_data, "--mesh_data"), (num_expert, "--mesh_expert")):

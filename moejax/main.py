@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     data = _make_data_once(cfg)
     from moejax import tasks
 
-    data_devices, expert_devices = config_lib.mesh_shape(cfg, jax.device_count())
+    data_devices, expert_devices, _ = config_lib.mesh_shape(cfg, jax.device_count())
     # Built once, here, so that a model that does not fit the data or the mesh is refused before
     # anything is written (the ViT's patches and routing groups depend on the images).
     task = tasks.make_task(cfg, data, data_devices * expert_devices)

@@ -3,11 +3,21 @@
 Legend: E experts, n devices on the 'expert' axis, G groups, C capacity, d model dim, T tokens,
 K choices per token, N = T·K choices of one device.
 
-The devices form a ('data', 'expert') mesh. Batches, and the MoE layers' token groups, are split
-over both axes; expert weights over 'expert' (E/n experts per device); other weights are
-replicated, or with FSDP also split over 'data'. Which weights are expert weights is the
-parameters' own metadata: the MoE layer creates them with `out_sharding=EXPERT_SHARDING`, and
-`state_sharding` reads that through `nnx.get_partition_spec` (for the optimizer moments too).
+The devices form a ('data', 'expert', 'model') mesh. Batches, and the MoE layers' token groups,
+are split over 'data' and 'expert' (`BATCH_AXES`); the devices of one 'model' row see the same
+tokens. Expert weights are split over 'expert' (E/n experts per device); with FSDP other weights
+are also split over 'data'.
+
+Tensor parallelism ('model' > 1, Megatron's layout): the layers name the dimensions of their
+weights with logical axes (`LOGICAL_AXES`: attention heads, key/value heads, the dense FFN's and
+the experts' hidden dimension, the vocabulary), and the config's `mesh.rules` maps each to
+'model' or to nothing (replicated). `state_sharding` reads the names through
+`nnx.get_partition_spec` (for the optimizer moments too) and applies the rules; a dimension the
+'model' axis does not divide stays whole (e.g. 2 key/value heads on 4 devices). Attention and
+dense FFNs then run under jit's sharding propagation; the MoE layer's experts run inside its
+shard_map, each 'model' device computing its slice of the hidden dimension f for every expert it
+holds, and the slices' partial outputs are summed over 'model' after the combine (which is
+linear in them), so the exchange over 'expert' is unchanged.
 
 Inside the MoE layer (per device, in `jax.shard_map`), tokens reach the device holding their
 expert in one of two ways:
@@ -36,40 +46,74 @@ from moejax.routers.base import BatchReduce
 # The name (jax.ad_checkpoint.checkpoint_name) of what an exchange over 'expert' delivers: what
 # model.remat 'moe' keeps, so that no all_to_all is redone in the backward pass.
 EXCHANGED = "moe_all_to_all"
-MESH_AXES = ("data", "expert")  # Tokens are split over both axes, experts over 'expert'.
-EXPERT_SHARDING = ("expert", None, None)  # The out_sharding (NNX sharding names) of an [E, ...] expert weight.
+MESH_AXES = ("data", "expert", "model")
+BATCH_AXES = ("data", "expert")  # Tokens are split over these; a 'model' row shares its tokens.
 EXCHANGES = ("auto", "padded", "ragged")
-BATCH = BatchReduce(MESH_AXES)  # Means and sums over every device, for per-device code.
+BATCH = BatchReduce(BATCH_AXES)  # Means and sums over the batch (every token once), for per-device code.
+# The logical axes layers name their weights' dimensions with, besides 'expert' (always split over
+# 'expert'); mesh.rules maps each to 'model' or '' (replicated). Defaults: everything over 'model'.
+LOGICAL_AXES = ("heads", "kv_heads", "mlp", "expert_mlp", "vocab")
+DEFAULT_RULES = {name: "model" for name in LOGICAL_AXES}
 
 
-def make_mesh(num_data: int = 1, num_expert: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'expert') mesh over the first num_data·num_expert devices.
+def make_mesh(num_data: int = 1, num_expert: int = 1, num_model: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'expert', 'model') mesh over the first num_data·num_expert·num_model devices.
 
-  Devices are taken in `jax.devices()` order (process by process), so the devices of an
-  'expert' row are neighbours: on one host when num_expert ≤ its local devices.
+  Devices are taken in `jax.devices()` order (process by process) with 'model' the fastest
+  axis, then 'expert': the devices of a 'model' row are neighbours (tensor parallelism talks
+  most, in every layer), then those of an 'expert' row; on one host when they fit on it.
   """
   devices = jax.devices() if devices is None else devices
-  n = num_data * num_expert
-  grid = np.asarray(devices[:n]).reshape(num_data, num_expert)
+  n = num_data * num_expert * num_model
+  grid = np.asarray(devices[:n]).reshape(num_data, num_expert, num_model)
   return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def batch_devices(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch is split: the devices on 'data' × 'expert'."""
+  return mesh.shape["data"] * mesh.shape["expert"]
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
   return make_mesh(devices=jax.devices()[:1])
 
 
-def expert_param(value: jax.Array) -> nnx.Param:
-  """An [E, ...] expert weight, marked to be split over 'expert' on E."""
-  return nnx.Param(value, out_sharding=EXPERT_SHARDING[: value.ndim], eager_sharding=False)
+def param(value: jax.Array, *axes: str | None) -> nnx.Param:
+  """A weight whose dimensions are named by logical axes (`LOGICAL_AXES`, 'expert' or None), one per dimension."""
+  if len(axes) != value.ndim:
+    raise ValueError(f"{len(axes)} axis names {axes} for a weight of shape {value.shape}")
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
-  """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert') mesh.
+def expert_param(value: jax.Array, *axes: str | None) -> nnx.Param:
+  """An [E, ...] expert weight, split over 'expert' on E; axes: the logical names of the other dimensions."""
+  return param(value, "expert", *(axes or (None,) * (value.ndim - 1)))
 
-  Each array takes the partition spec of its variable's `out_sharding` metadata (expert
-  weights: 'expert' on E; optimizer moments inherit their parameter's), unannotated arrays are
-  replicated. With fsdp, each array is also split over 'data' on its largest dimension that the
-  data axis divides and the spec leaves free, and jit gathers it where it is used.
+
+def mesh_spec(logical: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules: dict | None = None) -> P:
+  """The PartitionSpec of an array of `shape` whose dimensions have the logical names `logical`.
+
+  'expert' maps to 'expert', a name of `LOGICAL_AXES` through rules (default `DEFAULT_RULES`; ''
+  or None: replicated), None stays None. A dimension the mesh axis does not divide stays whole,
+  and an axis of one device is left out (the same layout, without a trivial axis in the spec).
+  """
+  rules = DEFAULT_RULES if rules is None else rules
+  axes = []
+  for name, size in zip(logical, shape):
+    axis = "expert" if name == "expert" else (rules.get(name) or None) if name is not None else None
+    axes.append(axis if axis is not None and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None)
+  return P(*axes)
+
+
+def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False, rules: dict | None = None):
+  """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert', 'model') mesh.
+
+  Each array takes the partition spec of its variable's `out_sharding` metadata, logical axis
+  names mapped by `mesh_spec` with rules (expert weights: 'expert' on E; with tensor
+  parallelism heads and hidden dimensions over 'model'; optimizer moments inherit their
+  parameter's), unannotated arrays are replicated. With fsdp, each array is also split over
+  'data' on its largest dimension that the data axis divides and the spec leaves free, and jit
+  gathers it where it is used.
   """
   num_data = mesh.shape["data"]
   is_variable = lambda x: isinstance(x, nnx.Variable)
@@ -80,7 +124,8 @@ def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
     if not hasattr(leaf, "ndim"):  # No array (optax's MaskedNode of a frozen parameter): a prefix of nothing.
       return NamedSharding(mesh, P())
     # An array of fewer dimensions than its variable's spec (a factored optimizer moment) is replicated.
-    axes = list(spec) + [None] * (leaf.ndim - len(spec)) if len(spec) <= leaf.ndim else [None] * leaf.ndim
+    logical = list(spec) + [None] * (leaf.ndim - len(spec)) if len(spec) <= leaf.ndim else [None] * leaf.ndim
+    axes = list(mesh_spec(tuple(logical), leaf.shape, mesh, rules))
     if fsdp and num_data > 1:
       free = [i for i in range(leaf.ndim) if axes[i] is None and leaf.shape[i] % num_data == 0]
       if free:
@@ -91,20 +136,20 @@ def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False):
   return jax.tree.map(sharding, state, nnx.get_partition_spec(state), is_leaf=is_variable)
 
 
-def per_device(fn, mesh: jax.sharding.Mesh, *, sharded, replicated, experts):
+def per_device(fn, mesh: jax.sharding.Mesh, *, sharded, replicated, experts, expert_specs):
   """jax.shard_map of fn(*sharded, *replicated, *experts) over every device of the mesh.
 
-  sharded: arrays split on their first axis over both mesh axes (token groups); replicated:
-  trees every device sees whole; experts: trees of [E, ...] arrays split over 'expert'. fn
-  returns (per-device output split like `sharded`, a tree replicated over the mesh).
+  sharded: arrays split on their first axis over the batch axes (token groups); replicated:
+  trees every device sees whole; experts: trees of [E, ...] arrays, each split as the
+  PartitionSpec at its place in expert_specs (a tree like experts: 'expert' on E, with tensor
+  parallelism 'model' on the hidden dimension). fn returns (per-device output split like
+  `sharded`, a tree replicated over the mesh); both must be the same on every 'model' device.
   """
   spec = lambda tree, s: jax.tree.map(lambda _: s, tree)
-  in_specs = (
-    tuple(P(MESH_AXES) for _ in sharded)
-    + tuple(spec(t, P()) for t in replicated)
-    + tuple(spec(t, P("expert")) for t in experts)
+  in_specs = tuple(P(BATCH_AXES) for _ in sharded) + tuple(spec(t, P()) for t in replicated) + tuple(expert_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(BATCH_AXES), P()))(
+    *sharded, *replicated, *experts
   )
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(MESH_AXES), P()))(*sharded, *replicated, *experts)
 
 
 def to_expert_devices(buffers: jax.Array) -> jax.Array:

@@ -75,6 +75,14 @@ def test_micro_batches_give_the_whole_batch_gradients(data_dir, fields, microbat
   for layer1, layer2 in zip(a1, a2):  # Each expert's share of the kept choices: a mean of micro-batch
     # shares, which differs from the whole batch's share where the micro-batches keep different numbers.
     np.testing.assert_allclose(layer2["expert_load"], layer1["expert_load"], rtol=1e-2)
+  # Extremes are the extremes over the micro-batches, which are the whole batch's (no mean of them).
+  for name in ("min_selected_gate", "max_selected_gate", "num_experts_per_token_min", "num_experts_per_token_max"):
+    key = f"moe_layer0/{name}"
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+    assert a2[0][name] == pytest.approx(a1[0][name], rel=1e-5), name
+  # The load ratio is the mean load's: max / mean of a2's expert_load, not a mean of ratios.
+  load = a2[0]["expert_load"]
+  assert m2["moe_layer0/max_over_mean_load"] == pytest.approx(load.max() / load.mean(), rel=1e-6)
   whole.train_step(batch), split.train_step(batch)
   for (path, v1), (_, v2) in zip(
     nnx.to_flat_state(whole.state["model_state"]), nnx.to_flat_state(split.state["model_state"])
@@ -131,3 +139,19 @@ def test_bfloat16_parameters_with_float32_master_weights(data_dir):
   half.train_step(batch)
   leaves = jax.tree.leaves(half.state["params"]) + jax.tree.leaves(half.state["opt_state"])
   assert all(x.dtype != jax.numpy.bfloat16 for x in leaves)
+
+
+def test_start_up_note_names_what_makes_micro_batches_differ():
+  """The defaults give the whole batch's step (no note); batch-wide losses and cross-sequence groups get one line."""
+  from moejax.train import microbatch_note
+
+  def note(**fields):
+    cfg = common.small_lm()
+    config_lib.override(cfg, {**TINY, "train.microbatches": 2, **fields})
+    return microbatch_note(cfg)
+
+  assert note() is None and note(**{"train.microbatches": 1, "moe.load_balance_scope": "global_batch"}) is None
+  line = note(**{"moe.load_balance_scope": "global_batch", "moe.importance_loss_weight": 0.1})
+  assert line.startswith("note: train.microbatches=2: moe.load_balance_scope='global_batch'")
+  assert "moe.importance_loss_weight > 0" in line and "\n" not in line
+  assert "moe.group_size=32 spans sequences" in note(**{"moe.group_size": 32})

@@ -3,6 +3,8 @@
 import importlib.util
 import math
 
+import pytest
+
 from experiments import moe_layer_benchmark as bench
 
 
@@ -84,3 +86,15 @@ def test_quick_remat_memory_writes_reports(tmp_path):
   kept = {r["policy"]: r["kept_mb"] for r in rows}
   assert kept["full"] < kept["dots"] < kept["none"] and kept["full"] < kept["moe"] < kept["none"]
   assert "| policy | kept for backward MB |" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_scan_layers_writes_reports(tmp_path):
+  """`python -m experiments.scan_layers --quick`: unrolled then scanned (2 blocks: the scan's program
+  is not shorter at this size), the same loss, ratios to the unrolled run."""
+  from experiments import scan_layers
+
+  rows = scan_layers.main(["--quick", "--out", str(tmp_path)])
+  assert [r["scan_layers"] for r in rows] == [False, True] and rows[0]["x_hlo"] == 1.0
+  assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+  assert rows[1]["x_hlo"] == pytest.approx(rows[1]["hlo_kchars"] / rows[0]["hlo_kchars"])
+  assert "| scan_layers | HLO k chars |" in (tmp_path / "results.md").read_text()

@@ -43,6 +43,11 @@ BAD_VALUES = [
   ({"mesh.data": 2, "mesh.expert": 3}, "mesh.expert"),  # 3 must divide the 8 experts.
   ({"mesh.expert": 0}, "mesh.expert"),
   ({"mesh.data": 1, "mesh.expert": 8, "train.batch_size": 4}, "train.batch_size"),
+  ({"mesh.model": 0}, "mesh.model"),
+  ({"mesh.model": 3}, "mesh.model"),  # With mesh.data = -1, expert × model must divide the 8 devices.
+  ({"mesh.data": 4, "mesh.model": 4}, "mesh.data"),  # 16 devices asked, 8 exist.
+  ({"mesh.model": 8, "moe.d_expert": 12}, "mesh.model"),  # 8 must divide the experts' hidden dim.
+  ({"mesh.rules.heads": "data"}, "mesh.rules.heads"),
   ({"distributed.initialize": "maybe"}, "distributed.initialize"),
   ({"distributed.num_processes": 2}, "distributed.process_id"),  # It must come with num_processes.
   ({"distributed.num_processes": 2, "distributed.process_id": 2}, "distributed.process_id"),

@@ -136,7 +136,7 @@ def test_refuses_meshes_that_do_not_divide():
   with pytest.raises(ValueError, match="divisible by the mesh's 4 'expert' devices"):
     layer(x, train=False)
   layer = MoELayer(8, MoEConfig(num_experts=8, d_expert=16), mesh=make_mesh(8, 1), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="must split evenly over the mesh's 8 devices"):
+  with pytest.raises(ValueError, match="must split evenly over the mesh's 8 data × expert devices"):
     layer(jnp.ones((4, 8, 8)), train=False)
 
 
@@ -234,18 +234,22 @@ def one_device(tmp_path_factory, data_dir):
 
 
 # (8, 1) and (1, 8) are slow-marked: test_every_mesh_equals_one_device covers those meshes per step.
+# (2, 2, 2) with FSDP: data, FSDP, expert and tensor parallelism at once (test_tensor_parallel.py
+# covers 'model' meshes per step, for every router family and attention kind).
 @pytest.mark.parametrize(
-  "data,expert,fsdp",
+  "data,expert,model,fsdp",
   [
-    pytest.param(8, 1, False, marks=pytest.mark.slow),
-    (2, 4, False),
-    pytest.param(1, 8, False, marks=pytest.mark.slow),
-    (4, 2, True),
+    pytest.param(8, 1, 1, False, marks=pytest.mark.slow),
+    (2, 4, 1, False),
+    pytest.param(1, 8, 1, False, marks=pytest.mark.slow),
+    (4, 2, 1, True),
+    (2, 2, 2, True),
   ],
 )
-def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert, fsdp):
-  result = _train(tmp_path / "run", data_dir, *_mesh_flags(data, expert), f"--config.mesh.fsdp={fsdp}")
-  assert f"mesh: {{'data': {data}, 'expert': {expert}}} over 8 cpu device(s)" in result.stdout
+def test_training_follows_the_one_device_losses(tmp_path, data_dir, one_device, data, expert, model, fsdp):
+  flags = (*_mesh_flags(data, expert), f"--config.mesh.model={model}", f"--config.mesh.fsdp={fsdp}")
+  result = _train(tmp_path / "run", data_dir, *flags)
+  assert f"mesh: {{'data': {data}, 'expert': {expert}, 'model': {model}}} over 8 cpu device(s)" in result.stdout
   losses = _losses(tmp_path / "run")
   assert len(losses) == STEPS and losses[-1] < losses[0] - 0.1
   np.testing.assert_allclose(losses, one_device, **LOSS_TOL)

@@ -21,10 +21,17 @@ RESUMABLE_CHANGES = (
   "train.profile_start",
   "train.profile_steps",
   "model.remat",  # What the backward pass keeps (the usual answer to running out of memory).
+  "model.scan_layers",  # How the blocks are compiled; the parameters are stored per block either way.
   "data.data_dir",
   "mesh.data",
   "mesh.expert",
+  "mesh.model",  # Layouts only: a checkpoint restores into any mesh.
   "mesh.fsdp",
+  "mesh.rules.heads",
+  "mesh.rules.kv_heads",
+  "mesh.rules.mlp",
+  "mesh.rules.expert_mlp",
+  "mesh.rules.vocab",
   "distributed.initialize",
   "distributed.coordinator_address",
   "distributed.num_processes",

@@ -186,6 +186,10 @@ def _model(task: str) -> ml_collections.ConfigDict:
   # Rematerialisation of each block in training (moejax/models/remat.py): 'none' | 'full' (keep only
   # block inputs) | 'dots' (keep matmul outputs) | 'moe' (keep the expert outputs and all_to_all results).
   m.remat = "none"
+  # Run the blocks as a jax.lax.scan over their repeating units (moejax/models/scan.py): the compiled
+  # program holds one unit instead of every block. The parameters stay one module per block, so
+  # checkpoints are the same either way; the losses and gradients are the unrolled loop's.
+  m.scan_layers = False
   return m
 
 
@@ -318,13 +322,23 @@ def _lora() -> ml_collections.ConfigDict:
 
 
 def _mesh() -> ml_collections.ConfigDict:
-  # Devices: a ('data', 'expert') mesh. Batches (and MoE groups) are split over all of its
-  # devices; expert weights over 'expert' (E/expert experts per device), other weights replicated
-  # or, with fsdp, split over 'data' too. See README "Scaling out".
+  # Devices: a ('data', 'expert', 'model') mesh. Batches (and MoE groups) are split over 'data'
+  # and 'expert'; expert weights over 'expert' (E/expert experts per device); with model > 1
+  # (tensor parallelism) the weights' dimensions that mesh.rules names over 'model'; other weights
+  # replicated or, with fsdp, split over 'data' too. See README "Scaling out".
   m = ml_collections.ConfigDict()
-  m.data = -1  # Devices on the data axis; -1: all devices / mesh.expert.
+  m.data = -1  # Devices on the data axis; -1: all devices / (mesh.expert × mesh.model).
   m.expert = 1  # Devices on the expert axis (expert parallelism); must divide moe.num_experts.
+  m.model = 1  # Devices on the model axis (tensor parallelism): heads and hidden dims split as mesh.rules says.
   m.fsdp = False  # Also split non-expert weights and optimizer state over 'data' (ZeRO-3 style).
+  # Logical axis rules: the mesh axis each named weight dimension is split over, 'model' or ''
+  # (replicated). A dimension that 'model' does not divide stays whole.
+  m.rules = ml_collections.ConfigDict()
+  m.rules.heads = "model"  # Query heads: attention's q (and MLA's q/kv up-projections) and output projection.
+  m.rules.kv_heads = "model"  # Key/value heads of grouped-query attention.
+  m.rules.mlp = "model"  # The hidden dimension of dense FFNs and shared experts.
+  m.rules.expert_mlp = "model"  # The experts' hidden dimension f (their partial outputs summed over 'model').
+  m.rules.vocab = "model"  # The vocabulary of the embedding table and the output head.
   return m
 
 

@@ -118,6 +118,7 @@ def _model(cfg) -> None:
     "model.remat",
     "'moe' rematerialises inside the MoE layers, and this model has none ('full' or 'dots' do the blocks)",
   )
+  _check(isinstance(m.scan_layers, bool), "model.scan_layers", f"must be True or False, got {m.scan_layers!r}")
   _check(
     isinstance(m.norm_eps, (int, float)) and 0 < m.norm_eps < 1,
     "model.norm_eps",
@@ -335,7 +336,7 @@ def _data(cfg) -> None:
 
 def _mesh(cfg, num_devices: int, num_processes: int) -> None:
   e, t = cfg.moe, cfg.train
-  data_devices, expert_devices = mesh_shape(cfg, num_devices)
+  data_devices, expert_devices, model_devices = mesh_shape(cfg, num_devices)
   dropless = routers.get(e.router).dispatcher(e) == "dropless"
   if dropless and e.expert_exchange == "ragged" and expert_devices > 1:  # With one, no exchange runs.
     import jax  # Local: only this check asks for the backend.
@@ -345,12 +346,28 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
       "moe.expert_exchange",
       "'ragged' needs a GPU or TPU (XLA:CPU has no ragged_all_to_all); use 'auto' or 'padded'",
     )
-  mesh_devices = data_devices * expert_devices
+  mesh_devices = data_devices * expert_devices  # The batch is split over these; a 'model' row shares its rows.
   _check(
-    num_processes == 1 or mesh_devices == num_devices,
+    num_processes == 1 or mesh_devices * model_devices == num_devices,
     "mesh.data" if cfg.mesh.data != -1 else "mesh.expert",
     f"with {num_processes} processes the mesh must use all {num_devices} devices (each process feeds its "
-    f"own); got data={data_devices} × expert={expert_devices}",
+    f"own); got data={data_devices} × expert={expert_devices} × model={model_devices}",
+  )
+  _check(
+    num_processes == 1 or (num_devices // num_processes) % model_devices == 0,
+    "mesh.model",
+    f"{model_devices} must divide each process's {num_devices // num_processes} devices: the devices of a "
+    "'model' row share their batch rows, which one process feeds",
+  )
+  d_expert = e.d_expert or cfg.model.d_ff
+  _check(
+    not schema.has_moe_layers(cfg)
+    or model_devices == 1
+    or not cfg.mesh.rules.expert_mlp
+    or d_expert % model_devices == 0,
+    "mesh.model",
+    f"{model_devices} model devices must divide the experts' hidden dimension {d_expert} (moe.d_expert, or "
+    "model.d_ff when 0) when mesh.rules.expert_mlp is 'model'; or set mesh.rules.expert_mlp=''",
   )
   has_moe = schema.has_moe_layers(cfg)
   _check(
@@ -377,23 +394,27 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
     )
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """(data, expert) devices of the mesh for `num_devices` devices; raises ConfigError if it can't be built."""
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """(data, expert, model) devices of the mesh for `num_devices` devices; raises ConfigError if it can't be built."""
   m = cfg.mesh
   _check(m.expert >= 1, "mesh.expert", f"must be >= 1, got {m.expert}")
+  _check(m.model >= 1, "mesh.model", f"must be >= 1, got {m.model}")
   _check(m.data == -1 or m.data >= 1, "mesh.data", f"must be -1 (all devices) or >= 1, got {m.data}")
+  rest = m.expert * m.model
   _check(
-    m.expert <= num_devices and num_devices % m.expert == 0 or m.data != -1,
-    "mesh.expert",
-    f"{m.expert} must divide the {num_devices} devices when mesh.data is -1",
+    rest <= num_devices and num_devices % rest == 0 or m.data != -1,
+    "mesh.expert" if m.model == 1 else "mesh.model",
+    f"expert={m.expert} × model={m.model} must divide the {num_devices} devices when mesh.data is -1",
   )
-  data = num_devices // m.expert if m.data == -1 else m.data
+  data = num_devices // rest if m.data == -1 else m.data
   _check(
-    data * m.expert <= num_devices,
+    data * rest <= num_devices,
     "mesh.data" if m.data != -1 else "mesh.expert",
-    f"data={data} × expert={m.expert} asks for {data * m.expert} devices but only {num_devices} exist",
+    f"data={data} × expert={m.expert} × model={m.model} asks for {data * rest} devices but only {num_devices} exist",
   )
-  return data, m.expert
+  for name, axis in m.rules.items():
+    _check(axis in ("model", ""), f"mesh.rules.{name}", f"{axis!r} is not allowed; choose 'model' or '' (replicated)")
+  return data, m.expert, m.model
 
 
 def _check(ok: bool, field: str, message: str) -> None:

@@ -253,6 +253,7 @@ NOT_THE_FUNCTION = (
   "model.dtype",  # The activations' precision (the weights' dtype is the checkpoint's or --dtype's).
   "model.init_scale",
   "model.remat",  # What the backward pass keeps.
+  "model.scan_layers",  # Whether the blocks are compiled as a loop.
   "moe.dead_expert_steps",
   "moe.dropless_block_size",
   "moe.dropless_impl",

@@ -17,6 +17,7 @@ from flax import nnx
 from moejax.config.schema import ATTENTION_BIASES, QK_NORM_SCOPES
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.rope import Rope, apply_rope
+from moejax.parallel import param
 
 
 class CausalSelfAttention(nnx.Module):
@@ -70,28 +71,29 @@ class CausalSelfAttention(nnx.Module):
     if kv_heads == num_heads:
       # Initialised as one [d, 3·N·H] matrix so that fan-in is d, then split into (q|k|v, head, dim).
       wqkv = init(rngs.params(), (d_model, 3 * num_heads * head_dim))
-      self.wqkv = nnx.Param(wqkv.reshape(d_model, 3, num_heads, head_dim))
+      # Heads named 'heads': split over 'model' with tensor parallelism (moejax.parallel).
+      self.wqkv = param(wqkv.reshape(d_model, 3, num_heads, head_dim), None, None, "heads", None)
       self.wq = self.wkv = None
-      self.bqkv = nnx.Param(zeros(rngs.params(), (3, num_heads, head_dim))) if bias != "none" else None
+      self.bqkv = param(zeros(rngs.params(), (3, num_heads, head_dim)), None, "heads", None) if bias != "none" else None
       self.bq = self.bkv = None
     else:
       self.wqkv = self.bqkv = None
-      self.wq = nnx.Param(init(rngs.params(), (d_model, num_heads * head_dim)).reshape(d_model, num_heads, head_dim))
-      self.wkv = nnx.Param(
-        init(rngs.params(), (d_model, 2 * kv_heads * head_dim)).reshape(d_model, 2, kv_heads, head_dim)
-      )
+      wq = init(rngs.params(), (d_model, num_heads * head_dim)).reshape(d_model, num_heads, head_dim)
+      self.wq = param(wq, None, "heads", None)
+      wkv = init(rngs.params(), (d_model, 2 * kv_heads * head_dim)).reshape(d_model, 2, kv_heads, head_dim)
+      self.wkv = param(wkv, None, None, "kv_heads", None)
       has_bias = bias != "none"
-      self.bq = nnx.Param(zeros(rngs.params(), (num_heads, head_dim))) if has_bias else None
-      self.bkv = nnx.Param(zeros(rngs.params(), (2, kv_heads, head_dim))) if has_bias else None
+      self.bq = param(zeros(rngs.params(), (num_heads, head_dim)), "heads", None) if has_bias else None
+      self.bkv = param(zeros(rngs.params(), (2, kv_heads, head_dim)), None, "kv_heads", None) if has_bias else None
     self.qk_norm_scope = qk_norm_scope
     q_size, k_size = (
       (head_dim, head_dim) if qk_norm_scope == "per_head" else (num_heads * head_dim, kv_heads * head_dim)
     )
     self.q_norm = nnx.RMSNorm(q_size, epsilon=norm_eps, rngs=rngs) if qk_norm else None
     self.k_norm = nnx.RMSNorm(k_size, epsilon=norm_eps, rngs=rngs) if qk_norm else None
-    self.wo = nnx.Param(init(rngs.params(), (num_heads * head_dim, d_model)))
+    self.wo = param(init(rngs.params(), (num_heads * head_dim, d_model)), "heads", None)  # [N·H, d], head-major
     self.bo = nnx.Param(zeros(rngs.params(), (d_model,))) if bias == "qkvo" else None
-    self.sinks = nnx.Param(zeros(rngs.params(), (num_heads,))) if sinks else None
+    self.sinks = param(zeros(rngs.params(), (num_heads,)), "heads") if sinks else None
 
   def _qkv(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, L, N, H], k, v [B, L, N_kv, H] of x [B, L, d]: projected, clipped, normalised, rotated.
@@ -115,11 +117,12 @@ class CausalSelfAttention(nnx.Module):
     if self.clip_qkv:
       q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     if self.q_norm is not None:
+      # In the stream's dtype: the norms' float32 scales would promote bfloat16 queries and keys.
       if self.qk_norm_scope == "per_head":
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).astype(v.dtype), self.k_norm(k).astype(v.dtype)
       else:  # Over all heads of the projection at once: [B, L, N·H].
-        q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape)
-        k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape)
+        q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape).astype(v.dtype)
+        k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape).astype(v.dtype)
     if self.rope is not None:
       q, k = apply_rope(q, self.rope, positions), apply_rope(k, self.rope, positions)
     return q, k, v

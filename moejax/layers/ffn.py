@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import parallel
+
 ACTIVATIONS = ("gelu", "relu", "swiglu", "clamped_swiglu", "geglu")
 GATED = ("swiglu", "clamped_swiglu", "geglu")  # Activations with a second input matrix wg (the "up" projection).
 # gpt-oss's SwiGLU (its released swiglu_alpha and swiglu_limit).
@@ -79,9 +81,10 @@ class FeedForward(nnx.Module):
   def __init__(self, d_model: int, d_ff: int, activation: str, init_scale: float, *, rngs: nnx.Rngs):
     init = fan_in_init(init_scale)
     self.activation = activation
-    self.wi = nnx.Param(init(rngs.params(), (d_model, d_ff)))
-    self.wg = nnx.Param(init(rngs.params(), (d_model, d_ff))) if activation in GATED else None
-    self.wo = nnx.Param(init(rngs.params(), (d_ff, d_model)))
+    # [d, f] and [f, d], f named 'mlp': split over 'model' with tensor parallelism (moejax.parallel).
+    self.wi = parallel.param(init(rngs.params(), (d_model, d_ff)), None, "mlp")
+    self.wg = parallel.param(init(rngs.params(), (d_model, d_ff)), None, "mlp") if activation in GATED else None
+    self.wo = parallel.param(init(rngs.params(), (d_ff, d_model)), "mlp", None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     wg = None if self.wg is None else self.wg[...]

@@ -33,6 +33,7 @@ from flax import nnx
 from moejax.layers.attention import decode_positions, dot_attention, write_cache
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.rope import Rope, apply_rope
+from moejax.parallel import param
 
 LATENT_NORM_EPS = 1e-6
 
@@ -69,19 +70,20 @@ class MultiHeadLatentAttention(nnx.Module):
       self.wq = None
       self.wq_a = nnx.Param(init(rngs.params(), (d_model, q_lora_rank)))
       self.q_norm = nnx.RMSNorm(q_lora_rank, epsilon=LATENT_NORM_EPS, rngs=rngs)
-      self.wq_b = nnx.Param(
-        init(rngs.params(), (q_lora_rank, num_heads * qk_dim)).reshape(q_lora_rank, num_heads, qk_dim)
-      )
+      # The up-projections and the output, per head, named 'heads' (split over 'model' with tensor
+      # parallelism); the latent down-projections are replicated.
+      wq_b = init(rngs.params(), (q_lora_rank, num_heads * qk_dim)).reshape(q_lora_rank, num_heads, qk_dim)
+      self.wq_b = param(wq_b, None, "heads", None)
     else:
-      self.wq = nnx.Param(init(rngs.params(), (d_model, num_heads * qk_dim)).reshape(d_model, num_heads, qk_dim))
+      wq = init(rngs.params(), (d_model, num_heads * qk_dim)).reshape(d_model, num_heads, qk_dim)
+      self.wq = param(wq, None, "heads", None)
       self.wq_a = self.q_norm = self.wq_b = None
     self.wkv_a = nnx.Param(init(rngs.params(), (d_model, kv_lora_rank + qk_rope_head_dim)))
     self.kv_norm = nnx.RMSNorm(kv_lora_rank, epsilon=LATENT_NORM_EPS, rngs=rngs)
     kv_dim = qk_nope_head_dim + v_head_dim
-    self.wkv_b = nnx.Param(
-      init(rngs.params(), (kv_lora_rank, num_heads * kv_dim)).reshape(kv_lora_rank, num_heads, kv_dim)
-    )
-    self.wo = nnx.Param(init(rngs.params(), (num_heads * v_head_dim, d_model)))
+    wkv_b = init(rngs.params(), (kv_lora_rank, num_heads * kv_dim)).reshape(kv_lora_rank, num_heads, kv_dim)
+    self.wkv_b = param(wkv_b, None, "heads", None)
+    self.wo = param(init(rngs.params(), (num_heads * v_head_dim, d_model)), "heads", None)
 
   @property
   def scale(self) -> float:
@@ -93,14 +95,15 @@ class MultiHeadLatentAttention(nnx.Module):
     if self.wq is not None:
       q = jnp.einsum("bld,dnh->blnh", x, self.wq[...].astype(dtype))
     else:
-      q_latent = self.q_norm(x @ self.wq_a[...].astype(dtype))  # [B, L, r_q]
+      # The norms' float32 scales would promote a bfloat16 stream: their outputs keep x's dtype.
+      q_latent = self.q_norm(x @ self.wq_a[...].astype(dtype)).astype(dtype)  # [B, L, r_q]
       q = jnp.einsum("blr,rnh->blnh", q_latent, self.wq_b[...].astype(dtype))
     return q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], self.rope, positions)
 
   def latent_cache(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """What a decoding cache holds per token: (latent c [B, L, r], rotated shared key k_rope [B, L, H_r])."""
     compressed = x @ self.wkv_a[...].astype(x.dtype)  # [B, L, r + H_r]
-    latent = self.kv_norm(compressed[..., : self.kv_rank])
+    latent = self.kv_norm(compressed[..., : self.kv_rank]).astype(x.dtype)
     k_rope = apply_rope(compressed[..., None, self.kv_rank :], self.rope, positions)[:, :, 0]
     return latent, k_rope
 

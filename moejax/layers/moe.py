@@ -4,11 +4,13 @@ Legend: B batch, L sequence length, G groups, S tokens per group, E experts, C c
 K choices per token, d model dim, f expert hidden dim.
 
 Tokens are split into groups of S tokens (one sequence per group by default); the groups are
-split over every device of the ('data', 'expert') mesh and each device routes its own groups
+split over the 'data' and 'expert' devices of the mesh (`moejax.parallel`) and each device routes its own groups
 inside `jax.shard_map` (`moejax.parallel.per_device`). The router family (`moejax.routers`)
 decides, a dispatcher (`moejax.dispatch`) moves the tokens, the experts compute — on the device
 that holds them, with `moejax.parallel`'s exchange around them when experts are split over
-'expert' — and the dispatcher combines. Losses and metrics describe the whole batch.
+'expert' — and the dispatcher combines. With tensor parallelism ('model' > 1) each device of a
+'model' row computes a slice of the experts' hidden dimension and the combined outputs are summed
+over 'model'. Losses and metrics describe the whole batch.
 """
 
 from __future__ import annotations
@@ -35,8 +37,22 @@ def _layer_fields() -> dict:
     "activation": model["activation"],
     "init_scale": model["init_scale"],
     "remat": model["remat"],
+    # mesh.rules.expert_mlp: the mesh axis ('model' or '') the experts' hidden dimension is split over.
+    "expert_mlp_axis": schema.defaults("lm", "mesh")["rules"]["expert_mlp"],
   }
 
+
+# The logical axes of the expert weights (`moejax.parallel`): E over 'expert', the hidden f over
+# what mesh.rules gives 'expert_mlp' (tensor parallelism).
+EXPERT_AXES = {
+  "wi": ("expert", None, "expert_mlp"),
+  "wg": ("expert", None, "expert_mlp"),
+  "wo": ("expert", "expert_mlp", None),
+  "bi": ("expert", "expert_mlp"),
+  "bg": ("expert", "expert_mlp"),
+  "bo": ("expert", None),
+}
+EXPERT_WEIGHTS = ("wi", "wo", "wg", "bi", "bg", "bo")  # The order _experts takes them in.
 
 # Names of the values `moejax.models.remat`'s 'moe' policy keeps (jax.ad_checkpoint.checkpoint_name):
 # the experts' outputs before the weighted combine, and what each exchange over 'expert' delivers.
@@ -52,7 +68,8 @@ MoEConfig = dataclasses.make_dataclass(
 
     Its fields are the config's `moe.*` fields (defaults and meanings: moejax/config/schema.py and
     each router family's options in moejax/routers/), with d_expert resolved (the config's 0 means
-    model.d_ff) and the layer's `activation`, `init_scale` and `remat` from `model.*`. Built from a config by
+    model.d_ff), the layer's `activation`, `init_scale` and `remat` from `model.*`, and
+    `expert_mlp_axis` from `mesh.rules.expert_mlp`. Built from a config by
     `moejax.models.build.moe_config`; a router family registered after this module was imported
     has no fields here (import it first).
     """,
@@ -84,14 +101,19 @@ class MoELayer(nnx.Module):
     e, f = cfg.num_experts, cfg.d_expert
     self.router = Router(d_model, cfg, rngs=rngs)
     expert_init = fan_in_init(cfg.init_scale, batch_axis=(0,))
-    self.wi = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f)))
-    self.wg = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f))) if cfg.activation in GATED else None
-    self.wo = parallel.expert_param(expert_init(rngs.params(), (e, f, d_model)))
-    # Expert biases (gpt-oss): zero-initialised, split over 'expert' like the experts' matrices.
-    zeros = lambda *shape: parallel.expert_param(jnp.zeros(shape, jnp.float32))
-    self.bi = zeros(e, f) if cfg.expert_bias else None
-    self.bg = zeros(e, f) if cfg.expert_bias and self.wg is not None else None
-    self.bo = zeros(e, d_model) if cfg.expert_bias else None
+    # [E, d, f] and [E, f, d]: split over 'expert' on E and, with tensor parallelism, on f.
+    self.wi = parallel.expert_param(expert_init(rngs.params(), (e, d_model, f)), *EXPERT_AXES["wi"][1:])
+    self.wg = (
+      parallel.expert_param(expert_init(rngs.params(), (e, d_model, f)), *EXPERT_AXES["wg"][1:])
+      if cfg.activation in GATED
+      else None
+    )
+    self.wo = parallel.expert_param(expert_init(rngs.params(), (e, f, d_model)), *EXPERT_AXES["wo"][1:])
+    # Expert biases (gpt-oss): zero-initialised, split like the experts' matrices.
+    zeros = lambda name, *shape: parallel.expert_param(jnp.zeros(shape, jnp.float32), *EXPERT_AXES[name][1:])
+    self.bi = zeros("bi", e, f) if cfg.expert_bias else None
+    self.bg = zeros("bg", e, f) if cfg.expert_bias and self.wg is not None else None
+    self.bo = zeros("bo", e, d_model) if cfg.expert_bias else None
     # Shared experts (DeepSeekMoE): always on, so n of them are one FFN of hidden size n·f.
     self.shared = (
       FeedForward(d_model, cfg.num_shared_experts * f, cfg.activation, cfg.init_scale, rngs=rngs)
@@ -118,13 +140,22 @@ class MoELayer(nnx.Module):
     ids = None if token_ids is None else token_ids.reshape(-1, group_size)
     capacity = self.router.capacity(group_size, train)
     mesh = self.mesh if self.mesh is not None else parallel.single_device_mesh()
-    num_shards = mesh.shape["expert"]
+    num_shards, batch_devices = mesh.shape["expert"], parallel.batch_devices(mesh)
     if cfg.num_experts % num_shards:
       raise ValueError(f"num_experts={cfg.num_experts} must be divisible by the mesh's {num_shards} 'expert' devices")
-    if tokens.shape[0] % mesh.size:
+    if tokens.shape[0] % batch_devices:
       raise ValueError(
-        f"the {tokens.shape[0]} groups of {group_size} tokens must split evenly over the mesh's {mesh.size} devices"
+        f"the {tokens.shape[0]} groups of {group_size} tokens must split evenly over the mesh's "
+        f"{batch_devices} data × expert devices"
       )
+    weights = tuple(None if getattr(self, name) is None else getattr(self, name)[...] for name in EXPERT_WEIGHTS)
+    rules = {"expert_mlp": cfg.expert_mlp_axis}
+    specs = tuple(
+      None if w is None else parallel.mesh_spec(EXPERT_AXES[name], w.shape, mesh, rules)
+      for name, w in zip(EXPERT_WEIGHTS, weights)
+    )
+    # Tensor parallelism: each 'model' device holds a slice of f, so its experts' outputs are partial sums.
+    split_hidden = any(s is not None and "model" in s for s in specs)
     if train and self.router.family.needs_rng(cfg) and rng is None:
       raise ValueError(
         f"router {cfg.router!r} draws random numbers in training (router_noise / second_expert_policy): pass an rng"
@@ -141,7 +172,8 @@ class MoELayer(nnx.Module):
     dispatcher = dispatch.get_dispatcher(self.router.family.dispatcher(cfg), cfg.permute_backend)
 
     def route_and_compute(tokens, ids, router_state, rng, weights):
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.MESH_AXES))  # Each device draws its own noise.
+      # Each device of the batch draws its own noise; a 'model' row draws the same.
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.BATCH_AXES))
       router = nnx.merge(router_def, router_state)
       # What router and experts both read: the tokens, or (transformers' Mixtral jitter) a perturbation of them.
       tokens = router.family.layer_inputs(cfg, tokens, train=train, rng=jax.random.fold_in(rng, 1))
@@ -150,9 +182,15 @@ class MoELayer(nnx.Module):
         decision, stats = router(tokens, capacity=capacity, train=train, rng=rng, token_ids=ids)
       with jax.named_scope("dispatch"):
         expert_in = dispatcher.dispatch(decision, tokens)
+      if split_hidden:  # The output bias joins one slice's partial sum only.
+        bo = weights[-1]
+        weights = (*weights[:-1], None if bo is None else bo * (jax.lax.axis_index("model") == 0))
       expert_out = _experts(expert_in, weights, cfg, num_shards)
       with jax.named_scope("combine"):
         output = dispatcher.combine(decision, expert_out)  # [G, S, d]
+      if split_hidden:
+        with jax.named_scope("all_reduce"):
+          output = jax.lax.psum(output, "model")  # The slices of f summed: combine is linear in the expert outputs.
       with jax.named_scope("router"):
         aux = router.family.aux(cfg, decision, stats, parallel.BATCH)
       return output.astype(tokens.dtype), aux
@@ -161,10 +199,13 @@ class MoELayer(nnx.Module):
       route_and_compute = jax.checkpoint(
         route_and_compute, policy=jax.checkpoint_policies.save_only_these_names(EXPERT_OUTPUT, EXCHANGED)
       )
-    value = lambda p: None if p is None else p[...]
-    weights = tuple(value(p) for p in (self.wi, self.wo, self.wg, self.bi, self.bg, self.bo))
     y, aux = parallel.per_device(
-      route_and_compute, mesh, sharded=(tokens, ids), replicated=(router_state, rng), experts=(weights,)
+      route_and_compute,
+      mesh,
+      sharded=(tokens, ids),
+      replicated=(router_state, rng),
+      experts=(weights,),
+      expert_specs=(specs,),
     )
     y = y.reshape(b, l, d)
     if self.shared is not None:

@@ -13,7 +13,7 @@ from moejax.models.vit import ViTConfig
 
 
 def moe_config(cfg: ml_collections.ConfigDict) -> MoEConfig:
-  """The MoE layers' static config: every moe.* field, d_expert resolved, activation and init_scale."""
+  """The MoE layers' static config: every moe.* field, d_expert resolved, the model.* and mesh.rules fields it reads."""
   fields = {f.name for f in dataclasses.fields(MoEConfig)}
   missing = sorted(set(cfg.moe.keys()) - fields)
   if missing:
@@ -27,6 +27,7 @@ def moe_config(cfg: ml_collections.ConfigDict) -> MoEConfig:
     activation=cfg.model.activation,
     init_scale=cfg.model.init_scale,
     remat=cfg.model.remat,
+    expert_mlp_axis=cfg.mesh.rules.expert_mlp,
   )
   return MoEConfig(**{**cfg.moe.to_dict(), **derived})
 

@@ -26,7 +26,7 @@ from moejax.layers.ffn import FeedForward, fan_in_init
 from moejax.layers.mla import MultiHeadLatentAttention
 from moejax.layers.moe import MoEConfig, MoELayer
 from moejax.layers.rope import Rope
-from moejax.models import remat
+from moejax.models import remat, scan
 
 _MODEL = defaults("lm", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
 
@@ -87,6 +87,7 @@ class DecoderConfig:
   init_scale: float = _MODEL["init_scale"]
   dtype: str = _MODEL["dtype"]
   remat: str = _MODEL["remat"]
+  scan_layers: bool = _MODEL["scan_layers"]
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -159,6 +160,12 @@ def make_norm(kind: str, d_model: int, eps: float, rngs: nnx.Rngs) -> nnx.Module
   return nnx.RMSNorm(d_model, epsilon=eps, rngs=rngs)
 
 
+def _normed(norm: nnx.Module, x: jax.Array) -> jax.Array:
+  """norm(x) in x's dtype: the norms' float32 scales would otherwise promote a bfloat16 stream to float32
+  (their statistics are float32 either way), and every later block would run in float32."""
+  return norm(x).astype(x.dtype)
+
+
 class TransformerBlock(nnx.Module):
   """Pre-norm block [B, L, d] -> ([B, L, d], aux of its MoE layer or None).
 
@@ -206,29 +213,29 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool, rng: jax.Array | None = None, token_ids: jax.Array | None = None):
     """rng: training noise of the router; token_ids: for the hash router."""
-    return self._after_attention(x, self.attention(self.attention_norm(x)), train, rng, token_ids)
+    return self._after_attention(x, self.attention(_normed(self.attention_norm, x)), train, rng, token_ids)
 
   def decode(self, x: jax.Array, cache: dict, start: jax.Array, token_ids: jax.Array | None = None):
     """x [B, L, d], the tokens at positions start .. start + L - 1, with the attention's cache (`decode`
     of `CausalSelfAttention` and `MultiHeadLatentAttention`): (out, aux, the updated cache). Eval mode."""
-    attended, cache = self.attention.decode(self.attention_norm(x), cache, start)
+    attended, cache = self.attention.decode(_normed(self.attention_norm, x), cache, start)
     out, aux = self._after_attention(x, attended, False, None, token_ids)
     return out, aux, cache
 
   def _after_attention(self, x, attended, train, rng, token_ids):
     """The block from its attention's output on: the residuals, norms and FFN (dense, MoE, Arctic's both)."""
     block_input = x
-    x = x + (attended if self.attention_post_norm is None else self.attention_post_norm(attended))
+    x = x + (attended if self.attention_post_norm is None else _normed(self.attention_post_norm, attended))
     # Arctic: the MoE reads the block's input, beside a dense FFN on the residual stream.
-    h = self.ffn_norm(block_input if self.dense_ffn is not None else x)
+    h = _normed(self.ffn_norm, block_input if self.dense_ffn is not None else x)
     if isinstance(self.ffn, MoELayer):
       h, aux = self.ffn(h, train=train, rng=rng, token_ids=token_ids)
     else:
       h, aux = self.ffn(h), None
     if self.ffn_post_norm is not None:
-      h = self.ffn_post_norm(h)
+      h = _normed(self.ffn_post_norm, h)
     if self.dense_ffn is not None:
-      x = x + self.dense_ffn(self.dense_norm(x))
+      x = x + self.dense_ffn(_normed(self.dense_norm, x))
     return x + h, aux
 
 
@@ -249,7 +256,7 @@ class MultiTokenPrediction(nnx.Module):
 
   def __call__(self, hidden, embedded, *, train: bool, rng=None, token_ids=None):
     """(h' [B, L, d], Norm(h') for the output head, the block's MoE aux or None)."""
-    x = jnp.concatenate([self.embed_norm(embedded), self.hidden_norm(hidden)], axis=-1)
+    x = jnp.concatenate([_normed(self.embed_norm, embedded), _normed(self.hidden_norm, hidden)], axis=-1)
     x = x @ self.proj[...].astype(x.dtype)
     x, aux = self.block(x, train=train, rng=rng, token_ids=token_ids)
     return x, self.norm(x), aux
@@ -264,7 +271,14 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    vocab_split = {"out_sharding": ("vocab", None), "eager_sharding": False}  # [V, d]: tensor parallelism splits V.
+    self.embed = nnx.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=nnx.initializers.normal(1.0),
+      embedding_metadata=vocab_split,
+      rngs=rngs,
+    )
     self.position_embed = (
       nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
       if cfg.positions == "learned"
@@ -311,6 +325,7 @@ class DecoderLM(nnx.Module):
         use_bias=False,
         rngs=rngs,
         kernel_init=nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
+        kernel_metadata={"out_sharding": (None, "vocab"), "eager_sharding": False},  # [d, V]
       )
     )
 
@@ -339,12 +354,8 @@ class DecoderLM(nnx.Module):
     if self.position_embed is not None:
       x = x + self.position_embed(jnp.arange(tokens.shape[1]))[None]
     x = x.astype(dtype)
-    moe_aux = []
     call = remat.block_call(self.cfg.remat, train)
-    for i, block in enumerate(self.blocks):
-      x, aux = call(block, x, None if rng is None else jax.random.fold_in(rng, i), tokens)
-      if aux is not None:
-        moe_aux.append(aux)
+    x, moe_aux = scan.run_blocks(self.blocks, x, call, rng, tokens, scan=self.cfg.scan_layers)
     logits = self._logits(self.final_norm(x))
     mtp_logits = []
     for k, module in enumerate(self.mtp if mtp and self.mtp is not None else (), start=1):

@@ -27,7 +27,7 @@ from moejax.config.schema import DTYPES, POOLINGS, defaults
 from moejax.layers.attention import CausalSelfAttention
 from moejax.layers.ffn import fan_in_init
 from moejax.layers.moe import MoEConfig, MoELayer
-from moejax.models import remat
+from moejax.models import remat, scan
 from moejax.models.decoder import TransformerBlock
 
 _MODEL = defaults("vit", "model")  # The schema's defaults (moejax/config/schema.py), stated once.
@@ -66,6 +66,7 @@ class ViTConfig:
   norm_eps: float = _MODEL["norm_eps"]
   dtype: str = _MODEL["dtype"]
   remat: str = _MODEL["remat"]
+  scan_layers: bool = _MODEL["scan_layers"]
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -158,12 +159,8 @@ class ViT(nnx.Module):
       cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[2]))
       x = jnp.concatenate([cls, x], axis=1)  # [B, T = N + 1, d]
     x = x.astype(dtype)
-    moe_aux = []
     call = remat.block_call(self.cfg.remat, train)
-    for i, block in enumerate(self.blocks):
-      x, aux = call(block, x, None if rng is None else jax.random.fold_in(rng, i), None)
-      if aux is not None:
-        moe_aux.append(aux)
+    x, moe_aux = scan.run_blocks(self.blocks, x, call, rng, None, scan=self.cfg.scan_layers)
     x = self.final_norm(x).astype(jnp.float32)
     pooled = x[:, 0] if self.cls_token is not None else x.mean(axis=1)  # [B, d]
     return self.head(pooled), moe_aux
