@@ -155,7 +155,7 @@ def generate(
   rule = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   graphdef, state = nnx.split(model)
   cache = model.init_cache(batch, longest + max_new_tokens)
-  if mesh is not None:  # Rows (and their cache) split over every device, as the MoE layers split them.
+  if mesh is not None:  # Rows (and their cache) split over the batch devices, as the MoE layers split them.
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
     tokens, lengths, cache = jax.device_put((tokens, lengths, cache), rows)
   zeros = jnp.zeros_like(lengths)
@@ -171,7 +171,8 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
   `step`), one step of a run, or a converted model; the main model only.
 
   mesh: a ('data', 'expert', 'model') mesh (`moejax.parallel.make_mesh`) to hold and run the model on:
-  expert weights split over 'expert', the rest replicated, each device reading only its share;
+  expert weights split over 'expert' (and with 'model' > 1 the dimensions the saved config's
+  mesh.rules name, as in training), the rest replicated, each device reading only its share;
   None: the default device.
 
   A capacity dispatcher ('sort', 'einsum') is replaced by 'dropless', the same function as a
@@ -219,7 +220,7 @@ def load_decoder(source: str, step: int | None = None, field: str = "--checkpoin
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     placement = jax.tree.map(lambda _: device, nnx.state(model))
   else:
-    placement = parallel.state_sharding(mesh, nnx.state(model))
+    placement = parallel.state_sharding(mesh, nnx.state(model), rules=cfg.mesh.rules.to_dict())
   placement = dict(nnx.to_flat_state(placement))
   targets = {}
   for section, selector in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Param))):
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     print(line, file=sys.stderr, flush=True)
   outputs: list[list[int]] = [[] for _ in prompts]
   rule = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-  devices = 1 if mesh is None else mesh.size
+  devices = 1 if mesh is None else parallel.batch_devices(mesh)
   batch = encoded + [encoded[0]] * (-len(encoded) % devices)  # Rows for every device; the copies are dropped.
   stream = len(prompts) == 1
   if stream:

@@ -105,6 +105,20 @@ def mesh_spec(logical: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, r
   return P(*axes)
 
 
+def undivided(mesh: jax.sharding.Mesh, params, rules: dict | None = None) -> list[str]:
+  """'name: size' of each logical axis of `params` (an nnx State of Params) that rules map to a mesh
+  axis of several devices which does not divide it, so it stays whole (`mesh_spec`); sorted, one per pair."""
+  rules = DEFAULT_RULES if rules is None else rules
+  found = set()
+  for _, variable in nnx.to_flat_state(params):
+    names = variable.get_metadata().get("out_sharding") or ()
+    for name, size in zip(names, variable.get_value().shape):
+      axis = "expert" if name == "expert" else rules.get(name) if name else None
+      if axis and mesh.shape[axis] > 1 and size % mesh.shape[axis]:
+        found.add(f"{name}: {size} on {mesh.shape[axis]} '{axis}' devices")
+  return sorted(found)
+
+
 def state_sharding(mesh: jax.sharding.Mesh, state, *, fsdp: bool = False, rules: dict | None = None):
   """NamedShardings for a train state (params, optimizer state, ...) on a ('data', 'expert', 'model') mesh.
 

@@ -51,7 +51,8 @@ from moejax import config as config_lib
 from moejax import finetune, lora, tasks, weights
 from moejax.config import schema
 from moejax.metric_writer import MetricWriter, Progress, format_duration
-from moejax.parallel import BATCH_AXES, expert_param, make_mesh, state_sharding
+from moejax.models import scan
+from moejax.parallel import BATCH_AXES, expert_param, make_mesh, state_sharding, undivided
 
 EXIT_OK, EXIT_NONFINITE, EXIT_UNRESTORABLE = 0, 1, 2  # 2 as for bad input (main.py).
 # Fault injection for tests/test_train.py: SIGKILL this process right after step N (after its
@@ -105,7 +106,10 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     abstract_model = nnx.eval_shape(lambda: task.make_model(self.mesh, nnx.Rngs(params=cfg.seed)))
     self.num_moe_layers = len(abstract_model.moe_layers())
+    # With model.scan_layers: (s, p), the unrolled prefix and the scanned period (moejax.models.scan).
+    self.scan_plan = scan.plan(abstract_model.blocks) if cfg.model.get("scan_layers") else None
     self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, ...)
+    self.abstract_params = abstract_params
     flat_params = {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract_params)}
     self.adapters = lora.shapes(cfg.lora, flat_params) if lora.enabled(cfg) else {}
     # Which base parameters get no gradient and no update: the frozen groups, or, with LoRA, all but lora.train's.
@@ -455,6 +459,14 @@ def _move_aside(manager: ocp.CheckpointManager, failures: dict[int, str], restor
   manager.reload()
 
 
+def scan_note(s: int, p: int, num_blocks: int) -> str:
+  """The start-up line of model.scan_layers: what runs unrolled and what is scanned."""
+  if not p:
+    return f"note: model.scan_layers: no run of equal blocks repeats, so all {num_blocks} blocks run unrolled"
+  prefix = f"blocks 0..{s - 1} unrolled, then " if s else ""
+  return f"scan_layers: {prefix}{(num_blocks - s) // p} units of {p} block(s) scanned"
+
+
 def microbatch_note(cfg: ml_collections.ConfigDict) -> str | None:
   """A start-up line when train.microbatches > 1 with settings whose step is not the whole batch's, else None.
 
@@ -548,6 +560,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
   )
   if (note := microbatch_note(cfg)) is not None:
     say(note)
+  whole = undivided(trainer.mesh, trainer.abstract_params, cfg.mesh.rules.to_dict())
+  if whole:
+    say(f"note: mesh.rules: these dimensions stay whole (the mesh axis does not divide them): {'; '.join(whole)}")
+  if trainer.scan_plan is not None:
+    s, p = trainer.scan_plan
+    say(scan_note(s, p, cfg.model.num_layers))
 
   manager = _checkpoint_manager(workdir, t.keep_checkpoints)
   try:

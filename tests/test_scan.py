@@ -70,6 +70,8 @@ GPT_OSS = {
   "model.num_kv_heads": 2,
   "model.head_dim": 8,
   "model.sliding_window": 3,
+  # Router noise, so that a wrong block index in the scan's rngs (units of p = 2) changes the result.
+  "moe.router_noise": "jitter",
 }
 
 
@@ -265,3 +267,11 @@ def test_config():
   assert differences(saved, resumed) == ["model.scan_layers=False->True"]
   assert differences(saved, resumed, ignore=RESUMABLE_CHANGES) == []
   assert "model.scan_layers" in NOT_THE_FUNCTION
+
+
+def test_the_start_up_line_says_what_is_scanned():
+  from moejax.train import scan_note
+
+  assert scan_note(1, 1, 6) == "scan_layers: blocks 0..0 unrolled, then 5 units of 1 block(s) scanned"
+  assert scan_note(0, 2, 6) == "scan_layers: 3 units of 2 block(s) scanned"
+  assert "all 3 blocks run unrolled" in scan_note(3, 0, 3)

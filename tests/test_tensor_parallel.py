@@ -19,7 +19,7 @@ from moejax.config import base_config, override
 from moejax.layers.moe import MoEConfig, MoELayer
 from moejax.models.build import decoder_config
 from moejax.models.decoder import DecoderLM
-from moejax.parallel import BATCH_AXES, make_mesh, state_sharding
+from moejax.parallel import BATCH_AXES, make_mesh, state_sharding, undivided
 from test_expert_parallel import CASES, _assert_same
 from test_router_training import _config_module
 
@@ -50,16 +50,17 @@ def test_moe_layer_on_model_meshes_equals_one_device(case):
 
 
 def test_experts_hidden_dimension_is_split_over_model():
-  """Inside the layer a device of a 2 × 2 (expert × model) mesh holds [E/2, d, f/2] and the
-  outputs are summed over 'model' (an all-reduce the expert-only mesh does not have)."""
-  cfg = MoEConfig(num_experts=8, top_k=2, d_expert=16)
+  """Inside the layer a device of a 2 × 2 (expert × model) mesh holds [E/2, d, f/2] = [4, 8, 16]
+  and the outputs are summed over 'model' (an all-reduce the expert-only mesh does not have)."""
+  cfg = MoEConfig(num_experts=8, top_k=2, d_expert=32)
   text = lambda mesh: (
     jax.jit(lambda x: MoELayer(8, cfg, mesh=mesh, rngs=nnx.Rngs(0))(x, train=False)[0])
     .lower(jnp.ones((8, 8, 8)))
     .as_text()
   )
   split, whole = text(make_mesh(1, 2, 2)), text(make_mesh(2, 2, 1))
-  assert "tensor<4x8x8xf32>" in split and "tensor<4x8x16xf32>" in whole
+  assert "tensor<4x8x16xf32>" in split and "tensor<4x16x8xf32>" in split  # wi/wg and wo slices
+  assert "tensor<4x8x16xf32>" not in whole and "tensor<4x8x32xf32>" in whole
   assert "all_reduce" in split and "all_reduce" not in whole
 
 
@@ -102,6 +103,22 @@ def test_state_sharding_follows_the_rules():
   # With FSDP, 'data' takes the largest dimension left free.
   fsdp = specs(make_mesh(2, 2, 2), fsdp=True)
   assert fsdp["blocks.1.ffn.wi"] == ("expert", "data", "model") and fsdp["blocks.0.ffn.wi"] == ("data", "model")
+  # What stays whole is said at start-up: the 2 key/value heads on 4 'model' devices, nothing on 2.
+  assert undivided(make_mesh(1, 2, 4), params) == ["kv_heads: 2 on 4 'model' devices"]
+  assert undivided(make_mesh(1, 2, 2), params) == [] and undivided(make_mesh(1, 1, 4), params, {**rules, "kv_heads": ""}) == []
+
+
+def test_refusals():
+  """One line naming the field: the experts' hidden dim and a process's devices must take 'model'."""
+  from moejax.config import validate
+  from moejax.errors import ConfigError
+
+  cfg = override(base_config("lm"), {"mesh.model": 4, "moe.d_expert": 6, "model.moe_every": 1})
+  with pytest.raises(ConfigError, match="mesh.model: 4 model devices must divide the experts' hidden dimension 6"):
+    validate(cfg, 8)
+  cfg = override(base_config("lm"), {"mesh.model": 4, "mesh.data": 1, "mesh.expert": 2})
+  with pytest.raises(ConfigError, match="mesh.model: 4 must divide each process's 2 devices"):
+    validate(cfg, 8, 4)
 
 
 ARCHITECTURES = _config_module("lm_architectures")

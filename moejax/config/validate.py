@@ -390,7 +390,7 @@ def _mesh(cfg, num_devices: int, num_processes: int) -> None:
       num_groups % mesh_devices == 0 and (micro * t.seq_len) % group == 0,
       "moe.group_size",
       f"the {'micro-' if t.microbatches > 1 else ''}batch's {micro * t.seq_len} tokens must split into groups "
-      f"of {group} whose count is divisible by the mesh's {mesh_devices} devices",
+      f"of {group} whose count is divisible by the mesh's {mesh_devices} data × expert devices",
     )
 
 

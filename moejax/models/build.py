@@ -68,6 +68,6 @@ def vit_config(cfg: ml_collections.ConfigDict, image_shape, num_classes: int, nu
     raise ConfigError(
       "moe.group_size",
       f"the {'micro-' if cfg.train.microbatches > 1 else ''}batch's {tokens} tokens must split into groups "
-      f"of {group} whose count is divisible by the mesh's {num_mesh_devices} devices",
+      f"of {group} whose count is divisible by the mesh's {num_mesh_devices} data × expert devices",
     )
   return vit

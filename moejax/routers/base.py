@@ -117,7 +117,7 @@ SWITCH_LOSSES = (
 
 
 class BatchReduce:
-  """Means, sums, minima and maxima over every device of the mesh, for code that runs per device in shard_map."""
+  """Means, sums, minima and maxima over the given mesh axes (the batch's), for code that runs per device in shard_map."""
 
   def __init__(self, axes: tuple[str, ...]):
     self.axes = axes
