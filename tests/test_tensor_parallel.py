@@ -105,7 +105,10 @@ def test_state_sharding_follows_the_rules():
   assert fsdp["blocks.1.ffn.wi"] == ("expert", "data", "model") and fsdp["blocks.0.ffn.wi"] == ("data", "model")
   # What stays whole is said at start-up: the 2 key/value heads on 4 'model' devices, nothing on 2.
   assert undivided(make_mesh(1, 2, 4), params) == ["kv_heads: 2 on 4 'model' devices"]
-  assert undivided(make_mesh(1, 2, 2), params) == [] and undivided(make_mesh(1, 1, 4), params, {**rules, "kv_heads": ""}) == []
+  assert (
+    undivided(make_mesh(1, 2, 2), params) == []
+    and undivided(make_mesh(1, 1, 4), params, {**rules, "kv_heads": ""}) == []
+  )
 
 
 def test_refusals():
