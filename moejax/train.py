@@ -48,8 +48,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
-from moejax import finetune, lora, tasks, weights
-from moejax.config import schema
+from moejax import accumulation, finetune, lora, tasks, weights
 from moejax.metric_writer import MetricWriter, Progress, format_duration
 from moejax.models import scan
 from moejax.parallel import BATCH_AXES, expert_param, make_mesh, state_sharding, undivided
@@ -217,7 +216,7 @@ class Trainer:
     rows of the batch (no data moves between devices); router noise m draws with fold_in(rng, m).
     Metrics and aux are means over the micro-batches, but extremes (a name ending in _min/_max,
     min_/max_selected_gate) are the extremes over them, and each layer's max/min-over-mean load
-    is taken from its mean load (`_MicroBatchReduce`).
+    is taken from its mean load (`moejax.accumulation`).
     """
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     master = trainable
@@ -235,7 +234,7 @@ class Trainer:
       return up(grads), metrics, moe_aux  # Summed in the master weights' dtype.
 
     shapes = jax.eval_shape(one, 0, jax.tree.map(lambda x: x[0], micro))
-    reduce = _MicroBatchReduce(shapes)
+    reduce = accumulation.MicroBatchReduce(shapes)
 
     def accumulate(total, xs):
       return reduce.add(total, one(*xs)), None
@@ -296,48 +295,6 @@ class Trainer:
 
 def _value(x):
   return x.get_value() if isinstance(x, nnx.Variable) else x
-
-
-class _MicroBatchReduce:
-  """How (gradients, metrics, MoE aux) of micro-batches combine into the batch's (gradient accumulation)."""
-
-  def __init__(self, shapes):
-    """shapes: the (gradients, metrics, aux) of one micro-batch, abstract; gradients are always summed."""
-    self.shapes = shapes
-    grads, metrics, moe_aux = shapes
-    kind = lambda path, _: self._kind(path)
-    self.kinds = (
-      jax.tree.map(lambda _: "sum", grads),
-      jax.tree_util.tree_map_with_path(kind, metrics),
-      jax.tree_util.tree_map_with_path(kind, moe_aux),
-    )
-
-  @staticmethod
-  def _kind(path) -> str:
-    name = str(getattr(path[-1], "key", "")) if path else ""
-    last = name.split("/")[-1]
-    if last.endswith("_min") or last == "min_selected_gate":
-      return "min"
-    if last.endswith("_max") or last == "max_selected_gate":
-      return "max"
-    return "sum"
-
-  def start(self):
-    fill = {"sum": 0, "min": jnp.inf, "max": -jnp.inf}
-    return jax.tree.map(lambda kind, s: jnp.full(s.shape, fill[kind], s.dtype), self.kinds, self.shapes)
-
-  def add(self, total, new):
-    op = {"sum": jnp.add, "min": jnp.minimum, "max": jnp.maximum}
-    return jax.tree.map(lambda kind, a, b: op[kind](a, b), self.kinds, total, new)
-
-  def finish(self, total, m: int):
-    grads, metrics, moe_aux = jax.tree.map(lambda kind, x: x / m if kind == "sum" else x, self.kinds, total)
-    for i, aux in enumerate(moe_aux):  # A ratio of the mean load, not a mean of micro-batch ratios.
-      if f"moe_layer{i}/max_over_mean_load" in metrics:
-        load = aux["expert_load"]
-        metrics[f"moe_layer{i}/max_over_mean_load"] = load.max() / load.mean()
-        metrics[f"moe_layer{i}/min_over_mean_load"] = load.min() / load.mean()
-    return grads, metrics, moe_aux
 
 
 def _low_precision(tree, dtype):
@@ -459,40 +416,6 @@ def _move_aside(manager: ocp.CheckpointManager, failures: dict[int, str], restor
   manager.reload()
 
 
-def scan_note(s: int, p: int, num_blocks: int) -> str:
-  """The start-up line of model.scan_layers: what runs unrolled and what is scanned."""
-  if not p:
-    return f"note: model.scan_layers: no run of equal blocks repeats, so all {num_blocks} blocks run unrolled"
-  prefix = f"blocks 0..{s - 1} unrolled, then " if s else ""
-  return f"scan_layers: {prefix}{(num_blocks - s) // p} units of {p} block(s) scanned"
-
-
-def microbatch_note(cfg: ml_collections.ConfigDict) -> str | None:
-  """A start-up line when train.microbatches > 1 with settings whose step is not the whole batch's, else None.
-
-  Those are the losses and groups taken over more than one sequence: their statistics are per
-  micro-batch, so the accumulated gradient is the mean of micro-batch gradients of a nonlinear
-  function, not the whole batch's (exactly equal with the defaults: tests/test_accumulation.py).
-  """
-  m, e = cfg.train.microbatches, cfg.moe
-  if m == 1 or not schema.has_moe_layers(cfg):
-    return None
-  reasons = []
-  if e.get("load_balance_scope", "group") != "group":
-    reasons.append(f"moe.load_balance_scope={e.load_balance_scope!r} takes f and P over each micro-batch")
-  for name in ("importance_loss_weight", "load_loss_weight"):
-    if e.get(name, 0.0) > 0:
-      reasons.append(f"moe.{name} > 0: the CV² is over each micro-batch's groups")
-  if cfg.task == "lm" and e.group_size > cfg.train.seq_len:
-    reasons.append(f"moe.group_size={e.group_size} spans sequences: groups form within each micro-batch")
-  if not reasons:
-    return None
-  return (
-    f"note: train.microbatches={m}: " + "; ".join(reasons) + ", so the step is close to, not equal to, "
-    "the whole batch's"
-  )
-
-
 @jax.jit
 def _note_nonfinite(first, step, loss, grad_norm):
   """`first` ({"step", "loss", "grad_norm"}; step 0 = none yet) with this step's values if they are the first NaN/inf.
@@ -558,14 +481,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, data, task=
     f"mesh: {dict(trainer.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
     f"{jax.process_count()} process(es)"
   )
-  if (note := microbatch_note(cfg)) is not None:
+  if (note := accumulation.microbatch_note(cfg)) is not None:
     say(note)
   whole = undivided(trainer.mesh, trainer.abstract_params, cfg.mesh.rules.to_dict())
   if whole:
     say(f"note: mesh.rules: these dimensions stay whole (the mesh axis does not divide them): {'; '.join(whole)}")
   if trainer.scan_plan is not None:
     s, p = trainer.scan_plan
-    say(scan_note(s, p, cfg.model.num_layers))
+    say(scan.note(s, p, cfg.model.num_layers))
 
   manager = _checkpoint_manager(workdir, t.keep_checkpoints)
   try:

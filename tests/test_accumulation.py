@@ -143,7 +143,7 @@ def test_bfloat16_parameters_with_float32_master_weights(data_dir):
 
 def test_start_up_note_names_what_makes_micro_batches_differ():
   """The defaults give the whole batch's step (no note); batch-wide losses and cross-sequence groups get one line."""
-  from moejax.train import microbatch_note
+  from moejax.accumulation import microbatch_note
 
   def note(**fields):
     cfg = common.small_lm()

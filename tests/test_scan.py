@@ -270,8 +270,7 @@ def test_config():
 
 
 def test_the_start_up_line_says_what_is_scanned():
-  from moejax.train import scan_note
 
-  assert scan_note(1, 1, 6) == "scan_layers: blocks 0..0 unrolled, then 5 units of 1 block(s) scanned"
-  assert scan_note(0, 2, 6) == "scan_layers: 3 units of 2 block(s) scanned"
-  assert "all 3 blocks run unrolled" in scan_note(3, 0, 3)
+  assert scan.note(1, 1, 6) == "scan_layers: blocks 0..0 unrolled, then 5 units of 1 block(s) scanned"
+  assert scan.note(0, 2, 6) == "scan_layers: 3 units of 2 block(s) scanned"
+  assert "all 3 blocks run unrolled" in scan.note(3, 0, 3)

@@ -157,3 +157,11 @@ def _out_type(unit, x, leaves) -> tuple:
   index = jax.ShapeDtypeStruct((len(leaves),), jnp.int32)
   out = jax.eval_shape(lambda x, inputs: unit(x, inputs)[0], x, (first_unit, index))
   return out.shape, out.dtype
+
+
+def note(s: int, p: int, num_blocks: int) -> str:
+  """The start-up line of model.scan_layers for the plan (s, p) of `plan`: what runs unrolled and what is scanned."""
+  if not p:
+    return f"note: model.scan_layers: no run of equal blocks repeats, so all {num_blocks} blocks run unrolled"
+  prefix = f"blocks 0..{s - 1} unrolled, then " if s else ""
+  return f"scan_layers: {prefix}{(num_blocks - s) // p} units of {p} block(s) scanned"
