@@ -22,13 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 
 def cost_of(cfg):
   """The ModelCost of the model `cfg` describes (LM, or ViT on the digits)."""
-  from moejax import accounting
+  from moejax import accounting, tasks
   from moejax import config as config_lib
   from moejax.models import build
 
   if cfg.task == "lm":
-    vocab = cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
-    return accounting.decoder_cost(build.decoder_config(cfg, vocab))
+    return accounting.decoder_cost(build.decoder_config(cfg, tasks.vocab_size_without_data(cfg)))
   if cfg.data.source != "digits":
     raise config_lib.ConfigError(
       "data.source",

@@ -163,6 +163,12 @@ def make_data(cfg: ml_collections.ConfigDict, process_index: int = 0, process_co
   )
 
 
+def vocab_size_without_data(cfg: ml_collections.ConfigDict) -> int:
+  """The vocabulary an LM's data source gives, known without preparing it (Markov mixture: its
+  vocab_size; bytes and TFDS text: 256), for counting and planning a model without its data."""
+  return cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
+
+
 def make_task(cfg: ml_collections.ConfigDict, data, num_mesh_devices: int = 1):
   """The task of `cfg` on `data`; raises ConfigError if the model does not fit the data or the mesh."""
   return ViTTask(cfg, data, num_mesh_devices) if cfg.task == "vit" else LMTask(cfg, data)

@@ -86,9 +86,10 @@ def tree_bytes(tree) -> int:
 
 
 def data_stand_in(cfg) -> types.SimpleNamespace:
-  """What an LM task reads of its data to build the model: the vocabulary (as moejax.count_params counts it)."""
-  vocab = cfg.data.markov.vocab_size if cfg.data.source == "markov_mixture" else 256
-  return types.SimpleNamespace(vocab_size=vocab, info={})
+  """What an LM task reads of its data to build the model: the vocabulary (`moejax.tasks.vocab_size_without_data`, as moejax.count_params counts it)."""
+  from moejax import tasks
+
+  return types.SimpleNamespace(vocab_size=tasks.vocab_size_without_data(cfg), info={})
 
 
 def abstract_batch(cfg, sharding) -> dict:
